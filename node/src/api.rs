@@ -1,0 +1,309 @@
+//! The control API: HTTP + JSON and a WebSocket event stream, on loopback
+//! only, every route behind the bearer token kept in the data directory.
+//! Described in `docs/api.md`.
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{
+        DefaultBodyLimit, Request, State,
+        ws::{Message, WebSocket, WebSocketUpgrade},
+    },
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use libp2p::{Multiaddr, PeerId};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tern_protocol::{AccountId, DevicePublicKey, Ticket};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::{
+    events::{Event, EventBus, Stamped, now_ms},
+    keys::peer_id_of,
+    metrics::{ApiLabels, NodeMetrics},
+    net::{NetError, NetworkHandle},
+};
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+/// How long `connect` waits for the connection before giving up.
+const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+pub struct ApiState {
+    pub net: NetworkHandle,
+    pub bus: EventBus,
+    pub token: String,
+    pub registry: Registry,
+    pub metrics: NodeMetrics,
+    pub peer_id: PeerId,
+    pub account_id: AccountId,
+    pub device: DevicePublicKey,
+    pub name: String,
+    pub started: Instant,
+    /// Flips to true when the node stops; ends open event streams.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+type Shared = Arc<ApiState>;
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/peers", get(peers))
+        .route("/v1/ticket", get(ticket))
+        .route("/v1/connect", post(connect))
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        // Outermost: authenticate before anything else looks at the request.
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+/// An error for API clients: a status and one line saying what was wrong.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        #[derive(Serialize)]
+        struct Body {
+            error: String,
+        }
+        (self.0, Json(Body { error: self.1 })).into_response()
+    }
+}
+
+impl From<NetError> for ApiError {
+    fn from(e: NetError) -> Self {
+        match e {
+            NetError::Stopped => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            NetError::Dial(_) => ApiError(StatusCode::BAD_GATEWAY, e.to_string()),
+        }
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+async fn authenticate(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let response = if constant_time_eq(presented.as_bytes(), state.token.as_bytes()) {
+        next.run(req).await
+    } else {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (it is in the data directory, file api.token)".into(),
+        )
+        .into_response()
+    };
+    state
+        .metrics
+        .api_requests
+        .get_or_create(&ApiLabels {
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub peer_id: String,
+    pub account_id: String,
+    pub name: String,
+    pub listen_addrs: Vec<String>,
+    pub external_addrs: Vec<String>,
+    pub connected_peers: usize,
+    pub known_peers: usize,
+    pub pid: u32,
+    pub version: String,
+    pub uptime_secs: u64,
+}
+
+async fn status(State(s): State<Shared>) -> Result<Json<StatusResponse>, ApiError> {
+    let net = s.net.status().await?;
+    Ok(Json(StatusResponse {
+        peer_id: s.peer_id.to_string(),
+        account_id: s.account_id.to_string(),
+        name: s.name.clone(),
+        listen_addrs: net.listen_addrs,
+        external_addrs: net.external_addrs,
+        connected_peers: net.connected_peers,
+        known_peers: net.known_peers,
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_secs: s.started.elapsed().as_secs(),
+    }))
+}
+
+async fn peers(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.net.peers().await?))
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct TicketResponse {
+    pub ticket: String,
+}
+
+async fn ticket(State(s): State<Shared>) -> Result<Json<TicketResponse>, ApiError> {
+    let net = s.net.status().await?;
+    // Confirmed external addresses first: they are what a remote peer can use.
+    let addrs = net
+        .external_addrs
+        .iter()
+        .chain(&net.listen_addrs)
+        .filter_map(|a| a.parse::<Multiaddr>().ok())
+        .map(|a| a.to_vec())
+        .collect();
+    let t = Ticket::new(s.account_id, s.device, addrs);
+    Ok(Json(TicketResponse {
+        ticket: t.to_string(),
+    }))
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ConnectRequest {
+    /// A ticket, or a multiaddr (with or without `/p2p/PEER`).
+    pub target: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ConnectResponse {
+    pub peer_id: String,
+}
+
+async fn connect(State(s): State<Shared>, body: Bytes) -> Result<Json<ConnectResponse>, ApiError> {
+    let req: ConnectRequest =
+        serde_json::from_slice(&body).map_err(|e| bad_request(format!("invalid request body: {e}")))?;
+    let (peer, addrs) = parse_target(&req.target)?;
+    let dialed = tokio::time::timeout(DIAL_TIMEOUT, s.net.dial(peer, addrs))
+        .await
+        .map_err(|_| ApiError(StatusCode::GATEWAY_TIMEOUT, "no answer from that peer within 30 s".into()))??;
+    Ok(Json(ConnectResponse {
+        peer_id: dialed.to_string(),
+    }))
+}
+
+/// Parses what `tern connect` accepts: a ticket or a multiaddr.
+pub fn parse_target(target: &str) -> Result<(Option<PeerId>, Vec<Multiaddr>), ApiError> {
+    let target = target.trim();
+    if target.starts_with('/') {
+        let addr: Multiaddr = target
+            .parse()
+            .map_err(|e| bad_request(format!("not a valid multiaddr: {e}")))?;
+        let peer = match addr.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
+            _ => None,
+        };
+        return Ok((peer, vec![addr]));
+    }
+    let ticket: Ticket = target
+        .parse()
+        .map_err(|e| bad_request(format!("not a ticket or multiaddr: {e}")))?;
+    let peer = peer_id_of(&ticket.device).ok_or_else(|| bad_request("ticket names an invalid device key"))?;
+    let addrs: Vec<Multiaddr> = ticket
+        .addrs
+        .into_iter()
+        .filter_map(|a| Multiaddr::try_from(a).ok())
+        .collect();
+    if addrs.is_empty() {
+        return Err(bad_request("ticket has no usable address"));
+    }
+    Ok((Some(peer), addrs))
+}
+
+async fn events(State(s): State<Shared>, ws: WebSocketUpgrade) -> Response {
+    let rx = s.bus.subscribe();
+    let stop = s.shutdown.clone();
+    ws.max_message_size(MAX_BODY)
+        .on_upgrade(move |socket| stream_events(socket, rx, stop))
+}
+
+async fn stream_events(
+    mut socket: WebSocket,
+    mut rx: tokio::sync::broadcast::Receiver<Stamped>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            incoming = socket.recv() => match incoming {
+                // Clients only listen; anything but a close is ignored.
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+            ev = rx.recv() => {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(RecvError::Lagged(missed)) => Stamped { at_ms: now_ms(), event: Event::Lagged { missed } },
+                    Err(RecvError::Closed) => break,
+                };
+                let Ok(text) = serde_json::to_string(&ev) else { continue };
+                if socket.send(Message::Text(text.into())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn metrics(State(s): State<Shared>) -> Result<Response, ApiError> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &s.registry)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response())
+}
+
+async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no such endpoint (see docs/api.md)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison_needs_an_exact_match() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"abc"));
+    }
+
+    #[test]
+    fn connect_targets_parse_or_explain() {
+        let p = PeerId::random();
+        let (peer, addrs) = parse_target(&format!("/ip4/127.0.0.1/tcp/1/p2p/{p}")).unwrap();
+        assert_eq!(peer, Some(p));
+        assert_eq!(addrs.len(), 1);
+        let (peer, _) = parse_target("/ip4/127.0.0.1/tcp/1").unwrap();
+        assert_eq!(peer, None);
+        for bad in ["", "hello", "/ip4/999.0.0.1/tcp/1", "ternxyz"] {
+            assert!(parse_target(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Events for the user: what `tern watch` and the WebSocket stream show.
+//!
+//! The bus is a bounded broadcast channel. A subscriber that falls behind
+//! loses the oldest events and is told how many (a `lagged` event); the node
+//! never blocks or grows memory on a slow reader.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+/// How many events a slow subscriber may fall behind before it loses some.
+pub const CAPACITY: usize = 1024;
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// The node is listening on a new address.
+    Listening { address: String },
+    /// A peer connected (first connection to it).
+    PeerConnected { peer_id: String, address: String },
+    /// A peer proved which account it belongs to.
+    PeerIdentified {
+        peer_id: String,
+        account_id: String,
+        name: String,
+    },
+    /// The last connection to a peer closed.
+    PeerDisconnected { peer_id: String },
+    /// This subscriber fell behind and missed events.
+    Lagged { missed: u64 },
+}
+
+/// An event with the time it happened.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stamped {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+#[derive(Clone)]
+pub struct EventBus {
+    tx: broadcast::Sender<Stamped>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        Self {
+            tx: broadcast::channel(CAPACITY).0,
+        }
+    }
+}
+
+impl EventBus {
+    pub fn emit(&self, event: Event) {
+        // No subscriber is not an error: events are for whoever is watching.
+        let _ = self.tx.send(Stamped {
+            at_ms: now_ms(),
+            event,
+        });
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Stamped> {
+        self.tx.subscribe()
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

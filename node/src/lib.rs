@@ -1,0 +1,15 @@
+//! The Tern node: drives `tern-protocol` with libp2p, the store, timers, the
+//! control API and the CLI. See `docs/architecture.md`.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod data_dir;
+pub mod events;
+pub mod keys;
+pub mod metrics;
+pub mod net;
+pub mod node;
+pub mod store;
+pub mod testnet;

@@ -1,0 +1,116 @@
+//! The composed libp2p behaviour and the swarm that carries it.
+
+use std::time::Duration;
+
+use libp2p::{
+    StreamProtocol, Swarm, autonat, connection_limits, dcutr, identify, identity, kad, mdns,
+    noise, ping, relay, request_response,
+    swarm::{NetworkBehaviour, behaviour::toggle::Toggle},
+    tcp, yamux,
+};
+use prometheus_client::registry::Registry;
+use tern_protocol::DeviceCertificate;
+
+use super::codec::RecordCodec;
+use crate::config::Config;
+
+/// Kademlia for Tern nodes only: a private DHT, not the public IPFS one.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/kad/1");
+/// Peers exchange device certificates right after connecting, so each side
+/// knows which account the other device belongs to.
+pub const INTRODUCE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/introduce/1");
+/// Sent in identify, so Tern nodes recognise each other.
+pub const IDENTIFY_VERSION: &str = "/tern/1";
+
+pub type IntroduceCodec = RecordCodec<DeviceCertificate, DeviceCertificate>;
+
+#[derive(NetworkBehaviour)]
+pub struct TernBehaviour {
+    pub limits: connection_limits::Behaviour,
+    pub relay_client: relay::client::Behaviour,
+    pub relay: relay::Behaviour,
+    pub dcutr: dcutr::Behaviour,
+    pub autonat: autonat::Behaviour,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    pub introduce: request_response::Behaviour<IntroduceCodec>,
+}
+
+/// Builds the swarm: TCP and QUIC (plus relayed connections), Noise, Yamux,
+/// DNS, with bandwidth metrics registered in `registry`.
+pub fn build_swarm(
+    key: identity::Keypair,
+    config: &Config,
+    registry: &mut Registry,
+) -> anyhow::Result<Swarm<TernBehaviour>> {
+    let max_connections = config.max_connections;
+    let mdns_on = config.mdns;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_quic()
+        .with_dns()?
+        .with_relay_client(noise::Config::new, yamux::Config::default)?
+        .with_bandwidth_metrics(registry)
+        .with_behaviour(|key, relay_client| {
+            let peer_id = key.public().to_peer_id();
+            let limits = connection_limits::ConnectionLimits::default()
+                .with_max_established(Some(max_connections))
+                .with_max_pending_incoming(Some(max_connections.div_ceil(4).max(8)))
+                .with_max_pending_outgoing(Some(max_connections.div_ceil(4).max(8)))
+                .with_max_established_per_peer(Some(4));
+
+            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+            kad_config.set_query_timeout(Duration::from_secs(30));
+            let mut kad = kad::Behaviour::with_config(
+                peer_id,
+                kad::store::MemoryStore::new(peer_id),
+                kad_config,
+            );
+            // Every node is a full DHT participant, also behind NAT: the
+            // relay lets others reach it.
+            kad.set_mode(Some(kad::Mode::Server));
+
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+            } else {
+                None
+            };
+
+            Ok(TernBehaviour {
+                limits: connection_limits::Behaviour::new(limits),
+                relay_client,
+                relay: relay::Behaviour::new(peer_id, relay::Config::default()),
+                dcutr: dcutr::Behaviour::new(peer_id),
+                autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
+                identify: identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_VERSION.into(), key.public())
+                        .with_agent_version(format!("tern/{}", env!("CARGO_PKG_VERSION")))
+                        .with_push_listen_addr_updates(true),
+                ),
+                ping: ping::Behaviour::default(),
+                kad,
+                mdns: mdns.into(),
+                introduce: request_response::Behaviour::with_codec(
+                    IntroduceCodec::default(),
+                    [(INTRODUCE_PROTOCOL, request_response::ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(20))
+                        .with_max_concurrent_streams(64),
+                ),
+            })
+        })?
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(config.idle_timeout())
+                .with_per_connection_event_buffer_size(16)
+                .with_notify_handler_buffer_size(std::num::NonZeroUsize::new(16).expect("16 > 0"))
+        })
+        .build();
+    Ok(swarm)
+}

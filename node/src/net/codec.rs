@@ -1,0 +1,134 @@
+//! Request-response framing for Tern protocols: a 4-byte big-endian length,
+//! then one versioned [`Record`]. The length is checked against the record
+//! type's bound before any buffer is allocated.
+
+use std::{io, marker::PhantomData};
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::{StreamProtocol, request_response};
+use tern_protocol::Record;
+
+pub struct RecordCodec<Req, Resp>(PhantomData<fn() -> (Req, Resp)>);
+
+impl<Req, Resp> Default for RecordCodec<Req, Resp> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<Req, Resp> Clone for RecordCodec<Req, Resp> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+pub async fn read_frame<R: Record, T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<R> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > R::MAX_LEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the {} allowed", R::MAX_LEN),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    R::decode(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+pub async fn write_frame<R: Record, T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    record: &R,
+) -> io::Result<()> {
+    let bytes = record.encode();
+    let len = u32::try_from(bytes.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record too large"))?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(&bytes).await?;
+    io.close().await
+}
+
+impl<Req, Resp> request_response::Codec for RecordCodec<Req, Resp>
+where
+    Req: Record + Send + Sync + 'static,
+    Resp: Record + Send + Sync + 'static,
+{
+    type Protocol = StreamProtocol;
+    type Request = Req;
+    type Response = Resp;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Req>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Req) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &req).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Resp,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &res).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::Cursor;
+    use tern_protocol::{AccountKeypair, DeviceCertificate, DevicePublicKey};
+
+    fn cert() -> DeviceCertificate {
+        let device = DevicePublicKey::from_bytes(*AccountKeypair::from_secret_bytes(&[2; 32]).id().as_bytes()).unwrap();
+        AccountKeypair::from_secret_bytes(&[1; 32]).certify(device, "n", 1).unwrap()
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        let mut buf = Cursor::new(Vec::new());
+        write_frame(&mut buf, &cert()).await.unwrap();
+        let mut rd = Cursor::new(buf.into_inner());
+        assert_eq!(read_frame::<DeviceCertificate, _>(&mut rd).await.unwrap(), cert());
+    }
+
+    #[tokio::test]
+    async fn oversized_length_is_refused_before_allocation() {
+        let mut rd = Cursor::new(u32::MAX.to_be_bytes().to_vec());
+        let err = read_frame::<DeviceCertificate, _>(&mut rd).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn truncated_and_garbage_frames_are_errors() {
+        let mut buf = Cursor::new(Vec::new());
+        write_frame(&mut buf, &cert()).await.unwrap();
+        let bytes = buf.into_inner();
+        for cut in 0..bytes.len() {
+            let mut rd = Cursor::new(bytes[..cut].to_vec());
+            assert!(read_frame::<DeviceCertificate, _>(&mut rd).await.is_err());
+        }
+        let mut garbage = 20u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(&[0xAB; 20]);
+        assert!(read_frame::<DeviceCertificate, _>(&mut Cursor::new(garbage)).await.is_err());
+    }
+}

@@ -1,0 +1,628 @@
+//! The network event loop: owns the swarm, answers commands from
+//! [`NetworkHandle`]s, and turns swarm events into address-book updates and
+//! user events. Local commands are served before new remote events (`biased`
+//! select), every channel is bounded, and each dial reply is matched to its
+//! request by connection id.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use libp2p::{
+    Multiaddr, PeerId, Swarm,
+    core::transport::ListenerId,
+    core::ConnectedPoint,
+    identify, kad, mdns,
+    metrics::Recorder,
+    multiaddr::Protocol,
+    request_response,
+    swarm::{
+        ConnectionId, SwarmEvent,
+        dial_opts::{DialOpts, PeerCondition},
+    },
+};
+use serde::{Deserialize, Serialize};
+use tern_protocol::DeviceCertificate;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use super::{
+    behaviour::{IDENTIFY_VERSION, KAD_PROTOCOL, TernBehaviour, TernBehaviourEvent},
+    peers::AddressBook,
+};
+use crate::{
+    events::{Event, EventBus, now_ms},
+    keys::peer_id_of,
+    metrics::NodeMetrics,
+    store::Keyspace,
+};
+
+/// Commands waiting for the event loop; senders wait when it is full.
+pub const COMMAND_QUEUE: usize = 64;
+/// Most `tern connect` dials in flight at once.
+const MAX_PENDING_DIALS: usize = 64;
+/// Most redials started per tick.
+const REDIALS_PER_TICK: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("the node is shutting down")]
+    Stopped,
+    #[error("could not connect: {0}")]
+    Dial(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetStatus {
+    pub listen_addrs: Vec<String>,
+    pub external_addrs: Vec<String>,
+    pub connected_peers: usize,
+    pub known_peers: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub peer_id: String,
+    pub account_id: Option<String>,
+    pub name: Option<String>,
+    pub addresses: Vec<String>,
+    pub connections: usize,
+}
+
+pub enum Command {
+    Status(oneshot::Sender<NetStatus>),
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    Dial {
+        peer: Option<PeerId>,
+        addrs: Vec<Multiaddr>,
+        reply: oneshot::Sender<Result<PeerId, String>>,
+    },
+}
+
+/// A cheap, cloneable handle to the event loop.
+#[derive(Clone)]
+pub struct NetworkHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl NetworkHandle {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    pub async fn status(&self) -> Result<NetStatus, NetError> {
+        self.call(Command::Status).await
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetError> {
+        self.call(Command::Peers).await
+    }
+
+    /// Dials and returns once connected (or failed). With `peer` given, the
+    /// remote must prove that identity.
+    pub async fn dial(&self, peer: Option<PeerId>, addrs: Vec<Multiaddr>) -> Result<PeerId, NetError> {
+        self.call(|reply| Command::Dial { peer, addrs, reply })
+            .await?
+            .map_err(NetError::Dial)
+    }
+}
+
+#[derive(Default)]
+struct Connected {
+    connections: Vec<(ConnectionId, Multiaddr)>,
+    /// Addresses the peer listens on, from identify.
+    listen_addrs: Vec<Multiaddr>,
+    /// Addresses we reached it on.
+    dialed_addrs: Vec<Multiaddr>,
+}
+
+pub struct EventLoop {
+    swarm: Swarm<TernBehaviour>,
+    commands: mpsc::Receiver<Command>,
+    bus: EventBus,
+    metrics: NodeMetrics,
+    certificate: DeviceCertificate,
+    book: AddressBook,
+    peers_ks: Keyspace,
+    state_ks: Keyspace,
+    listeners: HashMap<ListenerId, String>,
+    pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, String>>>,
+    connected: HashMap<PeerId, Connected>,
+    target_peers: usize,
+}
+
+pub struct EventLoopParts {
+    pub swarm: Swarm<TernBehaviour>,
+    pub bus: EventBus,
+    pub metrics: NodeMetrics,
+    pub certificate: DeviceCertificate,
+    pub peers_ks: Keyspace,
+    pub state_ks: Keyspace,
+    pub target_peers: usize,
+}
+
+impl EventLoop {
+    pub fn new(parts: EventLoopParts) -> (Self, NetworkHandle) {
+        let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
+        let mut this = Self {
+            swarm: parts.swarm,
+            commands,
+            bus: parts.bus,
+            metrics: parts.metrics,
+            certificate: parts.certificate,
+            book: AddressBook::default(),
+            peers_ks: parts.peers_ks,
+            state_ks: parts.state_ks,
+            listeners: HashMap::new(),
+            pending_dials: HashMap::new(),
+            connected: HashMap::new(),
+            target_peers: parts.target_peers,
+        };
+        this.restore_address_book();
+        (this, NetworkHandle { tx })
+    }
+
+    fn restore_address_book(&mut self) {
+        let now = Instant::now();
+        for item in self.peers_ks.iter() {
+            let restored = item.ok().and_then(|(k, v)| {
+                let peer = PeerId::from_bytes(&k).ok()?;
+                let record = <super::peers::PeerRecord as tern_protocol::Record>::decode(&v).ok()?;
+                Some((peer, record))
+            });
+            match restored {
+                Some((peer, record)) => self.book.restore(peer, record, now),
+                None => warn!("skipping a damaged entry in the peer store"),
+            }
+        }
+        self.metrics.known_peers.set(self.book.len() as i64);
+        if !self.book.is_empty() {
+            info!(peers = self.book.len(), "restored address book");
+        }
+    }
+
+    /// Starts listening on `spec`. A port-0 address reuses the port this node
+    /// had last time when it is still free, so its address stays stable.
+    pub fn listen(&mut self, spec: &Multiaddr) -> anyhow::Result<()> {
+        let key = format!("listen:{spec}");
+        let remembered = self
+            .state_ks
+            .get(key.as_bytes())
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 2]>::try_from(v.as_slice()).ok())
+            .map(u16::from_be_bytes);
+        if let Some(port) = remembered.filter(|_| has_zero_port(spec)) {
+            match self.swarm.listen_on(with_port(spec, port)) {
+                Ok(id) => {
+                    self.listeners.insert(id, key);
+                    return Ok(());
+                }
+                Err(e) => debug!(%spec, port, "previous port not available: {e}"),
+            }
+        }
+        let id = self
+            .swarm
+            .listen_on(spec.clone())
+            .map_err(|e| anyhow::anyhow!("cannot listen on {spec}: {e}"))?;
+        self.listeners.insert(id, key);
+        Ok(())
+    }
+
+    /// Dials a bootstrap peer and seeds Kademlia with it.
+    pub fn bootstrap(&mut self, addr: &Multiaddr) {
+        let peer = match addr.iter().last() {
+            Some(Protocol::P2p(p)) => Some(p),
+            _ => None,
+        };
+        if let Some(p) = peer {
+            self.swarm.behaviour_mut().kad.add_address(&p, addr.clone());
+        }
+        let opts = match peer {
+            Some(p) => DialOpts::peer_id(p)
+                .addresses(vec![addr.clone()])
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build(),
+            None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+        };
+        if let Err(e) = self.swarm.dial(opts) {
+            warn!(%addr, "cannot dial bootstrap peer: {e}");
+        }
+    }
+
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                Some(cmd) = self.commands.recv() => self.on_command(cmd),
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = tick.tick() => self.redial_due(),
+            }
+        }
+        debug!("network event loop stopped");
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Peers(reply) => {
+                let _ = reply.send(self.peers());
+            }
+            Command::Dial { peer, addrs, reply } => self.dial(peer, addrs, reply),
+        }
+    }
+
+    fn status(&self) -> NetStatus {
+        NetStatus {
+            listen_addrs: self.swarm.listeners().map(ToString::to_string).collect(),
+            external_addrs: self.swarm.external_addresses().map(ToString::to_string).collect(),
+            connected_peers: self.swarm.connected_peers().count(),
+            known_peers: self.book.len(),
+        }
+    }
+
+    fn peers(&self) -> Vec<PeerInfo> {
+        let mut out: Vec<PeerInfo> = self
+            .connected
+            .iter()
+            .map(|(peer, c)| {
+                let known = self.book.get(peer);
+                PeerInfo {
+                    peer_id: peer.to_string(),
+                    account_id: known.and_then(|e| e.account).map(|a| a.to_string()),
+                    name: known.map(|e| e.name.clone()),
+                    addresses: c.connections.iter().map(|(_, a)| a.to_string()).collect(),
+                    connections: c.connections.len(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        out
+    }
+
+    fn dial(
+        &mut self,
+        peer: Option<PeerId>,
+        addrs: Vec<Multiaddr>,
+        reply: oneshot::Sender<Result<PeerId, String>>,
+    ) {
+        if let Some(p) = peer {
+            if p == *self.swarm.local_peer_id() {
+                let _ = reply.send(Err("that is this node itself".into()));
+                return;
+            }
+            if self.swarm.is_connected(&p) {
+                let _ = reply.send(Ok(p));
+                return;
+            }
+            for a in &addrs {
+                self.swarm.behaviour_mut().kad.add_address(&p, a.clone());
+            }
+        }
+        if self.pending_dials.len() >= MAX_PENDING_DIALS {
+            let _ = reply.send(Err("too many connection attempts in progress; try again shortly".into()));
+            return;
+        }
+        let opts = match (peer, addrs.as_slice()) {
+            (Some(p), _) => DialOpts::peer_id(p).addresses(addrs).build(),
+            (None, [addr]) => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+            (None, _) => {
+                let _ = reply.send(Err("give exactly one address, or a peer id".into()));
+                return;
+            }
+        };
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.pending_dials.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.to_string()));
+            }
+        }
+    }
+
+    fn redial_due(&mut self) {
+        let connected = self.swarm.connected_peers().count();
+        if connected >= self.target_peers {
+            return;
+        }
+        let budget = REDIALS_PER_TICK.min(self.target_peers - connected);
+        for (peer, addrs) in self.book.due(Instant::now(), budget) {
+            debug!(%peer, "redialling");
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if self.swarm.dial(opts).is_err() {
+                self.book.on_dial_failed(&peer, Instant::now(), now_ms());
+            }
+        }
+    }
+
+    /// Dials a peer learned from the DHT or mDNS while below the target.
+    fn maybe_dial_discovered(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if peer == *self.swarm.local_peer_id()
+            || self.swarm.is_connected(&peer)
+            || self.swarm.connected_peers().count() >= self.target_peers
+        {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        let _ = self.swarm.dial(opts);
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<TernBehaviourEvent>) {
+        self.metrics.libp2p.record(&event);
+        match event {
+            SwarmEvent::Behaviour(e) => self.on_behaviour_event(e),
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                info!("listening on {address}/p2p/{}", self.swarm.local_peer_id());
+                if let (Some(key), Some(port)) = (self.listeners.get(&listener_id), port_of(&address)) {
+                    let _ = self.state_ks.insert_buffered(key.as_bytes(), &port.to_be_bytes());
+                }
+                self.bus.emit(Event::Listening {
+                    address: address.to_string(),
+                });
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let _span = tracing::info_span!("peer", peer = %peer_id).entered();
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                let addr = endpoint.get_remote_address().clone();
+                let entry = self.connected.entry(peer_id).or_default();
+                entry.connections.push((connection_id, addr.clone()));
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                    if !entry.dialed_addrs.contains(address) {
+                        entry.dialed_addrs.push(address.clone());
+                    }
+                }
+                if num_established.get() == 1 {
+                    debug!(%addr, "connected");
+                    self.book.on_connected(&peer_id, now_ms());
+                    self.bus.emit(Event::PeerConnected {
+                        peer_id: peer_id.to_string(),
+                        address: addr.to_string(),
+                    });
+                    self.swarm
+                        .behaviour_mut()
+                        .introduce
+                        .send_request(&peer_id, self.certificate.clone());
+                    self.metrics
+                        .connected_peers
+                        .set(self.swarm.connected_peers().count() as i64);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                let _span = tracing::info_span!("peer", peer = %peer_id).entered();
+                if let Some(c) = self.connected.get_mut(&peer_id) {
+                    c.connections.retain(|(id, _)| *id != connection_id);
+                }
+                if num_established == 0 {
+                    debug!(?cause, "disconnected");
+                    self.connected.remove(&peer_id);
+                    self.book.on_disconnected(&peer_id, Instant::now(), now_ms());
+                    self.bus.emit(Event::PeerDisconnected {
+                        peer_id: peer_id.to_string(),
+                    });
+                    self.metrics
+                        .connected_peers
+                        .set(self.swarm.connected_peers().count() as i64);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                debug!(?peer_id, "dial failed: {error}");
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+                if let Some(p) = peer_id {
+                    if self.book.on_dial_failed(&p, Instant::now(), now_ms()) {
+                        info!(peer = %p, "forgetting a peer unreachable for a week");
+                        let _ = self.peers_ks.remove_buffered(&p.to_bytes());
+                    }
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => debug!(%send_back_addr, "incoming connection failed: {error}"),
+            SwarmEvent::ListenerError { error, .. } => warn!("listener error: {error}"),
+            SwarmEvent::ExpiredListenAddr { address, .. } => info!(%address, "no longer listening"),
+            SwarmEvent::ExternalAddrConfirmed { address } => info!(%address, "external address confirmed"),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: TernBehaviourEvent) {
+        match event {
+            TernBehaviourEvent::Identify(e) => {
+                self.metrics.libp2p.record(&e);
+                if let identify::Event::Received { peer_id, info, .. } = e {
+                    self.on_identified(peer_id, info);
+                }
+            }
+            TernBehaviourEvent::Introduce(e) => self.on_introduce(e),
+            TernBehaviourEvent::Kad(e) => {
+                self.metrics.libp2p.record(&e);
+                if let kad::Event::RoutingUpdated {
+                    peer, addresses, ..
+                } = e
+                {
+                    self.maybe_dial_discovered(peer, addresses.into_vec());
+                }
+            }
+            TernBehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    debug!(%peer, %addr, "found on the local network");
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.maybe_dial_discovered(peer, vec![addr]);
+                }
+            }
+            TernBehaviourEvent::Ping(e) => self.metrics.libp2p.record(&e),
+            TernBehaviourEvent::Relay(e) => {
+                self.metrics.libp2p.record(&e);
+                debug!(?e, "relay");
+            }
+            TernBehaviourEvent::Dcutr(e) => {
+                self.metrics.libp2p.record(&e);
+                debug!(?e, "hole punching");
+            }
+            other => debug!(?other, "behaviour event"),
+        }
+    }
+
+    fn on_identified(&mut self, peer: PeerId, info: identify::Info) {
+        let _span = tracing::info_span!("peer", %peer).entered();
+        if info.protocol_version != IDENTIFY_VERSION {
+            debug!(version = %info.protocol_version, "not a Tern node; ignoring");
+            return;
+        }
+        if info.protocols.contains(&KAD_PROTOCOL) {
+            for addr in &info.listen_addrs {
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            }
+        }
+        if let Some(c) = self.connected.get_mut(&peer) {
+            c.listen_addrs = info.listen_addrs.clone();
+        }
+        if self.book.set_addrs(&peer, info.listen_addrs) {
+            self.persist_peer(&peer);
+        }
+    }
+
+    fn on_introduce(&mut self, event: request_response::Event<DeviceCertificate, DeviceCertificate>) {
+        use request_response::{Event as E, Message};
+        match event {
+            E::Message { peer, message, .. } => match message {
+                Message::Request { request, channel, .. } => {
+                    self.on_certificate(peer, request);
+                    let cert = self.certificate.clone();
+                    let _ = self.swarm.behaviour_mut().introduce.send_response(channel, cert);
+                }
+                Message::Response { response, .. } => self.on_certificate(peer, response),
+            },
+            E::InboundFailure { peer, error, .. } => {
+                // Decoding failures arrive here: the codec refused the frame.
+                self.metrics.rejected_frames.inc();
+                warn!(%peer, "rejected an introduction: {error}");
+            }
+            E::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, "introduction failed: {error}");
+            }
+            E::ResponseSent { .. } => {}
+        }
+    }
+
+    /// A peer presented its device certificate (already signature-checked by
+    /// the decoder). Remember it if it is really the device we are talking to.
+    fn on_certificate(&mut self, peer: PeerId, cert: DeviceCertificate) {
+        let _span = tracing::info_span!("peer", %peer).entered();
+        if peer_id_of(&cert.device) != Some(peer) {
+            self.metrics.rejected_frames.inc();
+            warn!(device_in_certificate = ?cert.device, "rejected a certificate for another device");
+            return;
+        }
+        let known_before = self.book.get(&peer).and_then(|e| e.account);
+        let changes = self.book.remember(peer, cert.account, &cert.name, now_ms());
+        if let Some(evicted) = changes.evicted {
+            let _ = self.peers_ks.remove_buffered(&evicted.to_bytes());
+        }
+        if let Some(c) = self.connected.get(&peer) {
+            let addrs: Vec<Multiaddr> = c.listen_addrs.iter().chain(&c.dialed_addrs).cloned().collect();
+            self.book.set_addrs(&peer, addrs);
+        }
+        self.persist_peer(&peer);
+        self.metrics.known_peers.set(self.book.len() as i64);
+        if known_before != Some(cert.account) {
+            info!(account = %cert.account.short(), name = %cert.name, "identified");
+            self.bus.emit(Event::PeerIdentified {
+                peer_id: peer.to_string(),
+                account_id: cert.account.to_string(),
+                name: cert.name,
+            });
+        }
+    }
+
+    fn persist_peer(&self, peer: &PeerId) {
+        if let Some(entry) = self.book.get(peer) {
+            // Buffered: losing the newest address-book change in a crash costs
+            // a rediscovery, and nothing about it is acknowledged to anyone.
+            if let Err(e) = self
+                .peers_ks
+                .insert_record_buffered(&peer.to_bytes(), &entry.record())
+            {
+                warn!(%peer, "cannot save peer: {e}");
+            }
+        }
+    }
+}
+
+fn has_zero_port(a: &Multiaddr) -> bool {
+    a.iter()
+        .any(|p| matches!(p, Protocol::Tcp(0) | Protocol::Udp(0)))
+}
+
+fn with_port(a: &Multiaddr, port: u16) -> Multiaddr {
+    a.iter()
+        .map(|p| match p {
+            Protocol::Tcp(0) => Protocol::Tcp(port),
+            Protocol::Udp(0) => Protocol::Udp(port),
+            other => other,
+        })
+        .collect()
+}
+
+fn port_of(a: &Multiaddr) -> Option<u16> {
+    a.iter().find_map(|p| match p {
+        Protocol::Tcp(port) | Protocol::Udp(port) => Some(port),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_ports_are_replaced_by_the_remembered_port() {
+        let spec: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap();
+        assert!(has_zero_port(&spec));
+        let fixed = with_port(&spec, 4242);
+        assert_eq!(fixed.to_string(), "/ip4/127.0.0.1/udp/4242/quic-v1");
+        assert!(!has_zero_port(&fixed));
+        assert_eq!(port_of(&fixed), Some(4242));
+    }
+}

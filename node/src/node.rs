@@ -1,0 +1,170 @@
+//! A running node: identity, store, network event loop and control API,
+//! started together and stopped together.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use libp2p::PeerId;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tern_protocol::AccountId;
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+use zeroize::Zeroizing;
+
+use crate::{
+    api::{self, ApiState},
+    config::Config,
+    data_dir::{DataDir, read_bounded, write_atomic},
+    events::EventBus,
+    keys,
+    metrics::NodeMetrics,
+    net::{EventLoop, EventLoopParts, behaviour::build_swarm},
+    store::Store,
+};
+
+/// What a running node writes to `api.json` so clients can find it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiEndpoint {
+    pub address: SocketAddr,
+    pub pid: u32,
+    pub peer_id: String,
+}
+
+pub struct NodeOptions {
+    pub data_dir: DataDir,
+    pub config: Config,
+    pub passphrase: Option<Zeroizing<Vec<u8>>>,
+}
+
+pub struct Node {
+    pub peer_id: PeerId,
+    pub account_id: AccountId,
+    pub api_addr: SocketAddr,
+    data_dir: DataDir,
+    store: Store,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Reads the API token written by `tern init`.
+pub fn read_token(dir: &DataDir) -> anyhow::Result<String> {
+    let path = dir.api_token();
+    let bytes = read_bounded(&path, 1024)
+        .with_context(|| format!("cannot read the API token {}; was `tern init` run?", path.display()))?;
+    let token = String::from_utf8(bytes).context("API token is not text")?;
+    Ok(token.trim().to_owned())
+}
+
+impl Node {
+    pub async fn start(opts: NodeOptions) -> anyhow::Result<Self> {
+        let NodeOptions {
+            data_dir,
+            config,
+            passphrase,
+        } = opts;
+        config.validate()?;
+        let identity = keys::load(&data_dir, passphrase.as_deref().map(|p| p.as_slice()))?;
+        let token = read_token(&data_dir)?;
+        let store = Store::open(&data_dir.store(), config.store_cache_mib * 1024 * 1024).with_context(|| {
+            format!(
+                "cannot open the store in {} (is another `tern node` using this data directory?)",
+                data_dir.root().display()
+            )
+        })?;
+
+        let mut registry = Registry::default();
+        let swarm = build_swarm(identity.device.clone(), &config, &mut registry)?;
+        let metrics = NodeMetrics::register(&mut registry);
+        let bus = EventBus::default();
+        let peer_id = identity.peer_id();
+        let (mut event_loop, net) = EventLoop::new(EventLoopParts {
+            swarm,
+            bus: bus.clone(),
+            metrics: metrics.clone(),
+            certificate: identity.certificate.clone(),
+            peers_ks: store.keyspace("peers")?,
+            state_ks: store.keyspace("state")?,
+            target_peers: config.target_peers as usize,
+        });
+        for spec in &config.listen {
+            event_loop.listen(spec)?;
+        }
+        for addr in &config.bootstrap {
+            event_loop.bootstrap(addr);
+        }
+
+        let listener = tokio::net::TcpListener::bind(config.api)
+            .await
+            .with_context(|| format!("cannot bind the control API on {}", config.api))?;
+        let api_addr = listener.local_addr()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let state = Arc::new(ApiState {
+            net,
+            bus,
+            token,
+            registry,
+            metrics,
+            peer_id,
+            account_id: identity.account_id(),
+            device: identity.certificate.device,
+            name: identity.certificate.name.clone(),
+            started: std::time::Instant::now(),
+            shutdown: shutdown_rx.clone(),
+        });
+
+        let mut tasks = vec![tokio::spawn(event_loop.run(shutdown_rx.clone()))];
+        let mut api_shutdown = shutdown_rx;
+        tasks.push(tokio::spawn(async move {
+            let served = axum::serve(listener, api::router(state))
+                .with_graceful_shutdown(async move {
+                    let _ = api_shutdown.changed().await;
+                })
+                .await;
+            if let Err(e) = served {
+                warn!("control API stopped: {e}");
+            }
+        }));
+
+        let endpoint = ApiEndpoint {
+            address: api_addr,
+            pid: std::process::id(),
+            peer_id: peer_id.to_string(),
+        };
+        write_atomic(&data_dir.api_endpoint(), &serde_json::to_vec_pretty(&endpoint)?, false)?;
+        info!(%peer_id, account = %identity.account_id(), api = %api_addr, "node started");
+
+        Ok(Self {
+            peer_id,
+            account_id: identity.account_id(),
+            api_addr,
+            data_dir,
+            store,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops the API and the network, flushes the store and removes
+    /// `api.json`.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
+                warn!("a task did not stop within 10 s");
+            }
+        }
+        if let Err(e) = self.store.flush().await {
+            warn!("final store flush failed: {e}");
+        }
+        let path = self.data_dir.api_endpoint();
+        let ours = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ApiEndpoint>(&b).ok())
+            .is_some_and(|e| e.pid == std::process::id());
+        if ours {
+            let _ = std::fs::remove_file(path);
+        }
+        info!("node stopped");
+    }
+}

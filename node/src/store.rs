@@ -1,0 +1,164 @@
+//! The node's store. This is the only module that knows the backend (sled);
+//! everything else sees named keyspaces of bytes.
+//!
+//! Durability rule: a write that anyone (a peer or the user) will be told
+//! about goes through a `*_durable` method, which returns only after the
+//! backend has flushed it to disk. Concurrent durable writes share flushes
+//! (group commit), so many in flight cost about one fsync.
+
+use std::path::Path;
+
+use tern_protocol::{DecodeError, Record};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store error: {0}")]
+    Backend(#[from] sled::Error),
+    #[error("stored record under {key} is damaged: {source}")]
+    Damaged { key: String, source: DecodeError },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The whole store: a set of named keyspaces.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+}
+
+impl Store {
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            // Background flushes bound how much buffered (non-durable) data a
+            // crash can lose; durable writes do not wait for them.
+            .flush_every_ms(Some(500))
+            .open()?;
+        Ok(Self { db })
+    }
+
+    pub fn keyspace(&self, name: &str) -> Result<Keyspace> {
+        Ok(Keyspace {
+            tree: self.db.open_tree(name)?,
+            db: self.db.clone(),
+        })
+    }
+
+    /// Flushes everything written so far; returns once it is on disk.
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Bytes the store occupies on disk.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+/// One named keyspace of the store.
+#[derive(Clone)]
+pub struct Keyspace {
+    tree: sled::Tree,
+    db: sled::Db,
+}
+
+impl Keyspace {
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Inserts and returns once the write is on disk.
+    pub async fn insert_durable(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.tree.insert(key, value)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Inserts without waiting for disk: for state that is cheap to lose
+    /// (caches, statistics) and never acknowledged to anyone.
+    pub fn insert_buffered(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.tree.insert(key, value)?;
+        Ok(())
+    }
+
+    pub async fn remove_durable(&self, key: &[u8]) -> Result<()> {
+        self.tree.remove(key)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    pub fn remove_buffered(&self, key: &[u8]) -> Result<()> {
+        self.tree.remove(key)?;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    /// All entries in key order.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_ {
+        self.tree
+            .iter()
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Into::into))
+    }
+
+    pub fn get_record<R: Record>(&self, key: &[u8]) -> Result<Option<R>> {
+        self.get(key)?
+            .map(|bytes| {
+                R::decode(&bytes).map_err(|source| StoreError::Damaged {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    source,
+                })
+            })
+            .transpose()
+    }
+
+    pub fn insert_record_buffered<R: Record>(&self, key: &[u8], record: &R) -> Result<()> {
+        self.insert_buffered(key, &record.encode())
+    }
+
+    pub async fn insert_record_durable<R: Record>(&self, key: &[u8], record: &R) -> Result<()> {
+        self.insert_durable(key, &record.encode()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn durable_writes_survive_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(tmp.path(), 1 << 20).unwrap();
+            let ks = store.keyspace("k").unwrap();
+            ks.insert_durable(b"a", b"1").await.unwrap();
+            ks.insert_durable(b"b", b"2").await.unwrap();
+            ks.remove_durable(b"a").await.unwrap();
+        }
+        let store = Store::open(tmp.path(), 1 << 20).unwrap();
+        let ks = store.keyspace("k").unwrap();
+        assert_eq!(ks.get(b"a").unwrap(), None);
+        assert_eq!(ks.get(b"b").unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(ks.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn damaged_records_are_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path(), 1 << 20).unwrap();
+        let ks = store.keyspace("k").unwrap();
+        ks.insert_durable(b"cert", &[1, 2, 3]).await.unwrap();
+        assert!(matches!(
+            ks.get_record::<tern_protocol::DeviceCertificate>(b"cert"),
+            Err(StoreError::Damaged { .. })
+        ));
+    }
+}
