@@ -76,7 +76,13 @@ impl IntoResponse for ApiError {
         struct Body {
             error: String,
         }
-        (self.0, Json(Body { error: self.1 })).into_response()
+        (
+            self.0,
+            Json(Body {
+                error: one_line(&self.1),
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -87,6 +93,11 @@ impl From<NetError> for ApiError {
             NetError::Dial(_) => ApiError(StatusCode::BAD_GATEWAY, e.to_string()),
         }
     }
+}
+
+/// Collapses a (possibly multi-line, nested) error message into one line.
+pub fn one_line(msg: &str) -> String {
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn bad_request(msg: impl Into<String>) -> ApiError {
@@ -241,6 +252,16 @@ async fn stream_events(
     mut rx: tokio::sync::broadcast::Receiver<Stamped>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let hello = Stamped {
+        at_ms: now_ms(),
+        event: Event::Subscribed,
+    };
+    let Ok(text) = serde_json::to_string(&hello) else {
+        return;
+    };
+    if socket.send(Message::Text(text.into())).await.is_err() {
+        return;
+    }
     loop {
         tokio::select! {
             _ = stop.changed() => break,

@@ -325,6 +325,7 @@ async fn watch(dir: &DataDir, json: bool) -> anyhow::Result<()> {
 fn describe(ev: &Value) -> String {
     let s = |k: &str| ev.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
     match ev.get("type").and_then(Value::as_str).unwrap_or("") {
+        "subscribed" => "watching events (Ctrl-C to stop)".into(),
         "listening" => format!("listening on {}", s("address")),
         "peer_connected" => format!("connected     {} at {}", s("peer_id"), s("address")),
         "peer_identified" => format!("identified    {} is {} ({})", s("peer_id"), s("name"), s("account_id")),

@@ -15,6 +15,9 @@ pub const CAPACITY: usize = 1024;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
+    /// First message on every event stream: the subscription is live, and
+    /// everything that happens from now on will be delivered.
+    Subscribed,
     /// The node is listening on a new address.
     Listening { address: String },
     /// A peer connected (first connection to it).

@@ -27,7 +27,7 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(run(cli)) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", tern_node::api::one_line(&format!("{e:#}")));
         std::process::exit(1);
     }
 }

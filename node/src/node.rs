@@ -74,8 +74,13 @@ impl Node {
         })?;
 
         let mut registry = Registry::default();
-        let swarm = build_swarm(identity.device.clone(), &config, &mut registry)?;
         let metrics = NodeMetrics::register(&mut registry);
+        let swarm = build_swarm(
+            identity.device.clone(),
+            &config,
+            &mut registry,
+            metrics.rejected_frames.clone(),
+        )?;
         let bus = EventBus::default();
         let peer_id = identity.peer_id();
         let (mut event_loop, net) = EventLoop::new(EventLoopParts {

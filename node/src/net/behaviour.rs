@@ -44,6 +44,7 @@ pub fn build_swarm(
     key: identity::Keypair,
     config: &Config,
     registry: &mut Registry,
+    rejected_frames: prometheus_client::metrics::counter::Counter,
 ) -> anyhow::Result<Swarm<TernBehaviour>> {
     let max_connections = config.max_connections;
     let mdns_on = config.mdns;
@@ -98,7 +99,7 @@ pub fn build_swarm(
                 kad,
                 mdns: mdns.into(),
                 introduce: request_response::Behaviour::with_codec(
-                    IntroduceCodec::default(),
+                    IntroduceCodec::new(rejected_frames),
                     [(INTRODUCE_PROTOCOL, request_response::ProtocolSupport::Full)],
                     request_response::Config::default()
                         .with_request_timeout(Duration::from_secs(20))

@@ -6,19 +6,40 @@ use std::{io, marker::PhantomData};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::{StreamProtocol, request_response};
+use prometheus_client::metrics::counter::Counter;
 use tern_protocol::Record;
 
-pub struct RecordCodec<Req, Resp>(PhantomData<fn() -> (Req, Resp)>);
+/// Frames one record type each way. Frames it refuses (oversized, truncated,
+/// undecodable, failing validation) are counted in `rejected` and logged:
+/// libp2p's request-response drops such streams without reporting them.
+pub struct RecordCodec<Req, Resp> {
+    rejected: Counter,
+    _types: PhantomData<fn() -> (Req, Resp)>,
+}
 
-impl<Req, Resp> Default for RecordCodec<Req, Resp> {
-    fn default() -> Self {
-        Self(PhantomData)
+impl<Req, Resp> RecordCodec<Req, Resp> {
+    pub fn new(rejected: Counter) -> Self {
+        Self {
+            rejected,
+            _types: PhantomData,
+        }
+    }
+
+    async fn read<R: Record, T: AsyncRead + Unpin + Send>(&self, protocol: &StreamProtocol, io: &mut T) -> io::Result<R> {
+        let result = read_frame(io).await;
+        if let Err(e) = &result {
+            if matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof) {
+                self.rejected.inc();
+                tracing::warn!(%protocol, "rejected a malformed frame: {e}");
+            }
+        }
+        result
     }
 }
 
 impl<Req, Resp> Clone for RecordCodec<Req, Resp> {
     fn clone(&self) -> Self {
-        Self::default()
+        Self::new(self.rejected.clone())
     }
 }
 
@@ -58,18 +79,18 @@ where
     type Request = Req;
     type Response = Resp;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Req>
+    async fn read_request<T>(&mut self, protocol: &StreamProtocol, io: &mut T) -> io::Result<Req>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io).await
+        self.read(protocol, io).await
     }
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
+    async fn read_response<T>(&mut self, protocol: &StreamProtocol, io: &mut T) -> io::Result<Resp>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io).await
+        self.read(protocol, io).await
     }
 
     async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Req) -> io::Result<()>

@@ -528,16 +528,20 @@ impl EventLoop {
         match event {
             E::Message { peer, message, .. } => match message {
                 Message::Request { request, channel, .. } => {
-                    self.on_certificate(peer, request);
-                    let cert = self.certificate.clone();
-                    let _ = self.swarm.behaviour_mut().introduce.send_response(channel, cert);
+                    // A rejected introduction gets no answer: dropping the
+                    // channel closes the stream.
+                    if self.on_certificate(peer, request) {
+                        let cert = self.certificate.clone();
+                        let _ = self.swarm.behaviour_mut().introduce.send_response(channel, cert);
+                    }
                 }
-                Message::Response { response, .. } => self.on_certificate(peer, response),
+                Message::Response { response, .. } => {
+                    self.on_certificate(peer, response);
+                }
             },
             E::InboundFailure { peer, error, .. } => {
-                // Decoding failures arrive here: the codec refused the frame.
-                self.metrics.rejected_frames.inc();
-                warn!(%peer, "rejected an introduction: {error}");
+                // Malformed frames never get here: the codec counts those.
+                debug!(%peer, "inbound introduction failed: {error}");
             }
             E::OutboundFailure { peer, error, .. } => {
                 debug!(%peer, "introduction failed: {error}");
@@ -547,13 +551,14 @@ impl EventLoop {
     }
 
     /// A peer presented its device certificate (already signature-checked by
-    /// the decoder). Remember it if it is really the device we are talking to.
-    fn on_certificate(&mut self, peer: PeerId, cert: DeviceCertificate) {
+    /// the decoder). Remember it if it is really the device we are talking to;
+    /// returns whether it was accepted.
+    fn on_certificate(&mut self, peer: PeerId, cert: DeviceCertificate) -> bool {
         let _span = tracing::info_span!("peer", %peer).entered();
         if peer_id_of(&cert.device) != Some(peer) {
             self.metrics.rejected_frames.inc();
             warn!(device_in_certificate = ?cert.device, "rejected a certificate for another device");
-            return;
+            return false;
         }
         let known_before = self.book.get(&peer).and_then(|e| e.account);
         let changes = self.book.remember(peer, cert.account, &cert.name, now_ms());
@@ -574,6 +579,7 @@ impl EventLoop {
                 name: cert.name,
             });
         }
+        true
     }
 
     fn persist_peer(&self, peer: &PeerId) {

@@ -1,0 +1,286 @@
+//! Harness for end-to-end tests over real `tern` processes.
+//!
+//! Every process started here is killed when its guard drops, every wait is
+//! a poll for a condition with a generous deadline (CI is a loaded 2-core
+//! machine), and every node uses loopback, ephemeral ports and a temporary
+//! data directory.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// How long any single condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(120);
+
+pub fn tern_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tern"))
+}
+
+/// Flags that keep a node on loopback with ephemeral ports and off the LAN.
+pub const LOOPBACK: &[&str] = &[
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--listen",
+    "/ip4/127.0.0.1/udp/0/quic-v1",
+    "--no-mdns",
+];
+
+/// Runs `tern --data-dir DIR ARGS…` to completion.
+pub fn tern(dir: &Path, args: &[&str]) -> Output {
+    Command::new(tern_bin())
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tern")
+}
+
+/// Runs a `tern` command that must succeed and print one JSON document.
+pub fn tern_json(dir: &Path, args: &[&str]) -> Value {
+    let out = tern(dir, args);
+    assert!(
+        out.status.success(),
+        "tern {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "tern {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Polls `f` every 50 ms until it yields a value; fails the test at the deadline.
+pub fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn init(dir: &Path, name: &str) {
+    let out = tern(dir, &["init", "--name", name]);
+    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A `tern node` process; killed (SIGKILL) when dropped.
+pub struct NodeProcess {
+    pub dir: PathBuf,
+    child: Child,
+}
+
+impl NodeProcess {
+    /// Starts `tern node` on `dir` with `args` and waits until its API answers.
+    pub fn start(dir: &Path, args: &[&str]) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("test-node.log"))
+            .expect("open node log");
+        let child = Command::new(tern_bin())
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("node")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn tern node");
+        let mut node = Self {
+            dir: dir.to_owned(),
+            child,
+        };
+        node.wait_serving();
+        node
+    }
+
+    fn wait_serving(&mut self) {
+        let pid = self.child.id();
+        let dir = self.dir.clone();
+        poll(&format!("node in {} to serve its API", dir.display()), || {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                panic!("node exited early ({exit}): {}", self.log());
+            }
+            let endpoint: Value = serde_json::from_slice(&std::fs::read(dir.join("api.json")).ok()?).ok()?;
+            if endpoint["pid"].as_u64() != Some(u64::from(pid)) {
+                return None; // a stale file from an earlier run
+            }
+            let out = tern(&dir, &["status", "--json"]);
+            out.status.success().then_some(())
+        });
+    }
+
+    pub fn status(&self) -> Value {
+        tern_json(&self.dir, &["status", "--json"])
+    }
+
+    pub fn connected_peers(&self) -> u64 {
+        self.status()["connected_peers"].as_u64().expect("connected_peers")
+    }
+
+    pub fn peer_id(&self) -> String {
+        self.status()["peer_id"].as_str().expect("peer_id").to_owned()
+    }
+
+    pub fn tcp_addr(&self) -> String {
+        let s = self.status();
+        let addr = s["listen_addrs"]
+            .as_array()
+            .expect("listen_addrs")
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|a| a.contains("/tcp/"))
+            .expect("a TCP listen address")
+            .to_owned();
+        format!("{addr}/p2p/{}", s["peer_id"].as_str().expect("peer_id"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("test-node.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        signal(self.child.id(), libc::SIGTERM);
+        poll("node to exit after SIGTERM", || self.child.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) with a pid of a process this test started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Kills a process by pid with SIGKILL and waits until it is gone.
+pub fn kill9(pid: u32) {
+    signal(pid, libc::SIGKILL);
+    poll("killed process to disappear", || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        // Gone, or a zombie waiting for its parent to reap it.
+        match stat {
+            None => Some(()),
+            Some(s) => s.split_whitespace().nth(2).filter(|st| *st == "Z").map(|_| ()),
+        }
+    });
+}
+
+/// A `tern testnet` process; interrupted (then killed) when dropped.
+pub struct TestnetProcess {
+    pub dir: PathBuf,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub printed: Vec<String>,
+}
+
+impl TestnetProcess {
+    pub fn start(dir: &Path, nodes: usize) -> Self {
+        let mut child = Command::new(tern_bin())
+            .args(["testnet", "--nodes", &nodes.to_string(), "--dir"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tern testnet");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut t = Self {
+            dir: dir.to_owned(),
+            child,
+            lines,
+            printed: Vec::new(),
+        };
+        let start = Instant::now();
+        loop {
+            let left = DEADLINE.saturating_sub(start.elapsed());
+            match t.lines.recv_timeout(left) {
+                Ok(line) if line == "ready" => break,
+                Ok(line) => t.printed.push(line),
+                Err(_) => panic!("testnet never printed `ready`; printed so far: {:?}", t.printed),
+            }
+        }
+        t
+    }
+
+    pub fn node_dir(&self, k: usize) -> PathBuf {
+        self.dir.join(format!("node-{k}"))
+    }
+
+    pub fn status(&self, k: usize) -> Value {
+        tern_json(&self.node_dir(k), &["status", "--json"])
+    }
+
+    /// Interrupts the testnet like Ctrl-C and waits for it to exit.
+    pub fn interrupt(mut self) -> std::process::ExitStatus {
+        signal(self.child.id(), libc::SIGINT);
+        poll("testnet to exit after Ctrl-C", || self.child.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for TestnetProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            signal(self.child.id(), libc::SIGINT);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Node pids from `tern status` in each node dir, for cleanup checks.
+pub fn pid_of(dir: &Path) -> Option<u32> {
+    let v: Value = serde_json::from_slice(&std::fs::read(dir.join("api.json")).ok()?).ok()?;
+    v["pid"].as_u64().map(|p| p as u32)
+}
+
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.split_whitespace().nth(2) != Some("Z"))
+        .unwrap_or(false)
+}
