@@ -16,7 +16,11 @@ fn http(addr: &str, request: &str) -> (u16, String) {
     let mut buf = Vec::new();
     let _ = std::io::Read::read_to_end(&mut s, &mut buf);
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
     (code, body)
 }
@@ -27,7 +31,10 @@ fn api_addr(dir: &std::path::Path) -> String {
 }
 
 fn token(dir: &std::path::Path) -> String {
-    std::fs::read_to_string(dir.join("api.token")).unwrap().trim().to_owned()
+    std::fs::read_to_string(dir.join("api.token"))
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 #[test]
@@ -47,25 +54,52 @@ fn every_route_needs_the_bearer_token() {
         ("GET", "/no/such/route"),
     ];
     for (method, path) in routes {
-        for auth in ["", "Authorization: Bearer wrong\r\n", "Authorization: Basic abc\r\n"] {
-            let (code, body) = http(&addr, &format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n{auth}\r\n"));
+        for auth in [
+            "",
+            "Authorization: Bearer wrong\r\n",
+            "Authorization: Basic abc\r\n",
+        ] {
+            let (code, body) = http(
+                &addr,
+                &format!(
+                    "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n{auth}\r\n"
+                ),
+            );
             assert_eq!(code, 401, "{method} {path} with {auth:?}: {body}");
         }
         // A token differing in the last character is still wrong.
         let mut near = good.clone();
         near.pop();
         near.push('x');
-        let (code, _) = http(&addr, &format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {near}\r\n\r\n"));
+        let (code, _) = http(
+            &addr,
+            &format!(
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {near}\r\n\r\n"
+            ),
+        );
         assert_eq!(code, 401);
     }
-    let (code, body) = http(&addr, &format!("GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {good}\r\n\r\n"));
+    let (code, body) = http(
+        &addr,
+        &format!(
+            "GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {good}\r\n\r\n"
+        ),
+    );
     assert_eq!(code, 200, "{body}");
-    let (code, body) = http(&addr, &format!("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {good}\r\n\r\n"));
+    let (code, body) = http(
+        &addr,
+        &format!(
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {good}\r\n\r\n"
+        ),
+    );
     assert_eq!(code, 200);
     // Both libp2p's metrics and the node's own are exported.
     assert!(body.contains("tern_connected_peers"), "{body}");
     assert!(body.contains("libp2p_"), "no libp2p metrics");
-    assert!(body.contains("tern_api_requests_total{status=\"401\"}"), "{body}");
+    assert!(
+        body.contains("tern_api_requests_total{status=\"401\"}"),
+        "{body}"
+    );
 }
 
 #[test]
@@ -79,12 +113,19 @@ fn api_on_a_non_loopback_address_is_refused() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("loopback"), "{api}: {err}");
-        assert!(!tmp.path().join("api.json").exists(), "a refused node left api.json");
+        assert!(
+            !tmp.path().join("api.json").exists(),
+            "a refused node left api.json"
+        );
     }
     // Same in the config file.
     let cfg = tmp.path().join("config.toml");
     let original = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, format!("{original}\napi = \"0.0.0.0:7070\"\n").replace("api = \"127.0.0.1:0\"\n", "")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{original}\napi = \"0.0.0.0:7070\"\n").replace("api = \"127.0.0.1:0\"\n", ""),
+    )
+    .unwrap();
     let out = tern(tmp.path(), &[&["node"][..], LOOPBACK].concat());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
@@ -99,7 +140,11 @@ fn init_refuses_to_overwrite_and_client_errors_are_one_clear_line() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refusing to overwrite"), "{err}");
-    assert_eq!(std::fs::read(tmp.path().join("account.key")).unwrap(), key, "key changed");
+    assert_eq!(
+        std::fs::read(tmp.path().join("account.key")).unwrap(),
+        key,
+        "key changed"
+    );
 
     // No node running: status says so and how to fix it, in one line.
     let out = tern(tmp.path(), &["status"]);
@@ -130,8 +175,21 @@ fn passphrase_protected_identity_needs_the_passphrase_to_run() {
     let dir = tmp.path().join("node");
     let pass = tmp.path().join("pass");
     std::fs::write(&pass, "correct horse battery staple\n").unwrap();
-    let out = tern(&dir, &["init", "--name", "p", "--passphrase-file", pass.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tern(
+        &dir,
+        &[
+            "init",
+            "--name",
+            "p",
+            "--passphrase-file",
+            pass.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     #[cfg(unix)]
     for f in ["account.key", "device.key", "api.token"] {
@@ -165,7 +223,10 @@ fn sigterm_stops_the_node_cleanly() {
     let node = NodeProcess::start(tmp.path(), LOOPBACK);
     let status = node.stop();
     assert!(status.success(), "{status}");
-    assert!(!tmp.path().join("api.json").exists(), "api.json left behind after a clean stop");
+    assert!(
+        !tmp.path().join("api.json").exists(),
+        "api.json left behind after a clean stop"
+    );
 }
 
 #[test]
@@ -188,7 +249,10 @@ fn watch_streams_peer_events_as_json_lines() {
     let stdout = watch.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             let _ = tx.send(line);
         }
     });
@@ -198,13 +262,21 @@ fn watch_streams_peer_events_as_json_lines() {
 
     let ticket = String::from_utf8(tern(&b, &["ticket"]).stdout).unwrap();
     let out = tern(&a, &["connect", ticket.trim()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut events: Vec<Value> = Vec::new();
     poll("peer events on the stream", || {
         while let Ok(line) = rx.try_recv() {
-            events.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")));
+            events.push(
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")),
+            );
         }
-        let identified = events.iter().any(|e| e["type"] == "peer_identified" && e["name"] == "b");
+        let identified = events
+            .iter()
+            .any(|e| e["type"] == "peer_identified" && e["name"] == "b");
         let connected = events.iter().any(|e| e["type"] == "peer_connected");
         (identified && connected).then_some(())
     });

@@ -30,21 +30,39 @@ impl request_response::Codec for RawCodec {
     type Request = Vec<u8>;
     type Response = Vec<u8>;
 
-    async fn read_request<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>> {
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Vec<u8>> {
         let mut v = Vec::new();
         io.take(4096).read_to_end(&mut v).await?;
         Ok(v)
     }
-    async fn read_response<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>> {
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Vec<u8>> {
         let mut v = Vec::new();
         io.take(4096).read_to_end(&mut v).await?;
         Ok(v)
     }
-    async fn write_request<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> std::io::Result<()> {
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> std::io::Result<()> {
         io.write_all(&req).await?;
         io.close().await
     }
-    async fn write_response<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, res: Vec<u8>) -> std::io::Result<()> {
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> std::io::Result<()> {
         io.write_all(&res).await?;
         io.close().await
     }
@@ -68,10 +86,16 @@ fn listen_port(status: &Value, proto: &str) -> u16 {
 }
 
 fn metric(dir: &std::path::Path, name: &str) -> f64 {
-    let endpoint: Value = serde_json::from_slice(&std::fs::read(dir.join("api.json")).unwrap()).unwrap();
+    let endpoint: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("api.json")).unwrap()).unwrap();
     let token = std::fs::read_to_string(dir.join("api.token")).unwrap();
     let mut s = TcpStream::connect(endpoint["address"].as_str().unwrap()).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n", token.trim()).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
+        token.trim()
+    )
+    .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     body.lines()
@@ -117,10 +141,28 @@ fn random_bytes_at_the_tcp_and_quic_listeners_are_shrugged_off() {
     let other = tmp.path().join("other");
     init(&other, "other");
     let peer = NodeProcess::start(&other, LOOPBACK);
-    let quic = status["listen_addrs"].as_array().unwrap().iter().filter_map(Value::as_str).find(|a| a.contains("quic")).unwrap();
-    let out = tern(&other, &["connect", &format!("{quic}/p2p/{}", status["peer_id"].as_str().unwrap())]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    poll("the target to see the new peer", || (node.connected_peers() == 1).then_some(()));
+    let quic = status["listen_addrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|a| a.contains("quic"))
+        .unwrap();
+    let out = tern(
+        &other,
+        &[
+            "connect",
+            &format!("{quic}/p2p/{}", status["peer_id"].as_str().unwrap()),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    poll("the target to see the new peer", || {
+        (node.connected_peers() == 1).then_some(())
+    });
     drop(peer);
 }
 
@@ -141,12 +183,19 @@ async fn malformed_and_forged_frames_are_rejected_and_the_node_keeps_serving() {
     let attacker_identity = libp2p::identity::Keypair::generate_ed25519();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(attacker_identity.clone())
         .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .unwrap()
         .with_behaviour(|_| {
             request_response::Behaviour::with_codec(
                 RawCodec,
-                [(StreamProtocol::new("/tern/introduce/1"), ProtocolSupport::Outbound)],
+                [(
+                    StreamProtocol::new("/tern/introduce/1"),
+                    ProtocolSupport::Outbound,
+                )],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
             )
         })
@@ -172,7 +221,11 @@ async fn malformed_and_forged_frames_are_rejected_and_the_node_keeps_serving() {
     let wrong_device = someone.certify(other_key, "impostor", 1).unwrap().encode();
     // A certificate for the sender itself, with its signature damaged.
     let attacker_key = tern_protocol::DevicePublicKey::from_bytes(
-        attacker_identity.public().try_into_ed25519().unwrap().to_bytes(),
+        attacker_identity
+            .public()
+            .try_into_ed25519()
+            .unwrap()
+            .to_bytes(),
     )
     .unwrap();
     let mut bad_sig = someone.certify(attacker_key, "forger", 1).unwrap();
@@ -200,13 +253,22 @@ async fn malformed_and_forged_frames_are_rejected_and_the_node_keeps_serving() {
     let waited = tokio::time::timeout(DEADLINE, async {
         while outcomes < n {
             match swarm.select_next_some().await {
-                SwarmEvent::Behaviour(request_response::Event::Message { message: request_response::Message::Response { response, .. }, .. }) => {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Response { response, .. },
+                    ..
+                }) => {
                     // The node drops the stream without a word (we read EOF);
                     // answers come only to well-formed requests, and none of ours was.
-                    assert!(response.is_empty(), "node answered a malformed introduction with {} bytes", response.len());
+                    assert!(
+                        response.is_empty(),
+                        "node answered a malformed introduction with {} bytes",
+                        response.len()
+                    );
                     outcomes += 1;
                 }
-                SwarmEvent::Behaviour(request_response::Event::OutboundFailure { .. }) => outcomes += 1,
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure { .. }) => {
+                    outcomes += 1
+                }
                 SwarmEvent::ConnectionClosed { .. } => break,
                 _ => {}
             }
@@ -227,7 +289,10 @@ async fn malformed_and_forged_frames_are_rejected_and_the_node_keeps_serving() {
         for p in peers.as_array().unwrap() {
             assert!(p["account_id"].is_null(), "forged identity accepted: {p}");
         }
-        assert!(node.log().contains("rejected a certificate for another device"));
+        assert!(
+            node.log()
+                .contains("rejected a certificate for another device")
+        );
         node
     })
     .await
@@ -239,10 +304,19 @@ async fn malformed_and_forged_frames_are_rejected_and_the_node_keeps_serving() {
         init(&other, "honest");
         let honest = NodeProcess::start(&other, LOOPBACK);
         let out = tern(&other, &["connect", &node.tcp_addr()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         poll("the honest peer to be identified", || {
             let peers = tern_json(&node.dir, &["peers", "--json"]);
-            peers.as_array().unwrap().iter().any(|p| p["name"] == "honest").then_some(())
+            peers
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "honest")
+                .then_some(())
         });
         drop(honest);
     })
@@ -255,9 +329,13 @@ fn garbage_at_the_api_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     init(tmp.path(), "target");
     let mut node = NodeProcess::start(tmp.path(), LOOPBACK);
-    let endpoint: Value = serde_json::from_slice(&std::fs::read(tmp.path().join("api.json")).unwrap()).unwrap();
+    let endpoint: Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("api.json")).unwrap()).unwrap();
     let addr = endpoint["address"].as_str().unwrap().to_owned();
-    let token = std::fs::read_to_string(tmp.path().join("api.token")).unwrap().trim().to_owned();
+    let token = std::fs::read_to_string(tmp.path().join("api.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
     let mut rng = StdRng::seed_from_u64(3);
 
     for _ in 0..30 {
@@ -288,7 +366,11 @@ fn garbage_at_the_api_changes_nothing() {
         (&b"{\"target\": \"\\u0000/ip4\"}"[..], "400"),
     ] {
         let out = request(body, body.len());
-        assert!(out.starts_with(&format!("HTTP/1.1 {expect}")), "{}: {out}", String::from_utf8_lossy(body));
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {expect}")),
+            "{}: {out}",
+            String::from_utf8_lossy(body)
+        );
         assert!(out.contains("\"error\""), "{out}");
     }
     let huge = vec![b'a'; 1024 * 1024];

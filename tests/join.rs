@@ -41,10 +41,14 @@ fn a_node_started_with_bootstrap_joins_and_is_seen_by_every_node() {
     // Only node-1 was named; the DHT introduces the rest.
     for k in 1..=3 {
         poll(&format!("node-{k} to see the newcomer"), || {
-            connected_peer_ids(&net.node_dir(k)).contains(&id).then_some(())
+            connected_peer_ids(&net.node_dir(k))
+                .contains(&id)
+                .then_some(())
         });
     }
-    poll("the newcomer to see all three", || (newcomer.connected_peers() == 3).then_some(()));
+    poll("the newcomer to see all three", || {
+        (newcomer.connected_peers() == 3).then_some(())
+    });
     // It knows who they are: their certificates were exchanged and checked.
     let peers = tern_json(&dir, &["peers", "--json"]);
     for p in peers.as_array().unwrap() {
@@ -68,23 +72,42 @@ fn without_mdns_a_node_is_alone_until_it_connects_by_ticket() {
     init(&dir2, "joiner");
     let boot = {
         let s = net.status(1);
-        let tcp = s["listen_addrs"].as_array().unwrap().iter().filter_map(Value::as_str).find(|a| a.contains("/tcp/")).unwrap().to_owned();
+        let tcp = s["listen_addrs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|a| a.contains("/tcp/"))
+            .unwrap()
+            .to_owned();
         format!("{tcp}/p2p/{}", s["peer_id"].as_str().unwrap())
     };
     let mut args = LOOPBACK.to_vec();
     args.extend(["--bootstrap", &boot]);
     let joiner = NodeProcess::start(&dir2, &args);
-    poll("the joiner to be fully connected", || (joiner.connected_peers() == 2).then_some(()));
-    assert_eq!(loner.connected_peers(), 0, "a node without mDNS or bootstrap found peers");
+    poll("the joiner to be fully connected", || {
+        (joiner.connected_peers() == 2).then_some(())
+    });
+    assert_eq!(
+        loner.connected_peers(),
+        0,
+        "a node without mDNS or bootstrap found peers"
+    );
 
     // The ticket path: one copy-pasted line.
     let ticket = String::from_utf8(tern(&net.node_dir(2), &["ticket"]).stdout).unwrap();
     assert!(ticket.trim().starts_with("tern"), "{ticket}");
     let out = tern(&dir, &["connect", ticket.trim()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let node2 = net.status(2)["peer_id"].as_str().unwrap().to_owned();
     poll("node-2 to see the loner", || {
-        connected_peer_ids(&net.node_dir(2)).contains(&loner.peer_id()).then_some(())
+        connected_peer_ids(&net.node_dir(2))
+            .contains(&loner.peer_id())
+            .then_some(())
     });
     assert!(connected_peer_ids(&dir).contains(&node2));
 

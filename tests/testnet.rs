@@ -19,7 +19,12 @@ fn five_node_testnet_is_fully_connected_and_stops_cleanly() {
     }
     // `tern peers` on one node names the four others.
     let peers = tern_json(&net.node_dir(1), &["peers", "--json"]);
-    let mut seen: Vec<&str> = peers.as_array().unwrap().iter().map(|p| p["peer_id"].as_str().unwrap()).collect();
+    let mut seen: Vec<&str> = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["peer_id"].as_str().unwrap())
+        .collect();
     seen.sort();
     let mut others: Vec<&str> = peer_ids[1..].iter().map(String::as_str).collect();
     others.sort();

@@ -201,12 +201,17 @@ pub struct ConnectResponse {
 }
 
 async fn connect(State(s): State<Shared>, body: Bytes) -> Result<Json<ConnectResponse>, ApiError> {
-    let req: ConnectRequest =
-        serde_json::from_slice(&body).map_err(|e| bad_request(format!("invalid request body: {e}")))?;
+    let req: ConnectRequest = serde_json::from_slice(&body)
+        .map_err(|e| bad_request(format!("invalid request body: {e}")))?;
     let (peer, addrs) = parse_target(&req.target)?;
     let dialed = tokio::time::timeout(DIAL_TIMEOUT, s.net.dial(peer, addrs))
         .await
-        .map_err(|_| ApiError(StatusCode::GATEWAY_TIMEOUT, "no answer from that peer within 30 s".into()))??;
+        .map_err(|_| {
+            ApiError(
+                StatusCode::GATEWAY_TIMEOUT,
+                "no answer from that peer within 30 s".into(),
+            )
+        })??;
     Ok(Json(ConnectResponse {
         peer_id: dialed.to_string(),
     }))
@@ -228,7 +233,8 @@ pub fn parse_target(target: &str) -> Result<(Option<PeerId>, Vec<Multiaddr>), Ap
     let ticket: Ticket = target
         .parse()
         .map_err(|e| bad_request(format!("not a ticket or multiaddr: {e}")))?;
-    let peer = peer_id_of(&ticket.device).ok_or_else(|| bad_request("ticket names an invalid device key"))?;
+    let peer = peer_id_of(&ticket.device)
+        .ok_or_else(|| bad_request("ticket names an invalid device key"))?;
     let addrs: Vec<Multiaddr> = ticket
         .addrs
         .into_iter()
@@ -300,7 +306,10 @@ async fn metrics(State(s): State<Shared>) -> Result<Response, ApiError> {
 }
 
 async fn not_found() -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, "no such endpoint (see docs/api.md)".into())
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no such endpoint (see docs/api.md)".into(),
+    )
 }
 
 #[cfg(test)]

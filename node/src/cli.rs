@@ -22,7 +22,12 @@ use crate::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "tern", version, about = "Tern: peer-to-peer messaging node", propagate_version = true)]
+#[command(
+    name = "tern",
+    version,
+    about = "Tern: peer-to-peer messaging node",
+    propagate_version = true
+)]
 pub struct Cli {
     /// Data directory of the node [default: $TERN_DATA_DIR, else ~/.local/share/tern]
     #[arg(long, global = true, env = "TERN_DATA_DIR", value_name = "DIR")]
@@ -200,13 +205,20 @@ pub fn init(dir: &DataDir, args: InitArgs) -> anyhow::Result<()> {
 
 /// Creates keys, the API token and the config file. Shared by `tern init` and
 /// `tern testnet`.
-pub fn init_with(dir: &DataDir, config: Config, passphrase: Option<&[u8]>) -> anyhow::Result<keys::Identity> {
+pub fn init_with(
+    dir: &DataDir,
+    config: Config,
+    passphrase: Option<&[u8]>,
+) -> anyhow::Result<keys::Identity> {
     config.validate()?;
     let identity = keys::create(dir, &config.name, passphrase)?;
     let mut token = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut token);
-    create_private(&dir.api_token(), data_encoding::HEXLOWER.encode(&token).as_bytes())
-        .with_context(|| format!("cannot write {}", dir.api_token().display()))?;
+    create_private(
+        &dir.api_token(),
+        data_encoding::HEXLOWER.encode(&token).as_bytes(),
+    )
+    .with_context(|| format!("cannot write {}", dir.api_token().display()))?;
     config
         .save(&dir.config())
         .with_context(|| format!("cannot write {}", dir.config().display()))?;
@@ -328,9 +340,17 @@ fn describe(ev: &Value) -> String {
         "subscribed" => "watching events (Ctrl-C to stop)".into(),
         "listening" => format!("listening on {}", s("address")),
         "peer_connected" => format!("connected     {} at {}", s("peer_id"), s("address")),
-        "peer_identified" => format!("identified    {} is {} ({})", s("peer_id"), s("name"), s("account_id")),
+        "peer_identified" => format!(
+            "identified    {} is {} ({})",
+            s("peer_id"),
+            s("name"),
+            s("account_id")
+        ),
         "peer_disconnected" => format!("disconnected  {}", s("peer_id")),
-        "lagged" => format!("(missed {} events)", ev.get("missed").and_then(Value::as_u64).unwrap_or(0)),
+        "lagged" => format!(
+            "(missed {} events)",
+            ev.get("missed").and_then(Value::as_u64).unwrap_or(0)
+        ),
         _ => ev.to_string(),
     }
 }

@@ -16,7 +16,9 @@ use crate::{
 pub enum ClientError {
     #[error("no node is running for {0} (start one with `tern node --data-dir {0}`)")]
     NotRunning(String),
-    #[error("the node for {dir} does not answer at {address}; it may have stopped (start it with `tern node --data-dir {dir}`)")]
+    #[error(
+        "the node for {dir} does not answer at {address}; it may have stopped (start it with `tern node --data-dir {dir}`)"
+    )]
     Unreachable { dir: String, address: String },
     #[error("the node refused the API token; {0} does not match the running node")]
     Unauthorized(String),
@@ -36,7 +38,8 @@ pub struct ApiClient {
 impl ApiClient {
     pub fn new(dir: &DataDir) -> Result<Self, ClientError> {
         let shown = dir.root().display().to_string();
-        let bytes = read_bounded(&dir.api_endpoint(), 4096).map_err(|_| ClientError::NotRunning(shown.clone()))?;
+        let bytes = read_bounded(&dir.api_endpoint(), 4096)
+            .map_err(|_| ClientError::NotRunning(shown.clone()))?;
         let endpoint: ApiEndpoint =
             serde_json::from_slice(&bytes).map_err(|_| ClientError::NotRunning(shown.clone()))?;
         let token = read_token(dir).map_err(|e| ClientError::Other(format!("{e:#}")))?;
@@ -66,12 +69,23 @@ impl ApiClient {
         self.send(req).await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
-        let req = self.http.post(self.url(path)).bearer_auth(&self.token).json(body);
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let req = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .json(body);
         self.send(req).await
     }
 
-    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
         let resp = req.send().await.map_err(|e| {
             if e.is_connect() {
                 ClientError::Unreachable {
@@ -97,13 +111,15 @@ impl ApiClient {
                 .unwrap_or_else(|| format!("the node answered {status}"));
             return Err(ClientError::Api(msg));
         }
-        serde_json::from_slice(&body).map_err(|e| ClientError::Other(format!("unexpected answer from the node: {e}")))
+        serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Other(format!("unexpected answer from the node: {e}")))
     }
 
     /// Opens the event stream; yields one JSON object per event.
     pub async fn events(
         &self,
-    ) -> Result<impl futures::Stream<Item = Result<serde_json::Value, ClientError>>, ClientError> {
+    ) -> Result<impl futures::Stream<Item = Result<serde_json::Value, ClientError>>, ClientError>
+    {
         let mut req = format!("ws://{}/v1/events", self.endpoint.address)
             .into_client_request()
             .map_err(|e| ClientError::Other(e.to_string()))?;
@@ -111,20 +127,23 @@ impl ApiClient {
             .parse()
             .map_err(|_| ClientError::Other("API token is not a valid header value".into()))?;
         req.headers_mut().insert("authorization", auth);
-        let (ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| match e {
-            tungstenite::Error::Http(r) if r.status() == 401 => {
-                ClientError::Unauthorized(format!("{}/api.token", self.dir))
-            }
-            tungstenite::Error::Io(_) => ClientError::Unreachable {
-                dir: self.dir.clone(),
-                address: self.endpoint.address.to_string(),
-            },
-            other => ClientError::Other(format!("cannot open the event stream: {other}")),
-        })?;
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .map_err(|e| match e {
+                tungstenite::Error::Http(r) if r.status() == 401 => {
+                    ClientError::Unauthorized(format!("{}/api.token", self.dir))
+                }
+                tungstenite::Error::Io(_) => ClientError::Unreachable {
+                    dir: self.dir.clone(),
+                    address: self.endpoint.address.to_string(),
+                },
+                other => ClientError::Other(format!("cannot open the event stream: {other}")),
+            })?;
         Ok(ws.filter_map(|msg| async move {
             match msg {
                 Ok(tungstenite::Message::Text(t)) => Some(
-                    serde_json::from_str(t.as_str()).map_err(|e| ClientError::Other(format!("bad event: {e}"))),
+                    serde_json::from_str(t.as_str())
+                        .map_err(|e| ClientError::Other(format!("bad event: {e}"))),
                 ),
                 Ok(_) => None,
                 Err(e) => Some(Err(ClientError::Other(format!("event stream ended: {e}")))),

@@ -132,9 +132,11 @@ mod tests {
     fn default_config_round_trips_through_the_file() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("config.toml");
-        let mut c = Config::default();
-        c.name = "community-node".into();
-        c.bootstrap = vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap()];
+        let c = Config {
+            name: "community-node".into(),
+            bootstrap: vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap()],
+            ..Config::default()
+        };
         c.save(&path).unwrap();
         assert_eq!(Config::load(&path).unwrap(), c);
     }

@@ -110,7 +110,10 @@ pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     if len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{} is {len} bytes, larger than the {max} expected", path.display()),
+            format!(
+                "{} is {len} bytes, larger than the {max} expected",
+                path.display()
+            ),
         ));
     }
     fs::read(path)

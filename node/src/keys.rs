@@ -9,8 +9,7 @@ use std::{path::Path, time::SystemTime};
 use libp2p::{PeerId, identity};
 use rand::RngCore;
 use tern_protocol::{
-    AccountId, AccountKeypair, DeviceCertificate, DevicePublicKey, KdfParams, Record,
-    SealedSecret,
+    AccountId, AccountKeypair, DeviceCertificate, DevicePublicKey, KdfParams, Record, SealedSecret,
 };
 use zeroize::Zeroizing;
 
@@ -78,7 +77,9 @@ pub fn peer_id_of(device: &DevicePublicKey) -> Option<PeerId> {
 /// `tern init`: creates the account and device keys and the certificate.
 pub fn create(dir: &DataDir, name: &str, passphrase: Option<&[u8]>) -> Result<Identity, KeyError> {
     if dir.is_initialized() {
-        return Err(KeyError::AlreadyInitialized(dir.root().display().to_string()));
+        return Err(KeyError::AlreadyInitialized(
+            dir.root().display().to_string(),
+        ));
     }
     std::fs::create_dir_all(dir.root()).map_err(io_err(dir.root()))?;
 
@@ -106,7 +107,8 @@ pub fn create(dir: &DataDir, name: &str, passphrase: Option<&[u8]>) -> Result<Id
 
     write_key(&dir.account_key(), &account_secret, passphrase)?;
     write_key(&dir.device_key(), &device_secret, passphrase)?;
-    create_private(&dir.device_cert(), &certificate.encode()).map_err(io_err(&dir.device_cert()))?;
+    create_private(&dir.device_cert(), &certificate.encode())
+        .map_err(io_err(&dir.device_cert()))?;
     Ok(Identity {
         account,
         device,
@@ -249,7 +251,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::new(tmp.path());
         let first = create(&dir, "a", None).unwrap();
-        assert!(matches!(create(&dir, "b", None), Err(KeyError::AlreadyInitialized(_))));
+        assert!(matches!(
+            create(&dir, "b", None),
+            Err(KeyError::AlreadyInitialized(_))
+        ));
         assert_eq!(load(&dir, None).unwrap().peer_id(), first.peer_id());
     }
 
@@ -273,10 +278,19 @@ mod tests {
         let made = create(&dir, "a", Some(b"hunter2")).unwrap();
         let secret = made.account.secret_bytes();
         let on_disk = std::fs::read(dir.account_key()).unwrap();
-        assert!(!on_disk.windows(32).any(|w| w == secret.as_ref()), "plaintext key on disk");
-        assert!(matches!(load(&dir, None), Err(KeyError::PassphraseRequired(_))));
+        assert!(
+            !on_disk.windows(32).any(|w| w == secret.as_ref()),
+            "plaintext key on disk"
+        );
+        assert!(matches!(
+            load(&dir, None),
+            Err(KeyError::PassphraseRequired(_))
+        ));
         assert!(matches!(load(&dir, Some(b"nope")), Err(KeyError::Seal(_))));
-        assert_eq!(load(&dir, Some(b"hunter2")).unwrap().peer_id(), made.peer_id());
+        assert_eq!(
+            load(&dir, Some(b"hunter2")).unwrap().peer_id(),
+            made.peer_id()
+        );
     }
 
     #[test]

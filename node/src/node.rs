@@ -50,8 +50,12 @@ pub struct Node {
 /// Reads the API token written by `tern init`.
 pub fn read_token(dir: &DataDir) -> anyhow::Result<String> {
     let path = dir.api_token();
-    let bytes = read_bounded(&path, 1024)
-        .with_context(|| format!("cannot read the API token {}; was `tern init` run?", path.display()))?;
+    let bytes = read_bounded(&path, 1024).with_context(|| {
+        format!(
+            "cannot read the API token {}; was `tern init` run?",
+            path.display()
+        )
+    })?;
     let token = String::from_utf8(bytes).context("API token is not text")?;
     Ok(token.trim().to_owned())
 }
@@ -136,7 +140,11 @@ impl Node {
             pid: std::process::id(),
             peer_id: peer_id.to_string(),
         };
-        write_atomic(&data_dir.api_endpoint(), &serde_json::to_vec_pretty(&endpoint)?, false)?;
+        write_atomic(
+            &data_dir.api_endpoint(),
+            &serde_json::to_vec_pretty(&endpoint)?,
+            false,
+        )?;
         info!(%peer_id, account = %identity.account_id(), api = %api_addr, "node started");
 
         Ok(Self {
@@ -155,7 +163,10 @@ impl Node {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
-            if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
                 warn!("a task did not stop within 10 s");
             }
         }

@@ -76,21 +76,34 @@ impl Keyspace {
         Ok(())
     }
 
-    /// Inserts without waiting for disk: for state that is cheap to lose
-    /// (caches, statistics) and never acknowledged to anyone.
-    pub fn insert_buffered(&self, key: &[u8], value: &[u8]) -> Result<()> {
+    /// Inserts and starts a flush without waiting for it: on disk within
+    /// milliseconds, for state the node needs after a crash (its address
+    /// book, its ports) but must not block on. Needs a tokio runtime.
+    pub fn insert_soon(&self, key: &[u8], value: &[u8]) -> Result<()> {
         self.tree.insert(key, value)?;
+        self.flush_in_background();
         Ok(())
+    }
+
+    pub fn remove_soon(&self, key: &[u8]) -> Result<()> {
+        self.tree.remove(key)?;
+        self.flush_in_background();
+        Ok(())
+    }
+
+    fn flush_in_background(&self) {
+        let db = self.db.clone();
+        // sled coalesces concurrent flushes, so a burst of these costs about one.
+        tokio::spawn(async move {
+            if let Err(e) = db.flush_async().await {
+                tracing::warn!("background store flush failed: {e}");
+            }
+        });
     }
 
     pub async fn remove_durable(&self, key: &[u8]) -> Result<()> {
         self.tree.remove(key)?;
         self.db.flush_async().await?;
-        Ok(())
-    }
-
-    pub fn remove_buffered(&self, key: &[u8]) -> Result<()> {
-        self.tree.remove(key)?;
         Ok(())
     }
 
@@ -120,8 +133,8 @@ impl Keyspace {
             .transpose()
     }
 
-    pub fn insert_record_buffered<R: Record>(&self, key: &[u8], record: &R) -> Result<()> {
-        self.insert_buffered(key, &record.encode())
+    pub fn insert_record_soon<R: Record>(&self, key: &[u8], record: &R) -> Result<()> {
+        self.insert_soon(key, &record.encode())
     }
 
     pub async fn insert_record_durable<R: Record>(&self, key: &[u8], record: &R) -> Result<()> {

@@ -63,7 +63,9 @@ pub fn node_config(name: &str) -> Config {
         name: name.to_owned(),
         listen: vec![
             "/ip4/127.0.0.1/tcp/0".parse().expect("valid literal"),
-            "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("valid literal"),
+            "/ip4/127.0.0.1/udp/0/quic-v1"
+                .parse()
+                .expect("valid literal"),
         ],
         mdns: false,
         ..Config::default()
@@ -164,10 +166,18 @@ async fn start_all(
         let mut lagging = Vec::new();
         for n in nodes.iter_mut() {
             if let Ok(Some(exit)) = n.child.try_wait() {
-                bail!("{} exited ({exit}); see {}/node.log", n.name, n.dir.root().display());
+                bail!(
+                    "{} exited ({exit}); see {}/node.log",
+                    n.name,
+                    n.dir.root().display()
+                );
             }
             let connected = match ApiClient::new(&n.dir) {
-                Ok(c) => c.get::<StatusResponse>("/v1/status").await.map(|s| s.connected_peers).unwrap_or(0),
+                Ok(c) => c
+                    .get::<StatusResponse>("/v1/status")
+                    .await
+                    .map(|s| s.connected_peers)
+                    .unwrap_or(0),
                 Err(_) => 0,
             };
             if connected < want {
@@ -209,7 +219,8 @@ fn spawn_node(exe: &Path, dir: &DataDir, bootstrap: &[String]) -> anyhow::Result
             Ok(())
         });
     }
-    cmd.spawn().with_context(|| format!("cannot start {}", exe.display()))
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))
 }
 
 /// Polls until the node we just started (not a stale `api.json`) answers.
@@ -223,14 +234,12 @@ async fn wait_until_serving(
         if let Some(exit) = child.try_wait()? {
             bail!("exited ({exit}); see {}/node.log", dir.root().display());
         }
-        if let Ok(client) = ApiClient::new(dir) {
-            if Some(client.endpoint().pid) == pid {
-                if let Ok(s) = client.get::<StatusResponse>("/v1/status").await {
-                    if !s.listen_addrs.is_empty() {
-                        return Ok(s);
-                    }
-                }
-            }
+        if let Ok(client) = ApiClient::new(dir)
+            && Some(client.endpoint().pid) == pid
+            && let Ok(s) = client.get::<StatusResponse>("/v1/status").await
+            && !s.listen_addrs.is_empty()
+        {
+            return Ok(s);
         }
         if Instant::now() > deadline {
             bail!("no answer in time; see {}/node.log", dir.root().display());
@@ -250,7 +259,10 @@ async fn stop_all(nodes: &mut [TestnetNode]) {
         }
     }
     for n in nodes.iter_mut() {
-        if tokio::time::timeout(Duration::from_secs(10), n.child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), n.child.wait())
+            .await
+            .is_err()
+        {
             eprintln!("{} did not stop in 10 s; killing it", n.name);
             let _ = n.child.kill().await;
         }

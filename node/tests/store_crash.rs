@@ -20,7 +20,9 @@ const CACHE: u64 = 4 << 20;
 
 fn value_for(key: u64) -> Vec<u8> {
     let len = 64 + (key % 900) as usize;
-    (0..len).map(|i| (key as usize).wrapping_mul(31).wrapping_add(i) as u8).collect()
+    (0..len)
+        .map(|i| (key as usize).wrapping_mul(31).wrapping_add(i) as u8)
+        .collect()
 }
 
 /// The child half: runs only when the parent starts this binary with
@@ -31,7 +33,10 @@ fn crash_child() {
         return;
     };
     let start: u64 = std::env::var("TERN_CRASH_START").unwrap().parse().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let store = Store::open(std::path::Path::new(&path), CACHE).unwrap();
         let ks = store.keyspace("records").unwrap();
@@ -44,7 +49,9 @@ fn crash_child() {
                 // stdout also ends the child (println panics).
                 for j in 0..20_000 {
                     let key = start + w + WRITERS * j;
-                    ks.insert_durable(&key.to_be_bytes(), &value_for(key)).await.unwrap();
+                    ks.insert_durable(&key.to_be_bytes(), &value_for(key))
+                        .await
+                        .unwrap();
                     println!("ack {key}");
                 }
             }
@@ -107,11 +114,16 @@ fn acknowledged_records_survive_repeated_sigkill() {
             }
         }
 
-        let store = Store::open(&db, CACHE).unwrap_or_else(|e| panic!("round {round}: store does not reopen: {e}"));
+        let store = Store::open(&db, CACHE)
+            .unwrap_or_else(|e| panic!("round {round}: store does not reopen: {e}"));
         let ks = store.keyspace("records").unwrap();
         for k in &acked {
             let v = ks.get(&k.to_be_bytes()).unwrap();
-            assert_eq!(v.as_deref(), Some(value_for(*k).as_slice()), "round {round}: acknowledged record {k} lost or damaged");
+            assert_eq!(
+                v.as_deref(),
+                Some(value_for(*k).as_slice()),
+                "round {round}: acknowledged record {k} lost or damaged"
+            );
         }
         drop(ks);
         drop(store);
@@ -119,6 +131,13 @@ fn acknowledged_records_survive_repeated_sigkill() {
         // have landed, and must not be confused with acknowledged ones.
         start = top + 1_000;
     }
-    assert!(acked.len() > KILLS, "too few writes were acknowledged to mean anything: {}", acked.len());
-    println!("{KILLS} kills, {} acknowledged records, all present", acked.len());
+    assert!(
+        acked.len() > KILLS,
+        "too few writes were acknowledged to mean anything: {}",
+        acked.len()
+    );
+    println!(
+        "{KILLS} kills, {} acknowledged records, all present",
+        acked.len()
+    );
 }

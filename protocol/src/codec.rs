@@ -132,7 +132,10 @@ mod tests {
         bytes[0] = 9;
         assert!(matches!(
             Probe::decode(&bytes),
-            Err(DecodeError::UnsupportedVersion { found: 9, expected: 3 })
+            Err(DecodeError::UnsupportedVersion {
+                found: 9,
+                expected: 3
+            })
         ));
         let mut bytes = Probe { items: vec![] }.encode();
         bytes.push(0);
@@ -143,7 +146,10 @@ mod tests {
     fn hostile_length_prefix_does_not_allocate_or_panic() {
         // version, then a sequence claiming u32::MAX elements.
         let bytes = [3u8, 0xff, 0xff, 0xff, 0xff, 0x0f];
-        assert!(matches!(Probe::decode(&bytes), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            Probe::decode(&bytes),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]

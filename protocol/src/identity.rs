@@ -225,10 +225,19 @@ mod tests {
         let id = account(1).id();
         let printed = id.to_string();
         assert_eq!(printed.len(), 52);
-        assert!(printed.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert!(
+            printed
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        );
         assert_eq!(printed.parse::<AccountId>().unwrap(), id);
         // People paste ids with stray case and whitespace.
-        assert_eq!(format!(" {} ", printed.to_uppercase()).parse::<AccountId>().unwrap(), id);
+        assert_eq!(
+            format!(" {} ", printed.to_uppercase())
+                .parse::<AccountId>()
+                .unwrap(),
+            id
+        );
     }
 
     #[test]
@@ -240,7 +249,9 @@ mod tests {
 
     #[test]
     fn certificate_verifies_and_survives_encoding() {
-        let cert = account(1).certify(device(2), "laptop", 1_700_000_000_000).unwrap();
+        let cert = account(1)
+            .certify(device(2), "laptop", 1_700_000_000_000)
+            .unwrap();
         cert.verify().unwrap();
         let decoded = DeviceCertificate::decode(&cert.encode()).unwrap();
         assert_eq!(decoded, cert);

@@ -83,7 +83,13 @@ impl SealedSecret {
         let cipher = sealed.cipher(passphrase)?;
         let aad = sealed.aad();
         sealed.ciphertext = cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: secret, aad: &aad })
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: secret,
+                    aad: &aad,
+                },
+            )
             // Encryption only fails for plaintexts beyond 256 GiB.
             .map_err(|_| SealError::BadParams("secret too large".into()))?;
         Ok(sealed)
@@ -147,7 +153,10 @@ mod tests {
     #[test]
     fn opens_with_the_right_passphrase_only() {
         let s = SealedSecret::decode(&sealed().encode()).unwrap();
-        assert_eq!(s.open(b"correct horse").unwrap().as_slice(), b"the secret key");
+        assert_eq!(
+            s.open(b"correct horse").unwrap().as_slice(),
+            b"the secret key"
+        );
         assert_eq!(s.open(b"wrong horse"), Err(SealError::WrongPassphrase));
     }
 
@@ -174,6 +183,9 @@ mod tests {
     fn absurd_kdf_parameters_are_refused_not_run() {
         let mut s = sealed();
         s.kdf.memory_kib = u32::MAX;
-        assert!(matches!(s.open(b"correct horse"), Err(SealError::BadParams(_))));
+        assert!(matches!(
+            s.open(b"correct horse"),
+            Err(SealError::BadParams(_))
+        ));
     }
 }

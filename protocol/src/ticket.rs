@@ -93,9 +93,7 @@ impl FromStr for Ticket {
         if s.len() > max_chars {
             return Err(TicketError::TooLong(s.len()));
         }
-        let body = s
-            .strip_prefix(PREFIX)
-            .ok_or(TicketError::MissingPrefix)?;
+        let body = s.strip_prefix(PREFIX).ok_or(TicketError::MissingPrefix)?;
         let bytes = base32_decode(body).ok_or(TicketError::BadEncoding)?;
         Ok(Self::decode(&bytes)?)
     }
@@ -108,7 +106,10 @@ mod tests {
 
     fn ticket(addrs: Vec<Vec<u8>>) -> Ticket {
         let account = AccountKeypair::from_secret_bytes(&[1; 32]).id();
-        let device = DevicePublicKey::from_bytes(*AccountKeypair::from_secret_bytes(&[2; 32]).id().as_bytes()).unwrap();
+        let device = DevicePublicKey::from_bytes(
+            *AccountKeypair::from_secret_bytes(&[2; 32]).id().as_bytes(),
+        )
+        .unwrap();
         Ticket::new(account, device, addrs)
     }
 
@@ -124,7 +125,12 @@ mod tests {
 
     #[test]
     fn keeps_only_what_fits() {
-        let t = ticket(vec![vec![0; MAX_ADDR_LEN + 1]; 1].into_iter().chain(vec![vec![1]; 40]).collect());
+        let t = ticket(
+            vec![vec![0; MAX_ADDR_LEN + 1]; 1]
+                .into_iter()
+                .chain(vec![vec![1]; 40])
+                .collect(),
+        );
         assert_eq!(t.addrs.len(), MAX_ADDRS);
         assert!(t.to_string().parse::<Ticket>().is_ok());
     }
@@ -133,8 +139,17 @@ mod tests {
     fn damaged_tickets_give_clear_errors() {
         let text = ticket(vec![vec![1, 2, 3]]).to_string();
         assert_eq!("nope".parse::<Ticket>(), Err(TicketError::MissingPrefix));
-        assert!(matches!(text[..text.len() - 9].parse::<Ticket>(), Err(TicketError::Decode(_) | TicketError::BadEncoding)));
-        assert_eq!(format!("{text}!").parse::<Ticket>(), Err(TicketError::BadEncoding));
-        assert!(matches!("tern".repeat(2000).parse::<Ticket>(), Err(TicketError::TooLong(_))));
+        assert!(matches!(
+            text[..text.len() - 9].parse::<Ticket>(),
+            Err(TicketError::Decode(_) | TicketError::BadEncoding)
+        ));
+        assert_eq!(
+            format!("{text}!").parse::<Ticket>(),
+            Err(TicketError::BadEncoding)
+        );
+        assert!(matches!(
+            "tern".repeat(2000).parse::<Ticket>(),
+            Err(TicketError::TooLong(_))
+        ));
     }
 }

@@ -67,14 +67,21 @@ pub fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting for {what}");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 pub fn init(dir: &Path, name: &str) {
     let out = tern(dir, &["init", "--name", name]);
-    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A `tern node` process; killed (SIGKILL) when dropped.
@@ -112,17 +119,21 @@ impl NodeProcess {
     fn wait_serving(&mut self) {
         let pid = self.child.id();
         let dir = self.dir.clone();
-        poll(&format!("node in {} to serve its API", dir.display()), || {
-            if let Ok(Some(exit)) = self.child.try_wait() {
-                panic!("node exited early ({exit}): {}", self.log());
-            }
-            let endpoint: Value = serde_json::from_slice(&std::fs::read(dir.join("api.json")).ok()?).ok()?;
-            if endpoint["pid"].as_u64() != Some(u64::from(pid)) {
-                return None; // a stale file from an earlier run
-            }
-            let out = tern(&dir, &["status", "--json"]);
-            out.status.success().then_some(())
-        });
+        poll(
+            &format!("node in {} to serve its API", dir.display()),
+            || {
+                if let Ok(Some(exit)) = self.child.try_wait() {
+                    panic!("node exited early ({exit}): {}", self.log());
+                }
+                let endpoint: Value =
+                    serde_json::from_slice(&std::fs::read(dir.join("api.json")).ok()?).ok()?;
+                if endpoint["pid"].as_u64() != Some(u64::from(pid)) {
+                    return None; // a stale file from an earlier run
+                }
+                let out = tern(&dir, &["status", "--json"]);
+                out.status.success().then_some(())
+            },
+        );
     }
 
     pub fn status(&self) -> Value {
@@ -130,11 +141,16 @@ impl NodeProcess {
     }
 
     pub fn connected_peers(&self) -> u64 {
-        self.status()["connected_peers"].as_u64().expect("connected_peers")
+        self.status()["connected_peers"]
+            .as_u64()
+            .expect("connected_peers")
     }
 
     pub fn peer_id(&self) -> String {
-        self.status()["peer_id"].as_str().expect("peer_id").to_owned()
+        self.status()["peer_id"]
+            .as_str()
+            .expect("peer_id")
+            .to_owned()
     }
 
     pub fn tcp_addr(&self) -> String {
@@ -165,7 +181,9 @@ impl NodeProcess {
     /// Sends SIGTERM and waits for a clean exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         signal(self.child.id(), libc::SIGTERM);
-        poll("node to exit after SIGTERM", || self.child.try_wait().ok().flatten())
+        poll("node to exit after SIGTERM", || {
+            self.child.try_wait().ok().flatten()
+        })
     }
 }
 
@@ -191,7 +209,11 @@ pub fn kill9(pid: u32) {
         // Gone, or a zombie waiting for its parent to reap it.
         match stat {
             None => Some(()),
-            Some(s) => s.split_whitespace().nth(2).filter(|st| *st == "Z").map(|_| ()),
+            Some(s) => s
+                .split_whitespace()
+                .nth(2)
+                .filter(|st| *st == "Z")
+                .map(|_| ()),
         }
     });
 }
@@ -235,7 +257,10 @@ impl TestnetProcess {
             match t.lines.recv_timeout(left) {
                 Ok(line) if line == "ready" => break,
                 Ok(line) => t.printed.push(line),
-                Err(_) => panic!("testnet never printed `ready`; printed so far: {:?}", t.printed),
+                Err(_) => panic!(
+                    "testnet never printed `ready`; printed so far: {:?}",
+                    t.printed
+                ),
             }
         }
         t
@@ -252,7 +277,9 @@ impl TestnetProcess {
     /// Interrupts the testnet like Ctrl-C and waits for it to exit.
     pub fn interrupt(mut self) -> std::process::ExitStatus {
         signal(self.child.id(), libc::SIGINT);
-        poll("testnet to exit after Ctrl-C", || self.child.try_wait().ok().flatten())
+        poll("testnet to exit after Ctrl-C", || {
+            self.child.try_wait().ok().flatten()
+        })
     }
 }
 

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use libp2p::{
-    StreamProtocol, Swarm, autonat, connection_limits, dcutr, identify, identity, kad, mdns,
-    noise, ping, relay, request_response,
+    StreamProtocol, Swarm, autonat, connection_limits, dcutr, identify, identity, kad, mdns, noise,
+    ping, relay, request_response,
     swarm::{NetworkBehaviour, behaviour::toggle::Toggle},
     tcp, yamux,
 };
@@ -79,7 +79,10 @@ pub fn build_swarm(
             kad.set_mode(Some(kad::Mode::Server));
 
             let mdns = if mdns_on {
-                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    peer_id,
+                )?)
             } else {
                 None
             };

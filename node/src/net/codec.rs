@@ -25,13 +25,20 @@ impl<Req, Resp> RecordCodec<Req, Resp> {
         }
     }
 
-    async fn read<R: Record, T: AsyncRead + Unpin + Send>(&self, protocol: &StreamProtocol, io: &mut T) -> io::Result<R> {
+    async fn read<R: Record, T: AsyncRead + Unpin + Send>(
+        &self,
+        protocol: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<R> {
         let result = read_frame(io).await;
-        if let Err(e) = &result {
-            if matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof) {
-                self.rejected.inc();
-                tracing::warn!(%protocol, "rejected a malformed frame: {e}");
-            }
+        if let Err(e) = &result
+            && matches!(
+                e.kind(),
+                io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof
+            )
+        {
+            self.rejected.inc();
+            tracing::warn!(%protocol, "rejected a malformed frame: {e}");
         }
         result
     }
@@ -120,8 +127,13 @@ mod tests {
     use tern_protocol::{AccountKeypair, DeviceCertificate, DevicePublicKey};
 
     fn cert() -> DeviceCertificate {
-        let device = DevicePublicKey::from_bytes(*AccountKeypair::from_secret_bytes(&[2; 32]).id().as_bytes()).unwrap();
-        AccountKeypair::from_secret_bytes(&[1; 32]).certify(device, "n", 1).unwrap()
+        let device = DevicePublicKey::from_bytes(
+            *AccountKeypair::from_secret_bytes(&[2; 32]).id().as_bytes(),
+        )
+        .unwrap();
+        AccountKeypair::from_secret_bytes(&[1; 32])
+            .certify(device, "n", 1)
+            .unwrap()
     }
 
     #[tokio::test]
@@ -129,13 +141,18 @@ mod tests {
         let mut buf = Cursor::new(Vec::new());
         write_frame(&mut buf, &cert()).await.unwrap();
         let mut rd = Cursor::new(buf.into_inner());
-        assert_eq!(read_frame::<DeviceCertificate, _>(&mut rd).await.unwrap(), cert());
+        assert_eq!(
+            read_frame::<DeviceCertificate, _>(&mut rd).await.unwrap(),
+            cert()
+        );
     }
 
     #[tokio::test]
     async fn oversized_length_is_refused_before_allocation() {
         let mut rd = Cursor::new(u32::MAX.to_be_bytes().to_vec());
-        let err = read_frame::<DeviceCertificate, _>(&mut rd).await.unwrap_err();
+        let err = read_frame::<DeviceCertificate, _>(&mut rd)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
@@ -150,6 +167,10 @@ mod tests {
         }
         let mut garbage = 20u32.to_be_bytes().to_vec();
         garbage.extend_from_slice(&[0xAB; 20]);
-        assert!(read_frame::<DeviceCertificate, _>(&mut Cursor::new(garbage)).await.is_err());
+        assert!(
+            read_frame::<DeviceCertificate, _>(&mut Cursor::new(garbage))
+                .await
+                .is_err()
+        );
     }
 }

@@ -12,8 +12,8 @@ use std::{
 use futures::StreamExt;
 use libp2p::{
     Multiaddr, PeerId, Swarm,
-    core::transport::ListenerId,
     core::ConnectedPoint,
+    core::transport::ListenerId,
     identify, kad, mdns,
     metrics::Recorder,
     multiaddr::Protocol,
@@ -88,9 +88,15 @@ pub struct NetworkHandle {
 }
 
 impl NetworkHandle {
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| NetError::Stopped)?;
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| NetError::Stopped)?;
         rx.await.map_err(|_| NetError::Stopped)
     }
 
@@ -104,7 +110,11 @@ impl NetworkHandle {
 
     /// Dials and returns once connected (or failed). With `peer` given, the
     /// remote must prove that identity.
-    pub async fn dial(&self, peer: Option<PeerId>, addrs: Vec<Multiaddr>) -> Result<PeerId, NetError> {
+    pub async fn dial(
+        &self,
+        peer: Option<PeerId>,
+        addrs: Vec<Multiaddr>,
+    ) -> Result<PeerId, NetError> {
         self.call(|reply| Command::Dial { peer, addrs, reply })
             .await?
             .map_err(NetError::Dial)
@@ -171,7 +181,8 @@ impl EventLoop {
         for item in self.peers_ks.iter() {
             let restored = item.ok().and_then(|(k, v)| {
                 let peer = PeerId::from_bytes(&k).ok()?;
-                let record = <super::peers::PeerRecord as tern_protocol::Record>::decode(&v).ok()?;
+                let record =
+                    <super::peers::PeerRecord as tern_protocol::Record>::decode(&v).ok()?;
                 Some((peer, record))
             });
             match restored {
@@ -264,7 +275,11 @@ impl EventLoop {
     fn status(&self) -> NetStatus {
         NetStatus {
             listen_addrs: self.swarm.listeners().map(ToString::to_string).collect(),
-            external_addrs: self.swarm.external_addresses().map(ToString::to_string).collect(),
+            external_addrs: self
+                .swarm
+                .external_addresses()
+                .map(ToString::to_string)
+                .collect(),
             connected_peers: self.swarm.connected_peers().count(),
             known_peers: self.book.len(),
         }
@@ -309,7 +324,9 @@ impl EventLoop {
             }
         }
         if self.pending_dials.len() >= MAX_PENDING_DIALS {
-            let _ = reply.send(Err("too many connection attempts in progress; try again shortly".into()));
+            let _ = reply.send(Err(
+                "too many connection attempts in progress; try again shortly".into(),
+            ));
             return;
         }
         let opts = match (peer, addrs.as_slice()) {
@@ -373,8 +390,12 @@ impl EventLoop {
                 address,
             } => {
                 info!("listening on {address}/p2p/{}", self.swarm.local_peer_id());
-                if let (Some(key), Some(port)) = (self.listeners.get(&listener_id), port_of(&address)) {
-                    let _ = self.state_ks.insert_buffered(key.as_bytes(), &port.to_be_bytes());
+                if let (Some(key), Some(port)) =
+                    (self.listeners.get(&listener_id), port_of(&address))
+                {
+                    let _ = self
+                        .state_ks
+                        .insert_soon(key.as_bytes(), &port.to_be_bytes());
                 }
                 self.bus.emit(Event::Listening {
                     address: address.to_string(),
@@ -394,10 +415,10 @@ impl EventLoop {
                 let addr = endpoint.get_remote_address().clone();
                 let entry = self.connected.entry(peer_id).or_default();
                 entry.connections.push((connection_id, addr.clone()));
-                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
-                    if !entry.dialed_addrs.contains(address) {
-                        entry.dialed_addrs.push(address.clone());
-                    }
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint
+                    && !entry.dialed_addrs.contains(address)
+                {
+                    entry.dialed_addrs.push(address.clone());
                 }
                 if num_established.get() == 1 {
                     debug!(%addr, "connected");
@@ -429,7 +450,8 @@ impl EventLoop {
                 if num_established == 0 {
                     debug!(?cause, "disconnected");
                     self.connected.remove(&peer_id);
-                    self.book.on_disconnected(&peer_id, Instant::now(), now_ms());
+                    self.book
+                        .on_disconnected(&peer_id, Instant::now(), now_ms());
                     self.bus.emit(Event::PeerDisconnected {
                         peer_id: peer_id.to_string(),
                     });
@@ -447,11 +469,11 @@ impl EventLoop {
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Err(error.to_string()));
                 }
-                if let Some(p) = peer_id {
-                    if self.book.on_dial_failed(&p, Instant::now(), now_ms()) {
-                        info!(peer = %p, "forgetting a peer unreachable for a week");
-                        let _ = self.peers_ks.remove_buffered(&p.to_bytes());
-                    }
+                if let Some(p) = peer_id
+                    && self.book.on_dial_failed(&p, Instant::now(), now_ms())
+                {
+                    info!(peer = %p, "forgetting a peer unreachable for a week");
+                    let _ = self.peers_ks.remove_soon(&p.to_bytes());
                 }
             }
             SwarmEvent::IncomingConnectionError {
@@ -461,7 +483,9 @@ impl EventLoop {
             } => debug!(%send_back_addr, "incoming connection failed: {error}"),
             SwarmEvent::ListenerError { error, .. } => warn!("listener error: {error}"),
             SwarmEvent::ExpiredListenAddr { address, .. } => info!(%address, "no longer listening"),
-            SwarmEvent::ExternalAddrConfirmed { address } => info!(%address, "external address confirmed"),
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                info!(%address, "external address confirmed")
+            }
             _ => {}
         }
     }
@@ -487,7 +511,10 @@ impl EventLoop {
             TernBehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
                     debug!(%peer, %addr, "found on the local network");
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                     self.maybe_dial_discovered(peer, vec![addr]);
                 }
             }
@@ -512,7 +539,10 @@ impl EventLoop {
         }
         if info.protocols.contains(&KAD_PROTOCOL) {
             for addr in &info.listen_addrs {
-                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, addr.clone());
             }
         }
         if let Some(c) = self.connected.get_mut(&peer) {
@@ -523,16 +553,25 @@ impl EventLoop {
         }
     }
 
-    fn on_introduce(&mut self, event: request_response::Event<DeviceCertificate, DeviceCertificate>) {
+    fn on_introduce(
+        &mut self,
+        event: request_response::Event<DeviceCertificate, DeviceCertificate>,
+    ) {
         use request_response::{Event as E, Message};
         match event {
             E::Message { peer, message, .. } => match message {
-                Message::Request { request, channel, .. } => {
+                Message::Request {
+                    request, channel, ..
+                } => {
                     // A rejected introduction gets no answer: dropping the
                     // channel closes the stream.
                     if self.on_certificate(peer, request) {
                         let cert = self.certificate.clone();
-                        let _ = self.swarm.behaviour_mut().introduce.send_response(channel, cert);
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .introduce
+                            .send_response(channel, cert);
                     }
                 }
                 Message::Response { response, .. } => {
@@ -563,10 +602,15 @@ impl EventLoop {
         let known_before = self.book.get(&peer).and_then(|e| e.account);
         let changes = self.book.remember(peer, cert.account, &cert.name, now_ms());
         if let Some(evicted) = changes.evicted {
-            let _ = self.peers_ks.remove_buffered(&evicted.to_bytes());
+            let _ = self.peers_ks.remove_soon(&evicted.to_bytes());
         }
         if let Some(c) = self.connected.get(&peer) {
-            let addrs: Vec<Multiaddr> = c.listen_addrs.iter().chain(&c.dialed_addrs).cloned().collect();
+            let addrs: Vec<Multiaddr> = c
+                .listen_addrs
+                .iter()
+                .chain(&c.dialed_addrs)
+                .cloned()
+                .collect();
             self.book.set_addrs(&peer, addrs);
         }
         self.persist_peer(&peer);
@@ -584,11 +628,11 @@ impl EventLoop {
 
     fn persist_peer(&self, peer: &PeerId) {
         if let Some(entry) = self.book.get(peer) {
-            // Buffered: losing the newest address-book change in a crash costs
-            // a rediscovery, and nothing about it is acknowledged to anyone.
+            // Flushed in the background: the event loop never waits for disk,
+            // and a node killed a moment later still knows its peers.
             if let Err(e) = self
                 .peers_ks
-                .insert_record_buffered(&peer.to_bytes(), &entry.record())
+                .insert_record_soon(&peer.to_bytes(), &entry.record())
             {
                 warn!(%peer, "cannot save peer: {e}");
             }

@@ -234,7 +234,10 @@ fn backoff(peer: &PeerId, failures: u32) -> Duration {
     let base = MIN_BACKOFF
         .saturating_mul(1u32 << failures.min(16))
         .min(MAX_BACKOFF);
-    let h = peer.to_bytes().iter().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(*b)));
+    let h = peer
+        .to_bytes()
+        .iter()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(*b)));
     base + base.mul_f64(f64::from(h % 1000) / 4000.0)
 }
 
@@ -275,13 +278,19 @@ mod tests {
         let t0 = Instant::now();
         book.remember(p, account(), "n", 0);
         book.set_addrs(&p, [addr(1)]);
-        assert!(book.due(t0, 10).is_empty(), "connected peers are not redialled");
+        assert!(
+            book.due(t0, 10).is_empty(),
+            "connected peers are not redialled"
+        );
 
         book.on_disconnected(&p, t0, 0);
         assert!(book.due(t0, 10).is_empty());
         let first = book.due(t0 + Duration::from_millis(1300), 10);
         assert_eq!(first, vec![(p, vec![addr(1)])]);
-        assert!(book.due(t0 + Duration::from_secs(2), 10).is_empty(), "dial in flight");
+        assert!(
+            book.due(t0 + Duration::from_secs(2), 10).is_empty(),
+            "dial in flight"
+        );
 
         let mut t = t0 + Duration::from_secs(2);
         let mut waits = Vec::new();
@@ -300,7 +309,10 @@ mod tests {
 
         book.on_connected(&p, 1);
         book.on_disconnected(&p, t, 1);
-        assert!(!book.due(t + Duration::from_millis(1300), 10).is_empty(), "backoff resets");
+        assert!(
+            !book.due(t + Duration::from_millis(1300), 10).is_empty(),
+            "backoff resets"
+        );
     }
 
     #[test]
@@ -344,7 +356,10 @@ mod tests {
         assert_eq!(kept.len(), MAX_ADDRS);
         assert_eq!(kept[0], addr(1));
         assert_eq!(kept[1], addr(2));
-        assert!(!book.set_addrs(&PeerId::random(), [addr(1)]), "strangers are not remembered");
+        assert!(
+            !book.set_addrs(&PeerId::random(), [addr(1)]),
+            "strangers are not remembered"
+        );
     }
 
     #[test]
