@@ -1,0 +1,3 @@
+//! Shared pieces of Tern's developer tools.
+
+pub mod stats;
