@@ -157,7 +157,11 @@ fn init_refuses_to_overwrite_and_client_errors_are_one_clear_line() {
     // not answering, not as a crash.
     let mut node = NodeProcess::start(tmp.path(), LOOPBACK);
     kill9(node.pid());
-    assert!(!node.is_running());
+    // The leader thread turns zombie before the other threads are gone, so
+    // wait for the process as a whole.
+    poll("the killed node to be reaped", || {
+        (!node.is_running()).then_some(())
+    });
     let out = tern(tmp.path(), &["peers"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not answer"));
@@ -284,4 +288,64 @@ fn watch_streams_peer_events_as_json_lines() {
     let _ = watch.wait();
     assert!(events.iter().all(|e| e["at_ms"].as_u64().is_some()));
     drop(node_a);
+}
+
+#[test]
+fn a_damaged_api_token_stops_the_node_from_starting() {
+    let tmp = tempfile::tempdir().unwrap();
+    init(tmp.path(), "a");
+    for bad in ["", "\n", "short"] {
+        std::fs::write(tmp.path().join("api.token"), bad).unwrap();
+        let out = tern(tmp.path(), &[&["node"][..], LOOPBACK].concat());
+        assert!(!out.status.success(), "started with token {bad:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("API token"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!tmp.path().join("api.json").exists());
+    }
+}
+
+#[test]
+fn renaming_a_device_re_signs_its_certificate_and_peers_see_the_new_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    init(&a, "old-name");
+    init(&b, "b");
+    let mut args = LOOPBACK.to_vec();
+    args.extend(["--name", "new-name"]);
+    let node_a = NodeProcess::start(&a, &args);
+    assert_eq!(node_a.status()["name"], "new-name");
+    let _node_b = NodeProcess::start(&b, LOOPBACK);
+    let out = tern(&b, &["connect", &node_a.tcp_addr()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    poll("b to learn a's new name", || {
+        let peers = tern_json(&b, &["peers", "--json"]);
+        peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "new-name")
+            .then_some(())
+    });
+}
+
+#[test]
+fn bad_flags_are_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    for args in [
+        &["node", "--listen", "not-an-addr"][..],
+        &["status", "--bogus"][..],
+        &["frobnicate"][..],
+    ] {
+        let out = tern(tmp.path(), args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
 }

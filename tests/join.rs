@@ -115,6 +115,10 @@ fn without_mdns_a_node_is_alone_until_it_connects_by_ticket() {
     let status = loner.stop();
     assert!(status.success());
     let loner = NodeProcess::start(&dir, LOOPBACK);
+    assert!(
+        loner.status()["known_peers"].as_u64().unwrap() >= 1,
+        "address book not restored"
+    );
     poll("the restarted loner to redial node-2", || {
         connected_peer_ids(&dir).contains(&node2).then_some(())
     });
@@ -140,4 +144,44 @@ fn connect_reports_bad_targets_clearly() {
         assert!(err.contains(expect), "{target}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "one line please: {err}");
     }
+}
+
+#[test]
+fn a_restarted_node_keeps_its_port_unless_someone_else_took_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    init(tmp.path(), "a");
+    let node = NodeProcess::start(tmp.path(), LOOPBACK);
+    let first = node.status()["listen_addrs"].clone();
+    let tcp_port = |addrs: &Value| -> u16 {
+        let a = addrs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|a| a.contains("/tcp/"))
+            .unwrap();
+        a.rsplit('/').next().unwrap().parse().unwrap()
+    };
+    assert!(node.stop().success());
+
+    let node = NodeProcess::start(tmp.path(), LOOPBACK);
+    assert_eq!(node.status()["listen_addrs"], first, "ports not reused");
+    assert!(node.stop().success());
+
+    // Another program now holds the TCP port: the node must not share it.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", tcp_port(&first))).unwrap();
+    let node = NodeProcess::start(tmp.path(), LOOPBACK);
+    let moved = node.status()["listen_addrs"].clone();
+    assert_ne!(tcp_port(&moved), tcp_port(&first));
+    // And it is reachable on its new port.
+    let other = tmp.path().join("other");
+    init(&other, "other");
+    let _peer = NodeProcess::start(&other, LOOPBACK);
+    let out = tern(&other, &["connect", &node.tcp_addr()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(squatter);
 }

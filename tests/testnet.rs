@@ -60,7 +60,12 @@ fn a_node_killed_with_sigkill_rejoins_with_the_same_identity() {
 
     // Restarted by hand exactly as the testnet suggests: no extra flags.
     let node = NodeProcess::start(&victim, &[]);
-    assert_eq!(node.peer_id(), before["peer_id"].as_str().unwrap());
+    let after = node.status();
+    assert_eq!(after["peer_id"], before["peer_id"]);
+    // It came back knowing its peers (written to disk before the kill), on
+    // the same address, so both sides can find each other.
+    assert_eq!(after["known_peers"], 3, "{after}");
+    assert_eq!(after["listen_addrs"], before["listen_addrs"]);
     for k in 1..=4 {
         poll(&format!("node-{k} to be fully connected again"), || {
             (net.status(k)["connected_peers"] == 3).then_some(())

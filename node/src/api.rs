@@ -111,7 +111,9 @@ async fn authenticate(State(state): State<Shared>, req: Request, next: Next) -> 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let response = if constant_time_eq(presented.as_bytes(), state.token.as_bytes()) {
+    let authorised =
+        !presented.is_empty() && constant_time_eq(presented.as_bytes(), state.token.as_bytes());
+    let response = if authorised {
         next.run(req).await
     } else {
         ApiError(

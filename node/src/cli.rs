@@ -211,6 +211,25 @@ pub fn init_with(
     passphrase: Option<&[u8]>,
 ) -> anyhow::Result<keys::Identity> {
     config.validate()?;
+    if dir.is_initialized() {
+        // Checked here too, so the clean-up below never touches an existing identity.
+        return Err(keys::KeyError::AlreadyInitialized(dir.root().display().to_string()).into());
+    }
+    let made = init_files(dir, config, passphrase);
+    if made.is_err() {
+        // Leave nothing half-made: a later `tern init` must be able to start over.
+        for f in dir.init_files() {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    made
+}
+
+fn init_files(
+    dir: &DataDir,
+    config: Config,
+    passphrase: Option<&[u8]>,
+) -> anyhow::Result<keys::Identity> {
     let identity = keys::create(dir, &config.name, passphrase)?;
     let mut token = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut token);
@@ -244,31 +263,50 @@ async fn run_node(dir: DataDir, args: NodeArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(keys::read_passphrase_file)
         .transpose()?;
+    let mut stop = StopSignal::new()?;
     let node = Node::start(NodeOptions {
         data_dir: dir,
         config,
         passphrase,
     })
     .await?;
-    wait_for_stop_signal().await?;
+    stop.recv().await;
     node.shutdown().await;
     Ok(())
 }
 
-/// Waits for Ctrl-C or SIGTERM.
-pub async fn wait_for_stop_signal() -> anyhow::Result<()> {
+/// Ctrl-C (SIGINT) and SIGTERM. Create it once, before the loop that waits
+/// for it: a signal that arrives while no listener is registered is lost.
+pub struct StopSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
-            _ = term.recv() => {}
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    pub fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await?;
-    Ok(())
+
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 async fn status(dir: &DataDir, json: bool) -> anyhow::Result<()> {
@@ -316,6 +354,7 @@ async fn peers(dir: &DataDir, json: bool) -> anyhow::Result<()> {
 async fn watch(dir: &DataDir, json: bool) -> anyhow::Result<()> {
     let client = ApiClient::new(dir)?;
     let mut events = Box::pin(client.events().await?);
+    let mut stop = StopSignal::new()?;
     loop {
         tokio::select! {
             ev = events.next() => match ev {
@@ -329,7 +368,7 @@ async fn watch(dir: &DataDir, json: bool) -> anyhow::Result<()> {
                 }
                 None => bail!("the node closed the event stream (it is shutting down)"),
             },
-            r = wait_for_stop_signal() => return r,
+            _ = stop.recv() => return Ok(()),
         }
     }
 }

@@ -58,6 +58,17 @@ impl DataDir {
     pub fn is_initialized(&self) -> bool {
         self.account_key().exists() || self.device_key().exists()
     }
+
+    /// Every file `tern init` creates, for cleaning up after a failed init.
+    pub fn init_files(&self) -> [PathBuf; 5] {
+        [
+            self.account_key(),
+            self.device_key(),
+            self.device_cert(),
+            self.api_token(),
+            self.config(),
+        ]
+    }
 }
 
 /// Writes `contents` to `path` atomically (temporary file, fsync, rename), with
@@ -106,15 +117,31 @@ pub fn create_private(path: &Path, contents: &[u8]) -> io::Result<()> {
 /// Reads a file the node wrote itself, refusing anything larger than `max`
 /// bytes so a damaged or hostile file cannot exhaust memory.
 pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
-    let len = fs::metadata(path)?.len();
-    if len > max {
+    // Read at most max + 1 bytes rather than trusting the reported size,
+    // which is 0 for pipes such as /dev/stdin.
+    let mut buf = Vec::new();
+    io::Read::read_to_end(
+        &mut io::Read::take(fs::File::open(path)?, max + 1),
+        &mut buf,
+    )?;
+    if buf.len() as u64 > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "{} is {len} bytes, larger than the {max} expected",
-                path.display()
-            ),
+            format!("{} is larger than the {max} bytes expected", path.display()),
         ));
     }
-    fs::read(path)
+    Ok(buf)
+}
+
+/// Creates `dir` (and parents) readable by the owner only: it holds keys and,
+/// later, chat data.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
 }

@@ -81,7 +81,7 @@ pub fn create(dir: &DataDir, name: &str, passphrase: Option<&[u8]>) -> Result<Id
             dir.root().display().to_string(),
         ));
     }
-    std::fs::create_dir_all(dir.root()).map_err(io_err(dir.root()))?;
+    crate::data_dir::create_private_dir(dir.root()).map_err(io_err(dir.root()))?;
 
     let mut rng = rand::rngs::OsRng;
     let mut account_secret = Zeroizing::new([0u8; 32]);
@@ -90,20 +90,17 @@ pub fn create(dir: &DataDir, name: &str, passphrase: Option<&[u8]>) -> Result<Id
     let device = identity::Keypair::generate_ed25519();
     let device_secret = device_secret_bytes(&device)?;
 
-    let now_ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
     let device_pub = device_public_key(&device.public()).ok_or_else(|| KeyError::Damaged {
         path: "device key".into(),
         why: "not an Ed25519 key".into(),
     })?;
-    let certificate = account
-        .certify(device_pub, name, now_ms)
-        .map_err(|e| KeyError::Damaged {
-            path: "device certificate".into(),
-            why: e.to_string(),
-        })?;
+    let certificate =
+        account
+            .certify(device_pub, name, now_ms())
+            .map_err(|e| KeyError::Damaged {
+                path: "device certificate".into(),
+                why: e.to_string(),
+            })?;
 
     write_key(&dir.account_key(), &account_secret, passphrase)?;
     write_key(&dir.device_key(), &device_secret, passphrase)?;
@@ -151,6 +148,28 @@ pub fn load(dir: &DataDir, passphrase: Option<&[u8]>) -> Result<Identity, KeyErr
         device,
         certificate,
     })
+}
+
+/// Re-issues the device certificate under a new name.
+pub fn rename(dir: &DataDir, identity: &mut Identity, name: &str) -> Result<(), KeyError> {
+    let cert = identity
+        .account
+        .certify(identity.certificate.device, name, now_ms())
+        .map_err(|e| KeyError::Damaged {
+            path: "device name".into(),
+            why: e.to_string(),
+        })?;
+    crate::data_dir::write_atomic(&dir.device_cert(), &cert.encode(), true)
+        .map_err(io_err(&dir.device_cert()))?;
+    identity.certificate = cert;
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn device_secret_bytes(device: &identity::Keypair) -> Result<Zeroizing<[u8; 32]>, KeyError> {

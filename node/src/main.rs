@@ -3,7 +3,17 @@ use tern_node::cli::{Cli, Command, run};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line, per the CLI contract; `--help` has the details.
+            let text = e.render().to_string();
+            let first = text.split("\n\n").next().unwrap_or(&text);
+            eprintln!("{}", tern_node::api::one_line(first));
+            std::process::exit(2);
+        }
+    };
     // The node logs at info by default; client commands only speak up for warnings.
     let default_filter = match cli.command {
         Command::Node(_) | Command::Testnet(_) => "info",

@@ -45,6 +45,7 @@ pub struct Node {
     store: Store,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    flusher: JoinHandle<()>,
 }
 
 /// Reads the API token written by `tern init`.
@@ -57,8 +58,19 @@ pub fn read_token(dir: &DataDir) -> anyhow::Result<String> {
         )
     })?;
     let token = String::from_utf8(bytes).context("API token is not text")?;
-    Ok(token.trim().to_owned())
+    let token = token.trim().to_owned();
+    // An empty or short token would let anyone on this machine in.
+    if token.len() < MIN_TOKEN_LEN {
+        anyhow::bail!(
+            "the API token in {} is damaged (shorter than {MIN_TOKEN_LEN} characters); write a new random one, e.g. `openssl rand -hex 32`",
+            path.display()
+        );
+    }
+    Ok(token)
 }
+
+/// `tern init` writes 64 hex characters; anything under 32 is refused.
+pub const MIN_TOKEN_LEN: usize = 32;
 
 impl Node {
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Self> {
@@ -68,7 +80,12 @@ impl Node {
             passphrase,
         } = opts;
         config.validate()?;
-        let identity = keys::load(&data_dir, passphrase.as_deref().map(|p| p.as_slice()))?;
+        let mut identity = keys::load(&data_dir, passphrase.as_deref().map(|p| p.as_slice()))?;
+        if identity.certificate.name != config.name {
+            // The name is part of the signed certificate: renaming re-signs it.
+            keys::rename(&data_dir, &mut identity, &config.name)?;
+            info!(name = %config.name, "device renamed");
+        }
         let token = read_token(&data_dir)?;
         let store = Store::open(&data_dir.store(), config.store_cache_mib * 1024 * 1024).with_context(|| {
             format!(
@@ -122,6 +139,7 @@ impl Node {
             shutdown: shutdown_rx.clone(),
         });
 
+        let flusher = store.spawn_background_flusher();
         let mut tasks = vec![tokio::spawn(event_loop.run(shutdown_rx.clone()))];
         let mut api_shutdown = shutdown_rx;
         tasks.push(tokio::spawn(async move {
@@ -155,6 +173,7 @@ impl Node {
             store,
             shutdown,
             tasks,
+            flusher,
         })
     }
 
@@ -170,6 +189,7 @@ impl Node {
                 warn!("a task did not stop within 10 s");
             }
         }
+        self.flusher.abort();
         if let Err(e) = self.store.flush().await {
             warn!("final store flush failed: {e}");
         }

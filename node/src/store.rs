@@ -6,7 +6,9 @@
 //! backend has flushed it to disk. Concurrent durable writes share flushes
 //! (group commit), so many in flight cost about one fsync.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
+
+use tokio::sync::Notify;
 
 use tern_protocol::{DecodeError, Record};
 
@@ -24,6 +26,7 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    flush_wanted: Arc<Notify>,
 }
 
 impl Store {
@@ -35,13 +38,17 @@ impl Store {
             // crash can lose; durable writes do not wait for them.
             .flush_every_ms(Some(500))
             .open()?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            flush_wanted: Arc::new(Notify::new()),
+        })
     }
 
     pub fn keyspace(&self, name: &str) -> Result<Keyspace> {
         Ok(Keyspace {
             tree: self.db.open_tree(name)?,
             db: self.db.clone(),
+            flush_wanted: self.flush_wanted.clone(),
         })
     }
 
@@ -49,6 +56,22 @@ impl Store {
     pub async fn flush(&self) -> Result<()> {
         self.db.flush_async().await?;
         Ok(())
+    }
+
+    /// Runs the one task that serves `*_soon` writes: each wake-up flushes
+    /// everything written so far, so a burst of writes costs one flush and
+    /// the pending work is a single flag, never a queue.
+    pub fn spawn_background_flusher(&self) -> tokio::task::JoinHandle<()> {
+        let db = self.db.clone();
+        let wanted = self.flush_wanted.clone();
+        tokio::spawn(async move {
+            loop {
+                wanted.notified().await;
+                if let Err(e) = db.flush_async().await {
+                    tracing::warn!("background store flush failed: {e}");
+                }
+            }
+        })
     }
 
     /// Bytes the store occupies on disk.
@@ -62,6 +85,7 @@ impl Store {
 pub struct Keyspace {
     tree: sled::Tree,
     db: sled::Db,
+    flush_wanted: Arc<Notify>,
 }
 
 impl Keyspace {
@@ -76,9 +100,10 @@ impl Keyspace {
         Ok(())
     }
 
-    /// Inserts and starts a flush without waiting for it: on disk within
-    /// milliseconds, for state the node needs after a crash (its address
-    /// book, its ports) but must not block on. Needs a tokio runtime.
+    /// Inserts and asks the background flusher to flush, without waiting:
+    /// on disk within milliseconds, for state the node needs after a crash
+    /// (its address book, its ports) but must not block on. Without a
+    /// flusher running, sled's periodic flush (500 ms) still applies.
     pub fn insert_soon(&self, key: &[u8], value: &[u8]) -> Result<()> {
         self.tree.insert(key, value)?;
         self.flush_in_background();
@@ -92,13 +117,7 @@ impl Keyspace {
     }
 
     fn flush_in_background(&self) {
-        let db = self.db.clone();
-        // sled coalesces concurrent flushes, so a burst of these costs about one.
-        tokio::spawn(async move {
-            if let Err(e) = db.flush_async().await {
-                tracing::warn!("background store flush failed: {e}");
-            }
-        });
+        self.flush_wanted.notify_one();
     }
 
     pub async fn remove_durable(&self, key: &[u8]) -> Result<()> {

@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 
 use crate::{
     api::StatusResponse,
-    cli::{init_with, wait_for_stop_signal},
+    cli::{StopSignal, init_with},
     client::ApiClient,
     config::Config,
     data_dir::DataDir,
@@ -81,10 +81,11 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the tern executable")?;
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
 
+    let mut stop = StopSignal::new()?;
     let mut nodes: Vec<TestnetNode> = Vec::with_capacity(args.nodes);
     let started = tokio::select! {
         r = start_all(&exe, &args, deadline, &mut nodes) => r,
-        r = wait_for_stop_signal() => r.and_then(|_| bail!("interrupted while starting")),
+        _ = stop.recv() => Err(anyhow::anyhow!("interrupted while starting")),
     };
     if let Err(e) = started {
         stop_all(&mut nodes).await;
@@ -106,7 +107,7 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
-            r = wait_for_stop_signal() => { r?; break; }
+            _ = stop.recv() => break,
             _ = poll.tick() => {
                 for (i, n) in nodes.iter_mut().enumerate() {
                     if reported[i] {

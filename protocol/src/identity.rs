@@ -33,7 +33,15 @@ pub enum IdentityError {
 /// Printed as 52 lowercase base32 characters. The id *is* the key, so anything
 /// signed by the account can be checked from the id alone, with no directory.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "[u8; 32]")]
 pub struct AccountId([u8; 32]);
+
+impl TryFrom<[u8; 32]> for AccountId {
+    type Error = IdentityError;
+    fn try_from(bytes: [u8; 32]) -> Result<Self, IdentityError> {
+        Self::from_bytes(bytes)
+    }
+}
 
 impl AccountId {
     pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, IdentityError> {
@@ -88,7 +96,15 @@ impl FromStr for AccountId {
 
 /// A device's Ed25519 public key (the key behind its libp2p PeerId).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "[u8; 32]")]
 pub struct DevicePublicKey([u8; 32]);
+
+impl TryFrom<[u8; 32]> for DevicePublicKey {
+    type Error = IdentityError;
+    fn try_from(bytes: [u8; 32]) -> Result<Self, IdentityError> {
+        Self::from_bytes(bytes)
+    }
+}
 
 impl DevicePublicKey {
     pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, IdentityError> {

@@ -136,6 +136,18 @@ mod tests {
     }
 
     #[test]
+    fn tickets_with_keys_off_the_curve_are_rejected() {
+        let mut bytes = ticket(vec![vec![1]]).encode();
+        // Replace the device key with bytes that are not an Ed25519 point.
+        let bad = (0u8..=255)
+            .map(|b| [b; 32])
+            .find(|k| DevicePublicKey::from_bytes(*k).is_err())
+            .expect("some byte pattern is off the curve");
+        bytes[33..65].copy_from_slice(&bad);
+        assert!(Ticket::decode(&bytes).is_err());
+    }
+
+    #[test]
     fn damaged_tickets_give_clear_errors() {
         let text = ticket(vec![vec![1, 2, 3]]).to_string();
         assert_eq!("nope".parse::<Ticket>(), Err(TicketError::MissingPrefix));

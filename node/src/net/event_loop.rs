@@ -178,17 +178,22 @@ impl EventLoop {
 
     fn restore_address_book(&mut self) {
         let now = Instant::now();
+        let mut damaged = Vec::new();
         for item in self.peers_ks.iter() {
-            let restored = item.ok().and_then(|(k, v)| {
-                let peer = PeerId::from_bytes(&k).ok()?;
-                let record =
-                    <super::peers::PeerRecord as tern_protocol::Record>::decode(&v).ok()?;
-                Some((peer, record))
-            });
-            match restored {
-                Some((peer, record)) => self.book.restore(peer, record, now),
-                None => warn!("skipping a damaged entry in the peer store"),
+            let Ok((k, v)) = item else {
+                warn!("cannot read the peer store");
+                break;
+            };
+            let peer = PeerId::from_bytes(&k).ok();
+            let record = <super::peers::PeerRecord as tern_protocol::Record>::decode(&v).ok();
+            match (peer, record) {
+                (Some(peer), Some(record)) => self.book.restore(peer, record, now),
+                _ => damaged.push(k),
             }
+        }
+        for k in damaged {
+            warn!("dropping a damaged entry from the peer store");
+            let _ = self.peers_ks.remove_soon(&k);
         }
         self.metrics.known_peers.set(self.book.len() as i64);
         if !self.book.is_empty() {
@@ -207,7 +212,7 @@ impl EventLoop {
             .flatten()
             .and_then(|v| <[u8; 2]>::try_from(v.as_slice()).ok())
             .map(u16::from_be_bytes);
-        if let Some(port) = remembered.filter(|_| has_zero_port(spec)) {
+        if let Some(port) = remembered.filter(|&p| has_zero_port(spec) && port_is_free(spec, p)) {
             match self.swarm.listen_on(with_port(spec, port)) {
                 Ok(id) => {
                     self.listeners.insert(id, key);
@@ -330,7 +335,11 @@ impl EventLoop {
             return;
         }
         let opts = match (peer, addrs.as_slice()) {
-            (Some(p), _) => DialOpts::peer_id(p).addresses(addrs).build(),
+            // Always: a background redial in flight must not fail the user's dial.
+            (Some(p), _) => DialOpts::peer_id(p)
+                .addresses(addrs)
+                .condition(PeerCondition::Always)
+                .build(),
             (None, [addr]) => DialOpts::unknown_peer_id().address(addr.clone()).build(),
             (None, _) => {
                 let _ = reply.send(Err("give exactly one address, or a peer id".into()));
@@ -546,10 +555,26 @@ impl EventLoop {
             }
         }
         if let Some(c) = self.connected.get_mut(&peer) {
-            c.listen_addrs = info.listen_addrs.clone();
+            c.listen_addrs = info.listen_addrs;
         }
-        if self.book.set_addrs(&peer, info.listen_addrs) {
-            self.persist_peer(&peer);
+        self.refresh_addrs(&peer);
+    }
+
+    /// Updates a remembered peer's addresses from what it advertises plus
+    /// what we reached it on (a ticket's address keeps working even if the
+    /// peer does not list it), persisting only on change.
+    fn refresh_addrs(&mut self, peer: &PeerId) {
+        let Some(c) = self.connected.get(peer) else {
+            return;
+        };
+        let addrs: Vec<Multiaddr> = c
+            .listen_addrs
+            .iter()
+            .chain(&c.dialed_addrs)
+            .cloned()
+            .collect();
+        if self.book.set_addrs(peer, addrs) {
+            self.persist_peer(peer);
         }
     }
 
@@ -599,23 +624,24 @@ impl EventLoop {
             warn!(device_in_certificate = ?cert.device, "rejected a certificate for another device");
             return false;
         }
-        let known_before = self.book.get(&peer).and_then(|e| e.account);
-        let changes = self.book.remember(peer, cert.account, &cert.name, now_ms());
+        let changes = match self.book.remember(peer, cert.account, &cert.name, now_ms()) {
+            Ok(c) => c,
+            Err(mismatch) => {
+                self.metrics.rejected_frames.inc();
+                warn!(known = %mismatch.known.short(), claimed = %cert.account.short(),
+                    "rejected a certificate moving this device to another account");
+                return false;
+            }
+        };
         if let Some(evicted) = changes.evicted {
             let _ = self.peers_ks.remove_soon(&evicted.to_bytes());
         }
-        if let Some(c) = self.connected.get(&peer) {
-            let addrs: Vec<Multiaddr> = c
-                .listen_addrs
-                .iter()
-                .chain(&c.dialed_addrs)
-                .cloned()
-                .collect();
-            self.book.set_addrs(&peer, addrs);
+        self.refresh_addrs(&peer);
+        if changes.changed {
+            self.persist_peer(&peer);
         }
-        self.persist_peer(&peer);
         self.metrics.known_peers.set(self.book.len() as i64);
-        if known_before != Some(cert.account) {
+        if changes.changed {
             info!(account = %cert.account.short(), name = %cert.name, "identified");
             self.bus.emit(Event::PeerIdentified {
                 peer_id: peer.to_string(),
@@ -655,6 +681,26 @@ fn with_port(a: &Multiaddr, port: u16) -> Multiaddr {
         .collect()
 }
 
+/// Whether nothing else listens on `port` at `spec`'s IP. libp2p's TCP
+/// listeners set SO_REUSEPORT, so binding through libp2p would succeed even
+/// if another node now holds the port (and the two would split its
+/// connections); a plain bind without it tells the truth.
+fn port_is_free(spec: &Multiaddr, port: u16) -> bool {
+    let ip: Option<std::net::IpAddr> = spec.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    });
+    let Some(ip) = ip else {
+        return true; // not an IP address: let libp2p decide
+    };
+    if spec.iter().any(|p| matches!(p, Protocol::Tcp(_))) {
+        std::net::TcpListener::bind((ip, port)).is_ok()
+    } else {
+        std::net::UdpSocket::bind((ip, port)).is_ok()
+    }
+}
+
 fn port_of(a: &Multiaddr) -> Option<u16> {
     a.iter().find_map(|p| match p {
         Protocol::Tcp(port) | Protocol::Udp(port) => Some(port),
@@ -665,6 +711,20 @@ fn port_of(a: &Multiaddr) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_held_by_another_listener_is_not_free() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let spec: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+        assert!(!port_is_free(&spec, port));
+        drop(held);
+        assert!(port_is_free(&spec, port));
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let uport = udp.local_addr().unwrap().port();
+        let quic: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap();
+        assert!(!port_is_free(&quic, uport));
+    }
 
     #[test]
     fn zero_ports_are_replaced_by_the_remembered_port() {

@@ -15,6 +15,9 @@ use tern_protocol::{AccountId, DecodeError, Record};
 pub const CAPACITY: usize = 256;
 /// Most addresses kept per peer.
 pub const MAX_ADDRS: usize = 8;
+/// Longest address kept, in bytes: with [`MAX_ADDRS`], a record always fits
+/// its [`PeerRecord::MAX_LEN`].
+pub const MAX_ADDR_LEN: usize = 128;
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// A peer unreachable for this long is forgotten.
@@ -35,7 +38,10 @@ impl Record for PeerRecord {
     const MAX_LEN: usize = 2048;
 
     fn validate(&self) -> Result<(), DecodeError> {
-        if self.addrs.len() > MAX_ADDRS || self.name.len() > 64 {
+        if self.addrs.len() > MAX_ADDRS
+            || self.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN)
+            || self.name.len() > 64
+        {
             return Err(DecodeError::Invalid("peer record over its bounds".into()));
         }
         Ok(())
@@ -73,7 +79,17 @@ pub struct AddressBook {
 /// Outcome of remembering a peer: what the caller must persist or delete.
 #[derive(Debug, Default, PartialEq)]
 pub struct Changes {
+    /// The entry is new or its identity changed: persist it.
+    pub changed: bool,
     pub evicted: Option<PeerId>,
+}
+
+/// A device presented a valid certificate from another account than the one
+/// it proved before. Devices do not change accounts (a new device key is made
+/// for every `tern init`), so this is refused rather than believed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AccountMismatch {
+    pub known: AccountId,
 }
 
 impl AddressBook {
@@ -117,12 +133,17 @@ impl AddressBook {
         account: AccountId,
         name: &str,
         now_ms: u64,
-    ) -> Changes {
+    ) -> Result<Changes, AccountMismatch> {
         let mut changes = Changes::default();
+        if let Some(known) = self.entries.get(&peer).and_then(|e| e.account)
+            && known != account
+        {
+            return Err(AccountMismatch { known });
+        }
         if !self.entries.contains_key(&peer) && self.entries.len() >= CAPACITY {
             changes.evicted = self.evict_one();
             if changes.evicted.is_none() {
-                return changes; // every remembered peer is connected: keep them
+                return Ok(changes); // every remembered peer is connected: keep them
             }
         }
         let e = self.entries.entry(peer).or_insert_with(|| Entry {
@@ -134,27 +155,31 @@ impl AddressBook {
             failures: 0,
             next_dial: None,
         });
+        let name: String = name.chars().take(64).collect();
+        changes.changed = e.account != Some(account) || e.name != name;
         e.account = Some(account);
-        e.name = name.chars().take(64).collect();
+        e.name = name;
         e.last_seen_ms = now_ms;
-        changes
+        Ok(changes)
     }
 
-    /// Replaces the addresses of a remembered peer with those it advertises.
-    /// Returns whether the peer is remembered (and so should be persisted).
+    /// Replaces the addresses of a remembered peer (deduplicated, dialable,
+    /// at most [`MAX_ADDRS`] of at most [`MAX_ADDR_LEN`] bytes). Returns
+    /// whether anything changed (and so should be persisted).
     pub fn set_addrs(&mut self, peer: &PeerId, addrs: impl IntoIterator<Item = Multiaddr>) -> bool {
         let Some(e) = self.entries.get_mut(peer) else {
             return false;
         };
         let mut fresh: Vec<Multiaddr> = Vec::new();
         for a in addrs.into_iter().map(strip_p2p).filter(is_dialable) {
-            if !fresh.contains(&a) && fresh.len() < MAX_ADDRS {
+            if a.len() <= MAX_ADDR_LEN && !fresh.contains(&a) && fresh.len() < MAX_ADDRS {
                 fresh.push(a);
             }
         }
-        if !fresh.is_empty() {
-            e.addrs = fresh;
+        if fresh.is_empty() || fresh == e.addrs {
+            return false;
         }
+        e.addrs = fresh;
         true
     }
 
@@ -276,7 +301,7 @@ mod tests {
         let mut book = AddressBook::default();
         let p = PeerId::random();
         let t0 = Instant::now();
-        book.remember(p, account(), "n", 0);
+        book.remember(p, account(), "n", 0).unwrap();
         book.set_addrs(&p, [addr(1)]);
         assert!(
             book.due(t0, 10).is_empty(),
@@ -320,7 +345,7 @@ mod tests {
         let mut book = AddressBook::default();
         let p = PeerId::random();
         let now = Instant::now();
-        book.remember(p, account(), "n", 0);
+        book.remember(p, account(), "n", 0).unwrap();
         book.on_disconnected(&p, now, 0);
         assert!(!book.on_dial_failed(&p, now, FORGET_AFTER_MS));
         assert!(book.on_dial_failed(&p, now, FORGET_AFTER_MS + 1));
@@ -333,11 +358,11 @@ mod tests {
         let now = Instant::now();
         let peers: Vec<_> = (0..CAPACITY).map(|_| PeerId::random()).collect();
         for (i, p) in peers.iter().enumerate() {
-            book.remember(*p, account(), "n", 100 + i as u64);
+            book.remember(*p, account(), "n", 100 + i as u64).unwrap();
             book.on_disconnected(p, now, 100 + i as u64);
         }
         let newcomer = PeerId::random();
-        let changes = book.remember(newcomer, account(), "n", 10_000);
+        let changes = book.remember(newcomer, account(), "n", 10_000).unwrap();
         assert_eq!(changes.evicted, Some(peers[0]));
         assert_eq!(book.len(), CAPACITY);
     }
@@ -346,7 +371,7 @@ mod tests {
     fn addresses_are_bounded_deduplicated_and_dialable() {
         let mut book = AddressBook::default();
         let p = PeerId::random();
-        book.remember(p, account(), "n", 0);
+        book.remember(p, account(), "n", 0).unwrap();
         let mut offered: Vec<Multiaddr> = (1..20).map(addr).collect();
         offered.insert(0, addr(1));
         offered.insert(0, "/ip4/0.0.0.0/tcp/5".parse().unwrap());

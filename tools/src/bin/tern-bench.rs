@@ -147,7 +147,10 @@ fn time_command(cmd: &mut Command) -> anyhow::Result<Duration> {
 }
 
 fn report(name: &str, samples: &[Duration], reference_name: &str, reference: &[Duration]) {
-    let (p50, p99) = (percentile(samples, 50.0).unwrap_or_default(), percentile(samples, 99.0).unwrap_or_default());
+    let (p50, p99) = (
+        percentile(samples, 50.0).unwrap_or_default(),
+        percentile(samples, 99.0).unwrap_or_default(),
+    );
     let r50 = percentile(reference, 50.0).unwrap_or_default();
     println!(
         "| {name} | p50 {} / p99 {} | {reference_name}: p50 {} | {:.1}× |",
@@ -171,7 +174,12 @@ fn cold_start(tern: &Path, runs: usize) -> anyhow::Result<()> {
         // its version (process spawn, dynamic loading, exit).
         reference.push(time_command(Command::new(tern).arg("--version"))?);
     }
-    report("cold start → listening (empty store)", &samples, "`tern --version` spawn+exit", &reference);
+    report(
+        "cold start → listening (empty store)",
+        &samples,
+        "`tern --version` spawn+exit",
+        &reference,
+    );
     Ok(())
 }
 
@@ -188,7 +196,11 @@ fn connect(tern: &Path, runs: usize) -> anyhow::Result<()> {
         let elapsed = rt.block_on(async {
             let cb = ApiClient::new(&nb.dir)?;
             let sb: StatusResponse = cb.get("/v1/status").await?;
-            let tcp = sb.listen_addrs.iter().find(|a| a.contains("/tcp/")).context("tcp addr")?;
+            let tcp = sb
+                .listen_addrs
+                .iter()
+                .find(|a| a.contains("/tcp/"))
+                .context("tcp addr")?;
             let target = format!("{tcp}/p2p/{}", sb.peer_id);
             let port: u16 = tcp.rsplit('/').next().context("port")?.parse()?;
             // Reference: a bare TCP handshake to the same listener.
@@ -223,10 +235,15 @@ fn memory(tern: &Path, connections: usize) -> anyhow::Result<()> {
     let idle = rss_kib(pid)?;
 
     let rt = tokio::runtime::Runtime::new()?;
-    let status: StatusResponse = rt.block_on(async { ApiClient::new(&node.dir)?.get("/v1/status").await })?;
+    let status: StatusResponse =
+        rt.block_on(async { ApiClient::new(&node.dir)?.get("/v1/status").await })?;
     let target: Multiaddr = format!(
         "{}/p2p/{}",
-        status.listen_addrs.iter().find(|a| a.contains("/tcp/")).context("tcp addr")?,
+        status
+            .listen_addrs
+            .iter()
+            .find(|a| a.contains("/tcp/"))
+            .context("tcp addr")?,
         status.peer_id
     )
     .parse()?;
@@ -239,9 +256,16 @@ fn memory(tern: &Path, connections: usize) -> anyhow::Result<()> {
             let target = target.clone();
             let mut swarm = libp2p::SwarmBuilder::with_new_identity()
                 .with_tokio()
-                .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)?
+                .with_tcp(
+                    tcp::Config::default(),
+                    noise::Config::new,
+                    yamux::Config::default,
+                )?
                 .with_behaviour(|key| PeerBehaviour {
-                    identify: identify::Behaviour::new(identify::Config::new("/tern/1".into(), key.public())),
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        "/tern/1".into(),
+                        key.public(),
+                    )),
                     ping: ping::Behaviour::default(),
                 })?
                 .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
@@ -249,7 +273,9 @@ fn memory(tern: &Path, connections: usize) -> anyhow::Result<()> {
             swarm.dial(target)?;
             handles.push(tokio::spawn(async move {
                 loop {
-                    if let SwarmEvent::OutgoingConnectionError { error, .. } = swarm.select_next_some().await {
+                    if let SwarmEvent::OutgoingConnectionError { error, .. } =
+                        swarm.select_next_some().await
+                    {
                         eprintln!("bench peer could not connect: {error}");
                     }
                 }
@@ -260,12 +286,16 @@ fn memory(tern: &Path, connections: usize) -> anyhow::Result<()> {
 
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let s: StatusResponse = rt.block_on(async { ApiClient::new(&node.dir)?.get("/v1/status").await })?;
+        let s: StatusResponse =
+            rt.block_on(async { ApiClient::new(&node.dir)?.get("/v1/status").await })?;
         if s.connected_peers >= connections {
             break;
         }
         if Instant::now() > deadline {
-            bail!("only {} of {connections} peers connected", s.connected_peers);
+            bail!(
+                "only {} of {connections} peers connected",
+                s.connected_peers
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -278,7 +308,12 @@ fn memory(tern: &Path, connections: usize) -> anyhow::Result<()> {
     let floor = rss_kib(sleeper.id())?;
     let _ = sleeper.kill();
     let _ = sleeper.wait();
-    println!("| idle RSS, one node | {:.1} MiB | idle `sleep` process: {:.1} MiB | {:.1}× |", idle as f64 / 1024.0, floor as f64 / 1024.0, idle as f64 / floor as f64);
+    println!(
+        "| idle RSS, one node | {:.1} MiB | idle `sleep` process: {:.1} MiB | {:.1}× |",
+        idle as f64 / 1024.0,
+        floor as f64 / 1024.0,
+        idle as f64 / floor as f64
+    );
     println!(
         "| extra memory per idle connection ({connections} connections) | {per_conn:.1} KiB | node RSS {:.1} → {:.1} MiB | |",
         idle as f64 / 1024.0,
@@ -306,7 +341,10 @@ fn main() -> anyhow::Result<()> {
             .join("tern"),
     };
     if !tern.exists() {
-        bail!("{} not found; build it with `cargo build --release -p tern-node` or pass --tern", tern.display());
+        bail!(
+            "{} not found; build it with `cargo build --release -p tern-node` or pass --tern",
+            tern.display()
+        );
     }
     println!("| benchmark | result | same-run reference | ratio |");
     println!("|---|---|---|---|");
