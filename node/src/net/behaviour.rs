@@ -110,11 +110,7 @@ pub fn build_swarm(
                 ),
             })
         })?
-        .with_swarm_config(|c| {
-            c.with_idle_connection_timeout(config.idle_timeout())
-                .with_per_connection_event_buffer_size(16)
-                .with_notify_handler_buffer_size(std::num::NonZeroUsize::new(16).expect("16 > 0"))
-        })
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout()))
         .build();
     Ok(swarm)
 }
