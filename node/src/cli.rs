@@ -85,6 +85,10 @@ pub struct NodeArgs {
     /// Peer to dial at start and seed the DHT from (repeatable).
     #[arg(long, value_name = "MULTIADDR")]
     pub bootstrap: Vec<Multiaddr>,
+    /// Address at which others reach this node, e.g. a server's public
+    /// address (repeatable). Enables the relay service.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub external: Vec<Multiaddr>,
     /// Control API address; loopback only [default: 127.0.0.1:0]
     #[arg(long, value_name = "HOST:PORT")]
     pub api: Option<String>,
@@ -119,6 +123,9 @@ impl NodeArgs {
         }
         if !self.bootstrap.is_empty() {
             c.bootstrap = self.bootstrap.clone();
+        }
+        if !self.external.is_empty() {
+            c.external = self.external.clone();
         }
         if let Some(api) = &self.api {
             c.api = api

@@ -33,6 +33,10 @@ pub struct Config {
     pub listen: Vec<Multiaddr>,
     /// Peers to dial at start (and to seed Kademlia from).
     pub bootstrap: Vec<Multiaddr>,
+    /// Addresses at which others can reach this node (a server's public
+    /// address). Announced to peers and in tickets; having one also turns on
+    /// the relay service for peers behind NAT.
+    pub external: Vec<Multiaddr>,
     /// Control API address; loopback only.
     pub api: SocketAddr,
     /// Discover peers on the local network with mDNS.
@@ -57,6 +61,7 @@ impl Default for Config {
                 "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid literal"),
             ],
             bootstrap: Vec::new(),
+            external: Vec::new(),
             api: SocketAddr::from(([127, 0, 0, 1], 0)),
             mdns: true,
             max_connections: 512,

@@ -116,6 +116,9 @@ impl Node {
         for spec in &config.listen {
             event_loop.listen(spec)?;
         }
+        for addr in &config.external {
+            event_loop.add_external(addr.clone());
+        }
         for addr in &config.bootstrap {
             event_loop.bootstrap(addr);
         }

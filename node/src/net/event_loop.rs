@@ -229,6 +229,14 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Declares an address at which others reach this node. A confirmed
+    /// external address is what the relay server waits for before it
+    /// serves reservations.
+    pub fn add_external(&mut self, addr: Multiaddr) {
+        info!(%addr, "announcing external address");
+        self.swarm.add_external_address(addr);
+    }
+
     /// Dials a bootstrap peer and seeds Kademlia with it.
     pub fn bootstrap(&mut self, addr: &Multiaddr) {
         let peer = match addr.iter().last() {
