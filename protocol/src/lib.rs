@@ -8,6 +8,7 @@
 pub mod codec;
 pub mod identity;
 pub mod sealed;
+pub mod secret;
 pub mod ticket;
 
 pub use codec::{DecodeError, Record};

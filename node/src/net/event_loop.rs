@@ -286,13 +286,15 @@ impl EventLoop {
     }
 
     fn status(&self) -> NetStatus {
+        // Sorted: the swarm keeps them in hash order, which varies by run.
+        let sorted = |addrs: &mut dyn Iterator<Item = &Multiaddr>| {
+            let mut v: Vec<String> = addrs.map(ToString::to_string).collect();
+            v.sort();
+            v
+        };
         NetStatus {
-            listen_addrs: self.swarm.listeners().map(ToString::to_string).collect(),
-            external_addrs: self
-                .swarm
-                .external_addresses()
-                .map(ToString::to_string)
-                .collect(),
+            listen_addrs: sorted(&mut self.swarm.listeners()),
+            external_addrs: sorted(&mut self.swarm.external_addresses()),
             connected_peers: self.swarm.connected_peers().count(),
             known_peers: self.book.len(),
         }
