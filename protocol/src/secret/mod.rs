@@ -5,7 +5,11 @@
 pub mod fingerprint;
 pub mod picture;
 pub mod sas;
+pub mod session;
 
 pub use fingerprint::{EMOJI, Fingerprint};
 pub use picture::KeyPicture;
 pub use sas::{SasError, SasInitiator, SasMessage, SasResponder, ShortCode};
+pub use session::{
+    Established, Handshake, LocalDevice, Opened, SecretFrame, SecretSession, SessionError,
+};
