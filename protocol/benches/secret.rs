@@ -13,17 +13,28 @@ use tern_protocol::{
 };
 
 fn session_pair() -> (SecretSession, SecretSession) {
-    let keys = [SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32])];
+    let keys = [
+        SigningKey::from_bytes(&[1; 32]),
+        SigningKey::from_bytes(&[2; 32]),
+    ];
     let certs: Vec<_> = keys
         .iter()
         .enumerate()
         .map(|(i, k)| {
             let public = DevicePublicKey::from_bytes(k.verifying_key().to_bytes()).unwrap();
-            AccountKeypair::from_secret_bytes(&[i as u8 + 10; 32]).certify(public, "bench", 0).unwrap()
+            AccountKeypair::from_secret_bytes(&[i as u8 + 10; 32])
+                .certify(public, "bench", 0)
+                .unwrap()
         })
         .collect();
-    let a = LocalDevice { signing_key: &keys[0], certificate: &certs[0] };
-    let b = LocalDevice { signing_key: &keys[1], certificate: &certs[1] };
+    let a = LocalDevice {
+        signing_key: &keys[0],
+        certificate: &certs[0],
+    };
+    let b = LocalDevice {
+        signing_key: &keys[1],
+        certificate: &certs[1],
+    };
     let (hs_a, m1) = Handshake::initiate([0; 16], &a, certs[1].device, [3; 32]).unwrap();
     let (hs_b, m2) = Handshake::respond([0; 16], &b, certs[0].device, [4; 32], &m1).unwrap();
     let done_a = hs_a.on_message(&m2, 0).unwrap();
@@ -38,7 +49,10 @@ fn bench(c: &mut Criterion) {
 
     let raw = XChaCha20Poly1305::new(&[7u8; 32].into());
     g.bench_function("reference: raw XChaCha20-Poly1305 encrypt", |b| {
-        b.iter(|| raw.encrypt(XNonce::from_slice(&[0; 24]), black_box(payload.as_slice())).unwrap())
+        b.iter(|| {
+            raw.encrypt(XNonce::from_slice(&[0; 24]), black_box(payload.as_slice()))
+                .unwrap()
+        })
     });
 
     // Seal on one side, open on the other, so chains and re-keys advance as
@@ -59,9 +73,10 @@ fn bench(c: &mut Criterion) {
     });
     g.finish();
 
-    c.bench_function("secret handshake (Noise XX + identity proofs, both sides)", |b| {
-        b.iter(session_pair)
-    });
+    c.bench_function(
+        "secret handshake (Noise XX + identity proofs, both sides)",
+        |b| b.iter(session_pair),
+    );
 }
 
 criterion_group!(benches, bench);
