@@ -25,6 +25,20 @@ use tern_protocol::{AccountKeypair, Record};
 #[derive(Clone, Default)]
 struct RawCodec;
 
+async fn read_up_to_4k<T: AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    io.take(4096).read_to_end(&mut v).await?;
+    Ok(v)
+}
+
+async fn write_and_close<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    io.write_all(bytes).await?;
+    io.close().await
+}
+
 impl request_response::Codec for RawCodec {
     type Protocol = StreamProtocol;
     type Request = Vec<u8>;
@@ -35,18 +49,14 @@ impl request_response::Codec for RawCodec {
         _: &StreamProtocol,
         io: &mut T,
     ) -> std::io::Result<Vec<u8>> {
-        let mut v = Vec::new();
-        io.take(4096).read_to_end(&mut v).await?;
-        Ok(v)
+        read_up_to_4k(io).await
     }
     async fn read_response<T: AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
     ) -> std::io::Result<Vec<u8>> {
-        let mut v = Vec::new();
-        io.take(4096).read_to_end(&mut v).await?;
-        Ok(v)
+        read_up_to_4k(io).await
     }
     async fn write_request<T: AsyncWrite + Unpin + Send>(
         &mut self,
@@ -54,8 +64,7 @@ impl request_response::Codec for RawCodec {
         io: &mut T,
         req: Vec<u8>,
     ) -> std::io::Result<()> {
-        io.write_all(&req).await?;
-        io.close().await
+        write_and_close(io, &req).await
     }
     async fn write_response<T: AsyncWrite + Unpin + Send>(
         &mut self,
@@ -63,8 +72,7 @@ impl request_response::Codec for RawCodec {
         io: &mut T,
         res: Vec<u8>,
     ) -> std::io::Result<()> {
-        io.write_all(&res).await?;
-        io.close().await
+        write_and_close(io, &res).await
     }
 }
 

@@ -19,17 +19,7 @@ fn connected_peer_ids(dir: &std::path::Path) -> Vec<String> {
 fn a_node_started_with_bootstrap_joins_and_is_seen_by_every_node() {
     let tmp = tempfile::tempdir().unwrap();
     let net = TestnetProcess::start(&tmp.path().join("net"), 3);
-    let boot = format!(
-        "{}/p2p/{}",
-        net.status(1)["listen_addrs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(Value::as_str)
-            .find(|a| a.contains("/tcp/"))
-            .unwrap(),
-        net.status(1)["peer_id"].as_str().unwrap()
-    );
+    let boot = dial_addr(&net.status(1));
 
     let dir = tmp.path().join("newcomer");
     init(&dir, "newcomer");
@@ -70,18 +60,7 @@ fn without_mdns_a_node_is_alone_until_it_connects_by_ticket() {
     // loner (no mDNS, no bootstrap) has had every chance and found no one.
     let dir2 = tmp.path().join("joiner");
     init(&dir2, "joiner");
-    let boot = {
-        let s = net.status(1);
-        let tcp = s["listen_addrs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(Value::as_str)
-            .find(|a| a.contains("/tcp/"))
-            .unwrap()
-            .to_owned();
-        format!("{tcp}/p2p/{}", s["peer_id"].as_str().unwrap())
-    };
+    let boot = dial_addr(&net.status(1));
     let mut args = LOOPBACK.to_vec();
     args.extend(["--bootstrap", &boot]);
     let joiner = NodeProcess::start(&dir2, &args);
@@ -153,14 +132,13 @@ fn a_restarted_node_keeps_its_port_unless_someone_else_took_it() {
     let node = NodeProcess::start(tmp.path(), LOOPBACK);
     let first = node.status()["listen_addrs"].clone();
     let tcp_port = |addrs: &Value| -> u16 {
-        let a = addrs
-            .as_array()
+        let status = serde_json::json!({ "listen_addrs": addrs });
+        tcp_listen_addr(&status)
+            .rsplit('/')
+            .next()
             .unwrap()
-            .iter()
-            .filter_map(Value::as_str)
-            .find(|a| a.contains("/tcp/"))
-            .unwrap();
-        a.rsplit('/').next().unwrap().parse().unwrap()
+            .parse()
+            .unwrap()
     };
     assert!(node.stop().success());
 

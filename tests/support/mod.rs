@@ -154,16 +154,7 @@ impl NodeProcess {
     }
 
     pub fn tcp_addr(&self) -> String {
-        let s = self.status();
-        let addr = s["listen_addrs"]
-            .as_array()
-            .expect("listen_addrs")
-            .iter()
-            .filter_map(Value::as_str)
-            .find(|a| a.contains("/tcp/"))
-            .expect("a TCP listen address")
-            .to_owned();
-        format!("{addr}/p2p/{}", s["peer_id"].as_str().expect("peer_id"))
+        dial_addr(&self.status())
     }
 
     pub fn pid(&self) -> u32 {
@@ -310,4 +301,25 @@ pub fn process_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s.split_whitespace().nth(2) != Some("Z"))
         .unwrap_or(false)
+}
+
+/// The TCP listen address in a `status --json` document.
+pub fn tcp_listen_addr(status: &Value) -> String {
+    status["listen_addrs"]
+        .as_array()
+        .expect("listen_addrs")
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|a| a.contains("/tcp/"))
+        .expect("a TCP listen address")
+        .to_owned()
+}
+
+/// The address to dial a node at, with its peer id, from its status.
+pub fn dial_addr(status: &Value) -> String {
+    format!(
+        "{}/p2p/{}",
+        tcp_listen_addr(status),
+        status["peer_id"].as_str().expect("peer_id")
+    )
 }
