@@ -6,6 +6,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod data_dir;
+pub mod erasable;
 pub mod events;
 pub mod keys;
 pub mod metrics;
