@@ -172,10 +172,10 @@ fn wipe(path: &Path) -> io::Result<()> {
         f.sync_all()?;
     }
     fs::remove_file(path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+    if let Some(dir) = path.parent()
+        && let Ok(d) = fs::File::open(dir)
+    {
+        let _ = d.sync_all();
     }
     Ok(())
 }
