@@ -4,7 +4,7 @@
 //! Private keys are stored as [`SealedSecret`]s when the user gave a
 //! passphrase, raw otherwise; either way the files are mode 0600.
 
-use std::{path::Path, time::SystemTime};
+use std::path::Path;
 
 use libp2p::{PeerId, identity};
 use rand::RngCore;
@@ -13,7 +13,10 @@ use tern_protocol::{
 };
 use zeroize::Zeroizing;
 
-use crate::data_dir::{DataDir, create_private, read_bounded};
+use crate::{
+    data_dir::{DataDir, create_private, read_bounded},
+    events::now_ms,
+};
 
 /// First byte of a key file: how the 32 secret bytes that follow are kept.
 const PLAIN: u8 = 0;
@@ -163,13 +166,6 @@ pub fn rename(dir: &DataDir, identity: &mut Identity, name: &str) -> Result<(), 
         .map_err(io_err(&dir.device_cert()))?;
     identity.certificate = cert;
     Ok(())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn device_secret_bytes(device: &identity::Keypair) -> Result<Zeroizing<[u8; 32]>, KeyError> {

@@ -73,11 +73,6 @@ impl Store {
             }
         })
     }
-
-    /// Bytes the store occupies on disk.
-    pub fn size_on_disk(&self) -> Result<u64> {
-        Ok(self.db.size_on_disk()?)
-    }
 }
 
 /// One named keyspace of the store.
@@ -154,10 +149,6 @@ impl Keyspace {
 
     pub fn insert_record_soon<R: Record>(&self, key: &[u8], record: &R) -> Result<()> {
         self.insert_soon(key, &record.encode())
-    }
-
-    pub async fn insert_record_durable<R: Record>(&self, key: &[u8], record: &R) -> Result<()> {
-        self.insert_durable(key, &record.encode()).await
     }
 }
 
