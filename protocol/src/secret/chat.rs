@@ -59,6 +59,9 @@ pub enum SecretPayload {
         timer_ms: Option<u64>,
     },
     Close,
+    /// A step of the short-code exchange (see [`super::sas`]); the node
+    /// drives it, the chat ignores it.
+    ShortCode(super::sas::SasMessage),
 }
 
 impl Record for SecretPayload {
@@ -133,6 +136,9 @@ pub struct SecretChat {
     /// In the order both sides agree on: the session delivers in order.
     order: Vec<MessageId>,
     messages: BTreeMap<MessageId, SecretMessage>,
+    /// Dropped to stay within [`MAX_MESSAGES`]; the node erases them too.
+    #[serde(skip)]
+    evicted: Vec<MessageId>,
 }
 
 impl SecretChat {
@@ -150,7 +156,36 @@ impl SecretChat {
             timer_ms: None,
             order: Vec::new(),
             messages: BTreeMap::new(),
+            evicted: Vec::new(),
         }
+    }
+
+    /// A chat as it was saved: its state, its timer and its messages in
+    /// order (at most [`MAX_MESSAGES`], the newest kept).
+    pub fn restore(state: ChatState, timer_ms: Option<u64>, messages: Vec<SecretMessage>) -> Self {
+        let mut chat = Self::with_state(state);
+        chat.timer_ms = timer_ms;
+        for m in messages {
+            chat.insert(m);
+        }
+        chat
+    }
+
+    /// Messages dropped since the last call because the chat was full.
+    pub fn take_evicted(&mut self) -> Vec<MessageId> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    pub fn message(&self, id: &MessageId) -> Option<&SecretMessage> {
+        self.messages.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
     }
 
     /// The peer accepted our request, or we accepted theirs.
@@ -304,6 +339,7 @@ impl SecretChat {
                 self.state = ChatState::Closed;
                 vec![ChatEvent::Closed]
             }
+            SecretPayload::ShortCode(_) => Vec::new(),
         }
     }
 
@@ -328,6 +364,7 @@ impl SecretChat {
         if self.order.len() >= MAX_MESSAGES {
             let oldest = self.order.remove(0);
             self.messages.remove(&oldest);
+            self.evicted.push(oldest);
         }
         self.order.push(m.id);
         self.messages.insert(m.id, m);

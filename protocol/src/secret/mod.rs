@@ -15,5 +15,6 @@ pub use fingerprint::{EMOJI, Fingerprint};
 pub use picture::KeyPicture;
 pub use sas::{SasError, SasInitiator, SasMessage, SasResponder, ShortCode};
 pub use session::{
-    Established, Handshake, LocalDevice, Opened, SecretFrame, SecretSession, SessionError,
+    Established, Handshake, LocalDevice, Opened, Role, SecretFrame, SecretSession, SessionError,
+    SessionSnapshot,
 };

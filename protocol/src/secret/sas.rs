@@ -17,7 +17,7 @@ use super::fingerprint::{EMOJI, sextet};
 /// Emoji in the short code.
 pub const SHORT_CODE_LEN: usize = 5;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SasMessage {
     /// Initiator → responder: BLAKE3 commitment to the initiator's nonce.
     Commit([u8; 32]),
@@ -50,6 +50,14 @@ impl ShortCode {
         h.update(initiator_nonce);
         h.update(responder_nonce);
         Self(*h.finalize().as_bytes())
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 
     pub fn emoji(&self) -> String {
@@ -99,7 +107,9 @@ impl SasInitiator {
     }
 }
 
-/// The side that accepted the secret chat.
+/// The side that accepted the secret chat. Kept on disk between the
+/// commitment and the reveal, so it serialises.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct SasResponder {
     handshake_hash: [u8; 32],
     nonce: [u8; 32],
