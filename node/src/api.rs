@@ -27,6 +27,7 @@ use crate::{
     keys::peer_id_of,
     metrics::{ApiLabels, NodeMetrics},
     net::{NetError, NetworkHandle},
+    secret::SecretHandle,
 };
 
 /// Largest request body accepted.
@@ -36,6 +37,7 @@ const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub struct ApiState {
     pub net: NetworkHandle,
+    pub secret: SecretHandle,
     pub bus: EventBus,
     pub token: String,
     pub registry: Registry,
@@ -49,7 +51,7 @@ pub struct ApiState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
-type Shared = Arc<ApiState>;
+pub(crate) type Shared = Arc<ApiState>;
 
 pub fn router(state: Shared) -> Router {
     Router::new()
@@ -59,6 +61,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/connect", post(connect))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
+        .merge(crate::secret::api::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         // Outermost: authenticate before anything else looks at the request.
@@ -69,6 +72,12 @@ pub fn router(state: Shared) -> Router {
 /// An error for API clients: a status and one line saying what was wrong.
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    pub fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        Self(status, msg.into())
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -53,6 +53,11 @@ pub enum Command {
         /// A ticket from `tern ticket`, or a multiaddr.
         target: String,
     },
+    /// Secret chats: device-to-device, end-to-end, self-destructing.
+    #[command(subcommand)]
+    Secret(crate::secret::cli::SecretCommand),
+    /// Close and erase all of this device's secret chats and their keys.
+    Logout,
     /// Stream events from the node.
     Watch(JsonFlag),
     /// Start a local testnet of N nodes on loopback.
@@ -178,6 +183,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("connected to {}", r.peer_id);
             Ok(())
         }
+        Command::Secret(cmd) => crate::secret::cli::run(&dir, cmd).await,
+        Command::Logout => crate::secret::cli::logout(&dir).await,
         Command::Watch(f) => watch(&dir, f.json).await,
         Command::Testnet(args) => testnet::run(args).await,
     }
@@ -393,6 +400,39 @@ fn describe(ev: &Value) -> String {
             s("account_id")
         ),
         "peer_disconnected" => format!("disconnected  {}", s("peer_id")),
+        "secret_request" => format!(
+            "secret chat   {} requested by {} ({}); `tern secret accept {}`",
+            s("secret_id"),
+            s("name"),
+            ev.get("peer")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown account"),
+            s("secret_id")
+        ),
+        "secret_accepted" => format!("secret chat   {} is active", s("secret_id")),
+        "secret_cancelled" => format!("secret chat   {} cancelled", s("secret_id")),
+        "secret_closed" => format!("secret chat   {} closed", s("secret_id")),
+        "secret_message" => format!("secret        {}: {}", s("secret_id"), s("text")),
+        "secret_read" | "secret_expired" | "secret_deleted" => {
+            let n = ev
+                .get("message_ids")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            let what = match ev.get("type").and_then(Value::as_str) {
+                Some("secret_read") => "read by the other device",
+                Some("secret_expired") => "self-destructed",
+                _ => "deleted by the other device",
+            };
+            format!("secret        {}: {n} message(s) {what}", s("secret_id"))
+        }
+        "secret_cleared" => format!("secret        {}: history cleared", s("secret_id")),
+        "secret_timer" => format!(
+            "secret        {}: timer {}",
+            s("secret_id"),
+            ev.get("timer_ms")
+                .and_then(Value::as_u64)
+                .map_or("off".to_owned(), |ms| format!("{ms} ms"))
+        ),
         "lagged" => format!(
             "(missed {} events)",
             ev.get("missed").and_then(Value::as_u64).unwrap_or(0)

@@ -51,6 +51,11 @@ impl DataDir {
     pub fn api_endpoint(&self) -> PathBuf {
         self.root.join("api.json")
     }
+    /// Data that must really disappear when deleted (secret chats).
+    pub fn erasable(&self) -> PathBuf {
+        self.root.join("erasable")
+    }
+
     pub fn store(&self) -> PathBuf {
         self.root.join("store")
     }

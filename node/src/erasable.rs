@@ -139,6 +139,19 @@ impl ErasableStore {
         Ok(keys)
     }
 
+    /// The spaces whose names start with `prefix`, sorted.
+    pub fn spaces(&self, prefix: &str) -> Result<Vec<String>> {
+        let entries = fs::read_dir(&self.root).map_err(io_at(&self.root))?;
+        let mut spaces: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|s| s.starts_with(prefix) && check_name(s).is_ok())
+            .collect();
+        spaces.sort();
+        Ok(spaces)
+    }
+
     /// Wipes every value of a space and removes it.
     pub fn delete_space(&self, space: &str) -> Result<()> {
         for key in self.keys(space)? {

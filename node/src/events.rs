@@ -30,6 +30,47 @@ pub enum Event {
     },
     /// The last connection to a peer closed.
     PeerDisconnected { peer_id: String },
+    /// Another device asks for a secret chat (`tern secret accept ID`).
+    SecretRequest {
+        secret_id: String,
+        peer: Option<String>,
+        peer_device: String,
+        name: String,
+    },
+    /// A secret chat became active on this device.
+    SecretAccepted { secret_id: String },
+    /// A secret chat request was declined or withdrawn.
+    SecretCancelled { secret_id: String },
+    /// A secret chat message arrived.
+    SecretMessage {
+        secret_id: String,
+        message_id: String,
+        text: String,
+    },
+    /// The other device read these messages (their timers start).
+    SecretRead {
+        secret_id: String,
+        message_ids: Vec<String>,
+    },
+    /// These messages self-destructed.
+    SecretExpired {
+        secret_id: String,
+        message_ids: Vec<String>,
+    },
+    /// The other device deleted these messages.
+    SecretDeleted {
+        secret_id: String,
+        message_ids: Vec<String>,
+    },
+    /// The other device cleared the history.
+    SecretCleared { secret_id: String },
+    /// The other device set the self-destruct timer.
+    SecretTimer {
+        secret_id: String,
+        timer_ms: Option<u64>,
+    },
+    /// The secret chat was closed (by either side, or by logout).
+    SecretClosed { secret_id: String },
     /// This subscriber fell behind and missed events.
     Lagged { missed: u64 },
 }

@@ -71,6 +71,22 @@ pub fn device_public_key(key: &identity::PublicKey) -> Option<DevicePublicKey> {
     DevicePublicKey::from_bytes(ed.to_bytes()).ok()
 }
 
+/// The device key inside a PeerId (Ed25519 PeerIds carry the key itself).
+pub fn device_of_peer(peer: &PeerId) -> Option<DevicePublicKey> {
+    let hash = peer.as_ref();
+    if hash.code() != 0 {
+        return None; // a hashed key: not one of ours
+    }
+    device_public_key(&identity::PublicKey::try_decode_protobuf(hash.digest()).ok()?)
+}
+
+/// The device's signing key in the form `protocol/` signs with.
+pub fn device_signing_key(device: &identity::Keypair) -> Option<ed25519_dalek::SigningKey> {
+    let ed = device.clone().try_into_ed25519().ok()?;
+    let secret: [u8; 32] = ed.secret().as_ref().try_into().ok()?;
+    Some(ed25519_dalek::SigningKey::from_bytes(&secret))
+}
+
 /// The PeerId of a device key from `protocol/`.
 pub fn peer_id_of(device: &DevicePublicKey) -> Option<PeerId> {
     let ed = identity::ed25519::PublicKey::try_from_bytes(device.as_bytes()).ok()?;

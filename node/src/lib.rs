@@ -12,5 +12,6 @@ pub mod keys;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod secret;
 pub mod store;
 pub mod testnet;

@@ -16,10 +16,12 @@ use crate::{
     api::{self, ApiState},
     config::Config,
     data_dir::{DataDir, read_bounded, write_atomic},
+    erasable::ErasableStore,
     events::EventBus,
     keys,
     metrics::NodeMetrics,
     net::{EventLoop, EventLoopParts, behaviour::build_swarm},
+    secret::{self, SecretService, service::ServiceParts, store::ChatStore},
     store::Store,
 };
 
@@ -104,6 +106,8 @@ impl Node {
         )?;
         let bus = EventBus::default();
         let peer_id = identity.peer_id();
+        let (secret_inbound, inbound_rx) =
+            tokio::sync::mpsc::channel(secret::service::INBOUND_QUEUE);
         let (mut event_loop, net) = EventLoop::new(EventLoopParts {
             swarm,
             bus: bus.clone(),
@@ -112,7 +116,21 @@ impl Node {
             peers_ks: store.keyspace("peers")?,
             state_ks: store.keyspace("state")?,
             target_peers: config.target_peers as usize,
+            secret_inbound,
         });
+        let erasable = ErasableStore::open(data_dir.erasable())
+            .with_context(|| format!("cannot open {}", data_dir.erasable().display()))?;
+        let signing_key = keys::device_signing_key(&identity.device)
+            .context("the device key is not an Ed25519 key")?;
+        let (secret_service, secret) = SecretService::new(ServiceParts {
+            net: net.clone(),
+            bus: bus.clone(),
+            metrics: metrics.clone(),
+            store: ChatStore::new(erasable),
+            signing_key,
+            certificate: identity.certificate.clone(),
+            inbound: inbound_rx,
+        })?;
         for spec in &config.listen {
             event_loop.listen(spec)?;
         }
@@ -130,6 +148,7 @@ impl Node {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state = Arc::new(ApiState {
             net,
+            secret,
             bus,
             token,
             registry,
@@ -143,7 +162,10 @@ impl Node {
         });
 
         let flusher = store.spawn_background_flusher();
-        let mut tasks = vec![tokio::spawn(event_loop.run(shutdown_rx.clone()))];
+        let mut tasks = vec![
+            tokio::spawn(event_loop.run(shutdown_rx.clone())),
+            secret_service.spawn(shutdown_rx.clone()),
+        ];
         let mut api_shutdown = shutdown_rx;
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(listener, api::router(state))

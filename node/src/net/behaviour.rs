@@ -12,7 +12,10 @@ use prometheus_client::registry::Registry;
 use tern_protocol::DeviceCertificate;
 
 use super::codec::RecordCodec;
-use crate::config::Config;
+use crate::{
+    config::Config,
+    secret::wire::{SecretRequest, SecretResponse},
+};
 
 /// Kademlia for Tern nodes only: a private DHT, not the public IPFS one.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/kad/1");
@@ -22,7 +25,11 @@ pub const INTRODUCE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/introd
 /// Sent in identify, so Tern nodes recognise each other.
 pub const IDENTIFY_VERSION: &str = "/tern/1";
 
+/// Secret chats: set-up and frames between the two devices of a chat.
+pub const SECRET_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/secret/1");
+
 pub type IntroduceCodec = RecordCodec<DeviceCertificate, DeviceCertificate>;
+pub type SecretCodec = RecordCodec<SecretRequest, SecretResponse>;
 
 #[derive(NetworkBehaviour)]
 pub struct TernBehaviour {
@@ -36,6 +43,19 @@ pub struct TernBehaviour {
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub introduce: request_response::Behaviour<IntroduceCodec>,
+    pub secret: request_response::Behaviour<SecretCodec>,
+}
+
+/// The relay service carries other devices' connections (for secret chats:
+/// ciphertext in flight, nothing kept). libp2p's defaults end a circuit
+/// after 2 minutes or 128 KiB, too little for a conversation; these limits
+/// still bound what one circuit may cost this node.
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_circuit_duration: Duration::from_secs(3600),
+        max_circuit_bytes: 256 * 1024 * 1024,
+        ..relay::Config::default()
+    }
 }
 
 /// Builds the swarm: TCP and QUIC (plus relayed connections), Noise, Yamux,
@@ -90,7 +110,7 @@ pub fn build_swarm(
             Ok(TernBehaviour {
                 limits: connection_limits::Behaviour::new(limits),
                 relay_client,
-                relay: relay::Behaviour::new(peer_id, relay::Config::default()),
+                relay: relay::Behaviour::new(peer_id, relay_config()),
                 dcutr: dcutr::Behaviour::new(peer_id),
                 autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
                 identify: identify::Behaviour::new(
@@ -101,6 +121,13 @@ pub fn build_swarm(
                 ping: ping::Behaviour::default(),
                 kad,
                 mdns: mdns.into(),
+                secret: request_response::Behaviour::with_codec(
+                    SecretCodec::new(rejected_frames.clone()),
+                    [(SECRET_PROTOCOL, request_response::ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(30))
+                        .with_max_concurrent_streams(256),
+                ),
                 introduce: request_response::Behaviour::with_codec(
                     IntroduceCodec::new(rejected_frames),
                     [(INTRODUCE_PROTOCOL, request_response::ProtocolSupport::Full)],

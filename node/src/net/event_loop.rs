@@ -24,7 +24,7 @@ use libp2p::{
     },
 };
 use serde::{Deserialize, Serialize};
-use tern_protocol::DeviceCertificate;
+use tern_protocol::{AccountId, DeviceCertificate};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
@@ -36,6 +36,7 @@ use crate::{
     events::{Event, EventBus, now_ms},
     keys::peer_id_of,
     metrics::NodeMetrics,
+    secret::wire::{SecretRequest, SecretResponse},
     store::Keyspace,
 };
 
@@ -45,6 +46,24 @@ pub const COMMAND_QUEUE: usize = 64;
 const MAX_PENDING_DIALS: usize = 64;
 /// Most redials started per tick.
 const REDIALS_PER_TICK: usize = 8;
+/// Most secret-chat requests of ours waiting for an answer.
+const MAX_PENDING_SECRET: usize = 1024;
+
+/// A secret-chat request from a peer, for the secret-chat service; answered
+/// with [`NetworkHandle::secret_respond`].
+pub struct InboundSecret {
+    pub peer: PeerId,
+    pub request: SecretRequest,
+    pub channel: request_response::ResponseChannel<SecretResponse>,
+}
+
+/// What the node knows about a device it has met.
+#[derive(Clone, Debug)]
+pub struct KnownDevice {
+    pub account: Option<AccountId>,
+    pub name: String,
+    pub connected: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -79,6 +98,24 @@ pub enum Command {
         addrs: Vec<Multiaddr>,
         reply: oneshot::Sender<Result<PeerId, String>>,
     },
+    SecretRequest {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: SecretRequest,
+        reply: oneshot::Sender<Result<SecretResponse, String>>,
+    },
+    SecretRespond {
+        channel: request_response::ResponseChannel<SecretResponse>,
+        response: SecretResponse,
+    },
+    Device {
+        peer: PeerId,
+        reply: oneshot::Sender<Option<KnownDevice>>,
+    },
+    DevicesOf {
+        account: AccountId,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
 }
 
 /// A cheap, cloneable handle to the event loop.
@@ -106,6 +143,46 @@ impl NetworkHandle {
 
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetError> {
         self.call(Command::Peers).await
+    }
+
+    /// Sends a secret-chat request to `peer` (dialling it, also at `addrs`,
+    /// if needed) and waits for its answer.
+    pub async fn secret_request(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: SecretRequest,
+    ) -> Result<SecretResponse, NetError> {
+        self.call(|reply| Command::SecretRequest {
+            peer,
+            addrs,
+            request,
+            reply,
+        })
+        .await?
+        .map_err(NetError::Dial)
+    }
+
+    pub async fn secret_respond(
+        &self,
+        channel: request_response::ResponseChannel<SecretResponse>,
+        response: SecretResponse,
+    ) -> Result<(), NetError> {
+        self.tx
+            .send(Command::SecretRespond { channel, response })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// What the node knows about `peer`, if it has met it.
+    pub async fn device(&self, peer: PeerId) -> Result<Option<KnownDevice>, NetError> {
+        self.call(|reply| Command::Device { peer, reply }).await
+    }
+
+    /// The known devices of an account, connected ones first.
+    pub async fn devices_of(&self, account: AccountId) -> Result<Vec<PeerId>, NetError> {
+        self.call(|reply| Command::DevicesOf { account, reply })
+            .await
     }
 
     /// Dials and returns once connected (or failed). With `peer` given, the
@@ -143,6 +220,11 @@ pub struct EventLoop {
     pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, String>>>,
     connected: HashMap<PeerId, Connected>,
     target_peers: usize,
+    secret_inbound: mpsc::Sender<InboundSecret>,
+    pending_secret: HashMap<
+        request_response::OutboundRequestId,
+        oneshot::Sender<Result<SecretResponse, String>>,
+    >,
 }
 
 pub struct EventLoopParts {
@@ -153,6 +235,7 @@ pub struct EventLoopParts {
     pub peers_ks: Keyspace,
     pub state_ks: Keyspace,
     pub target_peers: usize,
+    pub secret_inbound: mpsc::Sender<InboundSecret>,
 }
 
 impl EventLoop {
@@ -171,6 +254,8 @@ impl EventLoop {
             pending_dials: HashMap::new(),
             connected: HashMap::new(),
             target_peers: parts.target_peers,
+            secret_inbound: parts.secret_inbound,
+            pending_secret: HashMap::new(),
         };
         this.restore_address_book();
         (this, NetworkHandle { tx })
@@ -282,6 +367,98 @@ impl EventLoop {
                 let _ = reply.send(self.peers());
             }
             Command::Dial { peer, addrs, reply } => self.dial(peer, addrs, reply),
+            Command::SecretRequest {
+                peer,
+                addrs,
+                request,
+                reply,
+            } => self.send_secret(peer, addrs, request, reply),
+            Command::SecretRespond { channel, response } => {
+                // Fails only if the stream is gone; the peer then retries.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .secret
+                    .send_response(channel, response);
+            }
+            Command::Device { peer, reply } => {
+                let known = self.book.get(&peer).map(|e| KnownDevice {
+                    account: e.account,
+                    name: e.name.clone(),
+                    connected: self.swarm.is_connected(&peer),
+                });
+                let _ = reply.send(known);
+            }
+            Command::DevicesOf { account, reply } => {
+                let _ = reply.send(self.book.devices_of(&account));
+            }
+        }
+    }
+
+    fn send_secret(
+        &mut self,
+        peer: PeerId,
+        mut addrs: Vec<Multiaddr>,
+        request: SecretRequest,
+        reply: oneshot::Sender<Result<SecretResponse, String>>,
+    ) {
+        if self.pending_secret.len() >= MAX_PENDING_SECRET {
+            let _ = reply.send(Err("too many secret-chat requests in flight".into()));
+            return;
+        }
+        if let Some(e) = self.book.get(&peer) {
+            addrs.extend(e.addrs.iter().cloned());
+        }
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .secret
+            .send_request_with_addresses(&peer, request, addrs);
+        self.pending_secret.insert(id, reply);
+    }
+
+    fn on_secret(&mut self, event: request_response::Event<SecretRequest, SecretResponse>) {
+        use request_response::{Event as E, Message};
+        match event {
+            E::Message { peer, message, .. } => match message {
+                Message::Request {
+                    request, channel, ..
+                } => {
+                    let inbound = InboundSecret {
+                        peer,
+                        request,
+                        channel,
+                    };
+                    // Full means the service is behind: no answer, and the
+                    // peer's sender retries later.
+                    if self.secret_inbound.try_send(inbound).is_err() {
+                        debug!(%peer, "secret-chat service busy; dropping a request");
+                    }
+                }
+                Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_secret.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            E::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                debug!(%peer, "secret-chat request failed: {error}");
+                if let Some(reply) = self.pending_secret.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            E::InboundFailure { peer, error, .. } => {
+                debug!(%peer, "inbound secret-chat request failed: {error}");
+            }
+            E::ResponseSent { .. } => {}
         }
     }
 
@@ -518,6 +695,7 @@ impl EventLoop {
                 }
             }
             TernBehaviourEvent::Introduce(e) => self.on_introduce(e),
+            TernBehaviourEvent::Secret(e) => self.on_secret(e),
             TernBehaviourEvent::Kad(e) => {
                 self.metrics.libp2p.record(&e);
                 if let kad::Event::RoutingUpdated {

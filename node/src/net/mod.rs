@@ -6,4 +6,7 @@ pub mod codec;
 pub mod event_loop;
 pub mod peers;
 
-pub use event_loop::{EventLoop, EventLoopParts, NetError, NetStatus, NetworkHandle, PeerInfo};
+pub use event_loop::{
+    EventLoop, EventLoopParts, InboundSecret, KnownDevice, NetError, NetStatus, NetworkHandle,
+    PeerInfo,
+};

@@ -122,6 +122,18 @@ impl AddressBook {
         self.entries.len()
     }
 
+    /// The known devices of `account`: connected ones first, then the most
+    /// recently seen.
+    pub fn devices_of(&self, account: &AccountId) -> Vec<PeerId> {
+        let mut found: Vec<(&PeerId, &Entry)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.account.as_ref() == Some(account))
+            .collect();
+        found.sort_by_key(|(p, e)| (!e.connected, std::cmp::Reverse(e.last_seen_ms), **p));
+        found.into_iter().map(|(p, _)| *p).collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -145,6 +145,9 @@ pub struct Handshake {
 pub struct Established {
     pub reply: Option<Vec<u8>>,
     pub session: SecretSession,
+    /// The peer's certificate, proven by the handshake: which account the
+    /// device at the other end belongs to.
+    pub peer: DeviceCertificate,
 }
 
 impl Handshake {
@@ -225,7 +228,7 @@ impl Handshake {
     /// the third for the responder), which completes the handshake.
     pub fn on_message(mut self, msg: &[u8], now_ms: u64) -> Result<Established, SessionError> {
         let payload = self.read(msg)?;
-        self.check_proof(&payload)?;
+        let peer = self.check_proof(&payload)?;
         let reply = match self.role {
             Role::Initiator => {
                 let proof = self.proof.clone();
@@ -237,7 +240,11 @@ impl Handshake {
             return Err(SessionError::Handshake("handshake did not finish".into()));
         }
         let session = SecretSession::new(self.role, self.state.get_handshake_hash(), now_ms);
-        Ok(Established { reply, session })
+        Ok(Established {
+            reply,
+            session,
+            peer,
+        })
     }
 
     fn write(&mut self, payload: &[u8]) -> Result<Vec<u8>, SessionError> {
@@ -263,7 +270,7 @@ impl Handshake {
         Ok(buf)
     }
 
-    fn check_proof(&self, payload: &[u8]) -> Result<(), SessionError> {
+    fn check_proof(&self, payload: &[u8]) -> Result<DeviceCertificate, SessionError> {
         // Record::decode checks the certificate's own signature.
         let proof = IdentityProof::decode(payload).map_err(|_| SessionError::BadIdentityProof)?;
         if proof.certificate.device != self.expected_peer {
@@ -279,7 +286,8 @@ impl Handshake {
             &proof_message(&self.secret_id, remote_static),
             &Signature::from_bytes(&proof.signature),
         )
-        .map_err(|_| SessionError::BadIdentityProof)
+        .map_err(|_| SessionError::BadIdentityProof)?;
+        Ok(proof.certificate)
     }
 }
 

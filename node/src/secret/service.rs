@@ -1,0 +1,1686 @@
+//! The secret-chat service: one task that owns every secret chat of this
+//! device. It serves commands from the control API, requests from peers
+//! (handed over by the network event loop) and its own timers, and talks to
+//! the network only through the [`NetworkHandle`].
+//!
+//! Delivery is reliable and ordered per chat: sealed frames wait in the
+//! chat's outbox (on disk) and go out one request at a time, at most
+//! [`MAX_FRAMES`] per request; the peer acknowledges how far it got, and the
+//! sender resends from there. An unreachable peer is retried with backoff,
+//! and at once when it connects again.
+//!
+//! The service runs on a thread of its own, so the fsyncs of the erasable
+//! store never hold up the network.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    time::Duration,
+};
+
+use ed25519_dalek::SigningKey;
+use libp2p::{Multiaddr, PeerId};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tern_protocol::{
+    AccountId, DeviceCertificate, Record, Ticket,
+    secret::{
+        ChatError, ChatEvent, ChatState, Fingerprint, Handshake, LocalDevice, MessageId,
+        SasInitiator, SasMessage, SasResponder, SecretChat, SecretFrame, SecretPayload,
+        SecretSession, SessionError, ShortCode, sas::SasStep,
+    },
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use super::{
+    store::{ChatRecord, ChatStore, Pending, StoredMessage, hex},
+    time::rfc3339,
+    wire::{MAX_FRAMES, SecretId, SecretRequest, SecretResponse},
+};
+use crate::{
+    events::{Event, EventBus, now_ms},
+    keys::{device_of_peer, peer_id_of},
+    metrics::NodeMetrics,
+    net::{InboundSecret, NetError, NetworkHandle},
+};
+
+/// Most secret chats one device keeps.
+pub const MAX_CHATS: usize = 1000;
+/// Most requests one peer may have waiting for an answer here.
+pub const MAX_PENDING_PER_PEER: usize = 16;
+/// Most frames waiting to be sent in one chat; sending beyond is refused.
+pub const MAX_OUTBOX: usize = 10_000;
+/// Commands waiting for the service.
+pub const COMMAND_QUEUE: usize = 64;
+/// Requests from peers waiting for the service.
+pub const INBOUND_QUEUE: usize = 256;
+/// Longest wait between retries to an unreachable peer.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long one request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("no secret chat {0}; see `tern secret list`")]
+    NoSuchChat(String),
+    #[error("{0:?} matches several secret chats; give more of the id")]
+    Ambiguous(String),
+    #[error("{0}")]
+    Chat(#[from] ChatError),
+    #[error("{0}")]
+    BadInput(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot save the secret chat: {0}")]
+    Store(String),
+    #[error("the node is shutting down")]
+    Stopped,
+}
+
+impl From<super::store::StoreError> for SecretError {
+    fn from(e: super::store::StoreError) -> Self {
+        Self::Store(e.to_string())
+    }
+}
+
+/// Whom to start a secret chat with.
+pub enum StartTarget {
+    Account(AccountId),
+    Ticket(Ticket),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SecretInfo {
+    pub secret_id: String,
+    /// `pending`, `active`, `cancelled` or `closed`.
+    pub state: String,
+    /// Whether this device started it.
+    pub initiator: bool,
+    /// The other person's account id, when known.
+    pub peer: Option<String>,
+    pub peer_device: String,
+    pub peer_name: String,
+    pub created_at: String,
+    pub messages: usize,
+    pub timer_ms: Option<u64>,
+    /// Frames waiting to reach the other device.
+    pub outbox: usize,
+    pub epoch: Option<u32>,
+    /// Completed Diffie-Hellman re-keys.
+    pub rekeys: u32,
+    /// The 5-emoji short code, once both sides have exchanged it.
+    pub short_code: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HistoryItem {
+    pub id: String,
+    pub text: String,
+    pub from_me: bool,
+    pub read: bool,
+    pub timer_ms: Option<u64>,
+    pub expires_at: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyInfo {
+    pub secret_id: String,
+    /// The 256-bit fingerprint, hex; pictures are drawn from it.
+    pub hex: String,
+    pub emoji: String,
+    pub short_code: Option<String>,
+    /// Set when the short-code exchange was tampered with.
+    pub short_code_failed: bool,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, SecretError>>;
+
+enum Command {
+    Start(StartTarget, Reply<SecretInfo>),
+    Accept(String, Reply<SecretInfo>),
+    Decline(String, Reply<SecretInfo>),
+    Close(String, Reply<SecretInfo>),
+    List(Reply<Vec<SecretInfo>>),
+    Key(String, Reply<KeyInfo>),
+    Send(String, String, Reply<String>),
+    History(String, Reply<Vec<HistoryItem>>),
+    Timer(String, Option<u64>, Reply<SecretInfo>),
+    Delete(String, Vec<String>, Reply<usize>),
+    Clear(String, Reply<usize>),
+    Forward(String, String, Reply<()>),
+    Logout(Reply<usize>),
+    Resolve(String, Reply<String>),
+}
+
+/// A cheap, cloneable handle to the service.
+#[derive(Clone)]
+pub struct SecretHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl SecretHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, SecretError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| SecretError::Stopped)?;
+        rx.await.map_err(|_| SecretError::Stopped)?
+    }
+
+    pub async fn start(&self, target: StartTarget) -> Result<SecretInfo, SecretError> {
+        self.call(|r| Command::Start(target, r)).await
+    }
+    pub async fn accept(&self, id: String) -> Result<SecretInfo, SecretError> {
+        self.call(|r| Command::Accept(id, r)).await
+    }
+    pub async fn decline(&self, id: String) -> Result<SecretInfo, SecretError> {
+        self.call(|r| Command::Decline(id, r)).await
+    }
+    pub async fn close(&self, id: String) -> Result<SecretInfo, SecretError> {
+        self.call(|r| Command::Close(id, r)).await
+    }
+    pub async fn list(&self) -> Result<Vec<SecretInfo>, SecretError> {
+        self.call(Command::List).await
+    }
+    pub async fn key(&self, id: String) -> Result<KeyInfo, SecretError> {
+        self.call(|r| Command::Key(id, r)).await
+    }
+    pub async fn send(&self, id: String, text: String) -> Result<String, SecretError> {
+        self.call(|r| Command::Send(id, text, r)).await
+    }
+    pub async fn history(&self, id: String) -> Result<Vec<HistoryItem>, SecretError> {
+        self.call(|r| Command::History(id, r)).await
+    }
+    pub async fn timer(&self, id: String, ms: Option<u64>) -> Result<SecretInfo, SecretError> {
+        self.call(|r| Command::Timer(id, ms, r)).await
+    }
+    pub async fn delete(&self, id: String, msgs: Vec<String>) -> Result<usize, SecretError> {
+        self.call(|r| Command::Delete(id, msgs, r)).await
+    }
+    pub async fn clear(&self, id: String) -> Result<usize, SecretError> {
+        self.call(|r| Command::Clear(id, r)).await
+    }
+    pub async fn forward(&self, id: String, msg: String) -> Result<(), SecretError> {
+        self.call(|r| Command::Forward(id, msg, r)).await
+    }
+    pub async fn logout(&self) -> Result<usize, SecretError> {
+        self.call(Command::Logout).await
+    }
+    /// The full id of the chat `id` (a unique prefix is enough).
+    pub async fn resolve(&self, id: String) -> Result<String, SecretError> {
+        self.call(|r| Command::Resolve(id, r)).await
+    }
+}
+
+/// The outcome of one request to a peer.
+struct Delivered {
+    id: SecretId,
+    request: SecretRequest,
+    result: Result<SecretResponse, NetError>,
+}
+
+/// One chat in memory.
+struct Chat {
+    record: ChatRecord,
+    chat: SecretChat,
+    seqs: HashMap<MessageId, u64>,
+    next_seq: u64,
+    session: Option<SecretSession>,
+    /// This side's handshake while it waits for the peer's next message.
+    handshake: Option<Handshake>,
+    outbox: VecDeque<SecretFrame>,
+    in_flight: bool,
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Duration,
+}
+
+impl Chat {
+    fn peer(&self) -> Option<PeerId> {
+        peer_id_of(&self.record.peer_device)
+    }
+
+    fn peer_addrs(&self) -> Vec<Multiaddr> {
+        self.record
+            .peer_addrs
+            .iter()
+            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+            .collect()
+    }
+
+    fn has_work(&self) -> bool {
+        self.record.pending.is_some() || (!self.outbox.is_empty() && self.session.is_some())
+    }
+
+    fn info(&self) -> SecretInfo {
+        SecretInfo {
+            secret_id: hex(&self.record.secret_id),
+            state: state_name(self.chat.state).into(),
+            initiator: self.record.initiator,
+            peer: self.record.peer_account.map(|a| a.to_string()),
+            peer_device: peer_id_of(&self.record.peer_device)
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            peer_name: self.record.peer_name.clone(),
+            created_at: rfc3339(self.record.created_ms),
+            messages: self.chat.len(),
+            timer_ms: self.chat.timer_ms,
+            outbox: self.outbox.len(),
+            epoch: self.session.as_ref().map(SecretSession::epoch),
+            rekeys: self.record.rekeys,
+            short_code: self
+                .record
+                .short_code
+                .map(|c| ShortCode::from_bytes(c).emoji()),
+        }
+    }
+}
+
+fn state_name(s: ChatState) -> &'static str {
+    match s {
+        ChatState::Pending { .. } => "pending",
+        ChatState::Active => "active",
+        ChatState::Cancelled => "cancelled",
+        ChatState::Closed => "closed",
+    }
+}
+
+fn random32() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut b);
+    b
+}
+
+fn parse_message_id(s: &str) -> Result<MessageId, SecretError> {
+    let bytes = data_encoding::HEXLOWER_PERMISSIVE
+        .decode(s.trim().as_bytes())
+        .ok()
+        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+        .ok_or_else(|| {
+            SecretError::BadInput(format!(
+                "{s:?} is not a message id (32 hex characters, as `tern secret history` shows)"
+            ))
+        })?;
+    Ok(MessageId(bytes))
+}
+
+pub struct SecretService {
+    net: NetworkHandle,
+    bus: EventBus,
+    metrics: NodeMetrics,
+    store: ChatStore,
+    signing_key: SigningKey,
+    certificate: DeviceCertificate,
+    chats: HashMap<SecretId, Chat>,
+    commands: mpsc::Receiver<Command>,
+    inbound: mpsc::Receiver<InboundSecret>,
+    delivered_tx: mpsc::Sender<Delivered>,
+    delivered: mpsc::Receiver<Delivered>,
+}
+
+pub struct ServiceParts {
+    pub net: NetworkHandle,
+    pub bus: EventBus,
+    pub metrics: NodeMetrics,
+    pub store: ChatStore,
+    pub signing_key: SigningKey,
+    pub certificate: DeviceCertificate,
+    pub inbound: mpsc::Receiver<InboundSecret>,
+}
+
+impl SecretService {
+    /// Loads every secret chat from disk.
+    pub fn new(parts: ServiceParts) -> anyhow::Result<(Self, SecretHandle)> {
+        let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
+        let (delivered_tx, delivered) = mpsc::channel(MAX_CHATS);
+        let mut this = Self {
+            net: parts.net,
+            bus: parts.bus,
+            metrics: parts.metrics,
+            store: parts.store,
+            signing_key: parts.signing_key,
+            certificate: parts.certificate,
+            chats: HashMap::new(),
+            commands,
+            inbound: parts.inbound,
+            delivered_tx,
+            delivered,
+        };
+        for loaded in this.store.load_all()? {
+            let session = loaded.session.as_ref().map(SecretSession::restore);
+            let next_send = session.as_ref().map_or(0, SecretSession::next_send);
+            let mut outbox = VecDeque::new();
+            for f in loaded.outbox {
+                if f.n < next_send {
+                    outbox.push_back(f);
+                } else {
+                    // Sealed by a session that was never saved: never sent.
+                    let _ = this.store.delete_frame(&loaded.record.secret_id, f.n);
+                }
+            }
+            let seqs = loaded
+                .messages
+                .iter()
+                .map(|m| (m.message.id, m.seq))
+                .collect();
+            let next_seq = loaded.messages.last().map_or(0, |m| m.seq + 1);
+            let chat = SecretChat::restore(
+                loaded.record.state,
+                loaded.record.timer_ms,
+                loaded.messages.into_iter().map(|m| m.message).collect(),
+            );
+            let mut c = Chat {
+                record: loaded.record,
+                chat,
+                seqs,
+                next_seq,
+                session,
+                handshake: None,
+                outbox,
+                in_flight: false,
+                retry_at: None,
+                backoff: Duration::from_secs(1),
+            };
+            this.rebuild_handshake(&mut c);
+            this.chats.insert(c.record.secret_id, c);
+        }
+        if !this.chats.is_empty() {
+            info!(chats = this.chats.len(), "restored secret chats");
+        }
+        Ok((this, SecretHandle { tx }))
+    }
+
+    fn local(&self) -> LocalDevice<'_> {
+        LocalDevice {
+            signing_key: &self.signing_key,
+            certificate: &self.certificate,
+        }
+    }
+
+    /// After a restart, a handshake waiting for the peer is rebuilt from its
+    /// seed: the same seed gives the same keys and messages.
+    fn rebuild_handshake(&self, c: &mut Chat) {
+        let Some(seed) = c.record.handshake_seed else {
+            return;
+        };
+        let id = c.record.secret_id;
+        let peer = c.record.peer_device;
+        let built = if c.record.initiator {
+            Handshake::initiate(id, &self.local(), peer, seed).map(|(hs, _)| hs)
+        } else if let Some(first) = c.record.peer_handshake.clone() {
+            Handshake::respond(id, &self.local(), peer, seed, &first).map(|(hs, _)| hs)
+        } else {
+            return;
+        };
+        match built {
+            Ok(hs) => c.handshake = Some(hs),
+            Err(e) => warn!(secret = %hex(&id), "cannot rebuild the handshake: {e}"),
+        }
+    }
+
+    /// Runs the service on a thread of its own until `shutdown` flips.
+    pub fn spawn(self, shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        let (done_tx, done_rx) = oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("tern-secret".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(self.run(shutdown)),
+                    Err(e) => warn!("cannot start the secret-chat service: {e}"),
+                }
+                let _ = done_tx.send(());
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start the secret-chat thread: {e}");
+        }
+        tokio::spawn(async move {
+            let _ = done_rx.await;
+        })
+    }
+
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut events = self.bus.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let ids: Vec<SecretId> = self.chats.keys().copied().collect();
+        for id in ids {
+            self.kick(&id);
+        }
+        loop {
+            let expiry = self.next_expiry();
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
+                Some(d) = self.delivered.recv() => self.on_delivered(d),
+                Some(req) = self.inbound.recv() => self.on_inbound(req).await,
+                _ = sleep_until_ms(expiry) => self.expire(),
+                event = events.recv() => {
+                    if let Ok(stamped) = event
+                        && let Event::PeerIdentified { peer_id, .. } = stamped.event
+                    {
+                        self.on_peer_back(&peer_id);
+                    }
+                }
+                _ = tick.tick() => self.retry_due(),
+            }
+        }
+        debug!("secret-chat service stopped");
+    }
+
+    // ----- commands -----
+
+    async fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Start(target, r) => {
+                let res = self.start(target).await;
+                let _ = r.send(res);
+            }
+            Command::Accept(id, r) => {
+                let _ = r.send(self.resolve(&id).and_then(|id| self.accept(&id)));
+            }
+            Command::Decline(id, r) => {
+                let _ = r.send(self.resolve(&id).and_then(|id| self.decline(&id)));
+            }
+            Command::Close(id, r) => {
+                let _ = r.send(self.resolve(&id).and_then(|id| self.close(&id)));
+            }
+            Command::List(r) => {
+                let mut all: Vec<&Chat> = self.chats.values().collect();
+                all.sort_by_key(|c| (c.record.created_ms, c.record.secret_id));
+                let _ = r.send(Ok(all.into_iter().map(Chat::info).collect()));
+            }
+            Command::Key(id, r) => {
+                let _ = r.send(self.resolve(&id).and_then(|id| self.key(&id)));
+            }
+            Command::Send(id, text, r) => {
+                let _ = r.send(self.resolve(&id).and_then(|id| self.send(&id, &text)));
+            }
+            Command::History(id, r) => {
+                let _ = r.send(self.resolve(&id).and_then(|id| self.history(&id)));
+            }
+            Command::Timer(id, ms, r) => {
+                let _ = r.send(self.resolve(&id).and_then(|id| self.set_timer(&id, ms)));
+            }
+            Command::Delete(id, msgs, r) => {
+                let _ = r.send(self.resolve(&id).and_then(|id| self.delete(&id, &msgs)));
+            }
+            Command::Clear(id, r) => {
+                let _ = r.send(self.resolve(&id).and_then(|id| self.clear(&id)));
+            }
+            Command::Forward(id, msg, r) => {
+                let _ = r.send(self.resolve(&id).and_then(|id| self.forward(&id, &msg)));
+            }
+            Command::Logout(r) => {
+                let res = self.logout().await;
+                let _ = r.send(res);
+            }
+            Command::Resolve(id, r) => {
+                let _ = r.send(self.resolve(&id).map(|id| hex(&id)));
+            }
+        }
+    }
+
+    /// A full id or a unique prefix of at least 4 hex characters.
+    fn resolve(&self, given: &str) -> Result<SecretId, SecretError> {
+        let given = given.trim().to_ascii_lowercase();
+        if given.len() < 4 || !given.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(SecretError::NoSuchChat(given));
+        }
+        let mut found = self
+            .chats
+            .keys()
+            .filter(|id| hex(id.as_slice()).starts_with(&given));
+        match (found.next(), found.next()) {
+            (Some(id), None) => Ok(*id),
+            (Some(_), Some(_)) => Err(SecretError::Ambiguous(given)),
+            (None, _) => Err(SecretError::NoSuchChat(given)),
+        }
+    }
+
+    fn chat(&mut self, id: &SecretId) -> Result<&mut Chat, SecretError> {
+        self.chats
+            .get_mut(id)
+            .ok_or_else(|| SecretError::NoSuchChat(hex(id)))
+    }
+
+    async fn start(&mut self, target: StartTarget) -> Result<SecretInfo, SecretError> {
+        if self.chats.len() >= MAX_CHATS {
+            return Err(SecretError::Refused(format!(
+                "this device already has {MAX_CHATS} secret chats; close and clear some first"
+            )));
+        }
+        let (device, account, addrs) = match target {
+            StartTarget::Ticket(t) => (t.device, Some(t.account), t.addrs),
+            StartTarget::Account(account) => {
+                let devices = self
+                    .net
+                    .devices_of(account)
+                    .await
+                    .map_err(|_| SecretError::Stopped)?;
+                let peer = devices.first().ok_or_else(|| {
+                    SecretError::BadInput(format!(
+                        "no device of account {} is known here; connect to it first (`tern connect TICKET`) or start with its ticket",
+                        account.short()
+                    ))
+                })?;
+                let device = device_of_peer(peer).ok_or_else(|| {
+                    SecretError::BadInput("that device's id carries no key".into())
+                })?;
+                (device, Some(account), Vec::new())
+            }
+        };
+        if device == self.certificate.device {
+            return Err(SecretError::BadInput(
+                "that is this device itself; a secret chat needs another device".into(),
+            ));
+        }
+        let peer = peer_id_of(&device).ok_or_else(|| {
+            SecretError::BadInput("the device key in the ticket is invalid".into())
+        })?;
+        let name = match self.net.device(peer).await {
+            Ok(Some(known)) => {
+                if let (Some(expected), Some(seen)) = (account, known.account)
+                    && expected != seen
+                {
+                    return Err(SecretError::BadInput(format!(
+                        "that device belongs to account {}, not {}; check the ticket",
+                        seen.short(),
+                        expected.short()
+                    )));
+                }
+                known.name
+            }
+            _ => String::new(),
+        };
+        let mut id = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut id);
+        let seed = random32();
+        let (hs, _first) = Handshake::initiate(id, &self.local(), device, seed)
+            .map_err(|e| SecretError::Refused(e.to_string()))?;
+        let record = ChatRecord {
+            secret_id: id,
+            initiator: true,
+            peer_device: device,
+            peer_account: account,
+            peer_name: name,
+            peer_addrs: addrs,
+            created_ms: now_ms(),
+            state: ChatState::Pending { by_me: true },
+            timer_ms: None,
+            pending: Some(Pending::Offer),
+            handshake_seed: Some(seed),
+            peer_handshake: None,
+            our_handshake: None,
+            sas_nonce: None,
+            sas_responder: None,
+            short_code: None,
+            sas_failed: false,
+            fingerprint: None,
+            rekeys: 0,
+        };
+        self.store.put_record(&record)?;
+        let chat = Chat {
+            chat: SecretChat::requested_by_me(),
+            record,
+            seqs: HashMap::new(),
+            next_seq: 0,
+            session: None,
+            handshake: Some(hs),
+            outbox: VecDeque::new(),
+            in_flight: false,
+            retry_at: None,
+            backoff: Duration::from_secs(1),
+        };
+        let info = chat.info();
+        self.chats.insert(id, chat);
+        info!(secret = %hex(&id), "secret chat requested");
+        self.kick(&id);
+        Ok(info)
+    }
+
+    fn accept(&mut self, id: &SecretId) -> Result<SecretInfo, SecretError> {
+        let local_signing = self.signing_key.clone();
+        let local_cert = self.certificate.clone();
+        let c = self.chat(id)?;
+        if c.chat.state != (ChatState::Pending { by_me: false }) {
+            return Err(ChatError::NotPendingForMe.into());
+        }
+        if c.record.pending == Some(Pending::Accept) {
+            return Ok(c.info()); // already accepted, waiting for the peer
+        }
+        let first = c
+            .record
+            .peer_handshake
+            .clone()
+            .ok_or_else(|| SecretError::Refused("the request is incomplete".into()))?;
+        let seed = random32();
+        let local = LocalDevice {
+            signing_key: &local_signing,
+            certificate: &local_cert,
+        };
+        let (hs, second) = Handshake::respond(*id, &local, c.record.peer_device, seed, &first)
+            .map_err(|e| SecretError::Refused(format!("the request cannot be answered: {e}")))?;
+        c.record.handshake_seed = Some(seed);
+        c.record.our_handshake = Some(second);
+        c.record.pending = Some(Pending::Accept);
+        c.handshake = Some(hs);
+        self.store.put_record(&self.chats[id].record)?;
+        self.kick(id);
+        Ok(self.chats[id].info())
+    }
+
+    fn decline(&mut self, id: &SecretId) -> Result<SecretInfo, SecretError> {
+        let c = self.chat(id)?;
+        if c.chat.state != (ChatState::Pending { by_me: false }) {
+            return Err(ChatError::NotPendingForMe.into());
+        }
+        c.chat.cancel();
+        c.record.state = c.chat.state;
+        c.record.pending = Some(Pending::Decline);
+        c.record.handshake_seed = None;
+        c.record.peer_handshake = None;
+        c.record.our_handshake = None;
+        c.handshake = None;
+        self.store.put_record(&self.chats[id].record)?;
+        self.bus.emit(Event::SecretCancelled { secret_id: hex(id) });
+        self.kick(id);
+        Ok(self.chats[id].info())
+    }
+
+    fn close(&mut self, id: &SecretId) -> Result<SecretInfo, SecretError> {
+        let c = self.chat(id)?;
+        match c.chat.state {
+            ChatState::Pending { by_me: true } => {
+                // Withdrawn before an answer: the other side sees it cancelled.
+                c.chat.cancel();
+                c.record.state = ChatState::Closed;
+                c.chat = SecretChat::restore(ChatState::Closed, None, Vec::new());
+                c.record.pending = Some(Pending::Decline);
+                c.record.handshake_seed = None;
+                c.handshake = None;
+                self.store.put_record(&self.chats[id].record)?;
+            }
+            ChatState::Pending { by_me: false } => return self.decline(id),
+            ChatState::Active => {
+                let payload = c.chat.close();
+                c.record.state = ChatState::Closed;
+                self.queue(id, &payload)?;
+                self.store.put_record(&self.chats[id].record)?;
+            }
+            ChatState::Cancelled | ChatState::Closed => return Ok(c.info()),
+        }
+        self.bus.emit(Event::SecretClosed { secret_id: hex(id) });
+        self.kick(id);
+        Ok(self.chats[id].info())
+    }
+
+    fn key(&mut self, id: &SecretId) -> Result<KeyInfo, SecretError> {
+        let c = self.chat(id)?;
+        let fp = c.record.fingerprint.ok_or_else(|| {
+            SecretError::Refused(
+                "there is no key yet: the chat becomes active once the other device accepts".into(),
+            )
+        })?;
+        let fp = Fingerprint::from_bytes(fp);
+        Ok(KeyInfo {
+            secret_id: hex(id),
+            hex: fp.hex(),
+            emoji: fp.emoji_line(),
+            short_code: c
+                .record
+                .short_code
+                .map(|s| ShortCode::from_bytes(s).emoji()),
+            short_code_failed: c.record.sas_failed,
+        })
+    }
+
+    fn send(&mut self, id: &SecretId, text: &str) -> Result<String, SecretError> {
+        let c = self.chat(id)?;
+        if c.outbox.len() >= MAX_OUTBOX {
+            return Err(SecretError::Refused(format!(
+                "{MAX_OUTBOX} messages are already waiting for the other device; wait until it is reachable"
+            )));
+        }
+        let mut mid = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut mid);
+        let mid = MessageId(mid);
+        let payload = c.chat.compose(mid, text)?;
+        self.save_message(id, &mid)?;
+        self.queue(id, &payload)?;
+        self.kick(id);
+        Ok(hex(&mid.0))
+    }
+
+    /// Shows the chat: unread messages from the peer become read, their
+    /// countdowns start, and a receipt goes out.
+    fn history(&mut self, id: &SecretId) -> Result<Vec<HistoryItem>, SecretError> {
+        let now = now_ms();
+        let c = self.chat(id)?;
+        if let Some(receipt) = c.chat.mark_read(now) {
+            let SecretPayload::Read { ids } = &receipt else {
+                unreachable!("mark_read returns a Read payload")
+            };
+            let ids = ids.clone();
+            for mid in &ids {
+                self.save_message(id, mid)?;
+            }
+            if self.chats[id].session.is_some() && self.chats[id].chat.state == ChatState::Active {
+                self.queue(id, &receipt)?;
+                self.kick(id);
+            }
+        }
+        let c = &self.chats[id];
+        Ok(c.chat
+            .history(now)
+            .map(|m| HistoryItem {
+                id: hex(&m.id.0),
+                text: m.text.clone(),
+                from_me: m.from_me,
+                read: m.read_at_ms.is_some(),
+                timer_ms: m.timer_ms,
+                expires_at: m.expires_at_ms.map(rfc3339),
+            })
+            .collect())
+    }
+
+    fn set_timer(&mut self, id: &SecretId, ms: Option<u64>) -> Result<SecretInfo, SecretError> {
+        let c = self.chat(id)?;
+        let payload = c.chat.set_timer(ms)?;
+        c.record.timer_ms = ms;
+        self.store.put_record(&self.chats[id].record)?;
+        self.queue(id, &payload)?;
+        self.kick(id);
+        Ok(self.chats[id].info())
+    }
+
+    fn delete(&mut self, id: &SecretId, msgs: &[String]) -> Result<usize, SecretError> {
+        let ids = msgs
+            .iter()
+            .map(|m| parse_message_id(m))
+            .collect::<Result<Vec<_>, _>>()?;
+        if ids.is_empty() {
+            return Err(SecretError::BadInput("name at least one message".into()));
+        }
+        let c = self.chat(id)?;
+        let payload = c.chat.delete(&ids)?;
+        for mid in &ids {
+            self.erase_message(id, mid)?;
+        }
+        if self.chats[id].chat.state == ChatState::Active {
+            self.queue(id, &payload)?;
+            self.kick(id);
+        }
+        Ok(ids.len())
+    }
+
+    fn clear(&mut self, id: &SecretId) -> Result<usize, SecretError> {
+        let c = self.chat(id)?;
+        let ids: Vec<MessageId> = c.seqs.keys().copied().collect();
+        let payload = c.chat.clear();
+        for mid in &ids {
+            self.erase_message(id, mid)?;
+        }
+        if self.chats[id].chat.state == ChatState::Active {
+            self.queue(id, &payload)?;
+            self.kick(id);
+        }
+        Ok(ids.len())
+    }
+
+    fn forward(&mut self, id: &SecretId, msg: &str) -> Result<(), SecretError> {
+        let mid = parse_message_id(msg)?;
+        let c = self.chat(id)?;
+        if c.chat.message(&mid).is_none() {
+            return Err(ChatError::UnknownMessage(mid).into());
+        }
+        Err(SecretError::Refused(
+            "messages of a secret chat cannot be forwarded: they exist on these two devices only"
+                .into(),
+        ))
+    }
+
+    /// Closes every secret chat, tells the peers that can be reached, and
+    /// erases all of them with their keys.
+    async fn logout(&mut self) -> Result<usize, SecretError> {
+        let ids: Vec<SecretId> = self.chats.keys().copied().collect();
+        let mut farewells = Vec::new();
+        for id in &ids {
+            let c = &mut self.chats.get_mut(id).expect("listed above");
+            let (Some(peer), Some(session)) = (c.peer(), c.session.as_mut()) else {
+                continue;
+            };
+            if c.chat.state != ChatState::Active {
+                continue;
+            }
+            let Ok(frames) = session.seal(&SecretPayload::Close.encode(), now_ms(), random32())
+            else {
+                continue;
+            };
+            // Frames still waiting go first, then the farewell.
+            let mut all: Vec<SecretFrame> = c.outbox.iter().cloned().collect();
+            all.extend(frames);
+            all.truncate(MAX_FRAMES);
+            let request = SecretRequest::Frames {
+                secret_id: *id,
+                frames: all,
+            };
+            let net = self.net.clone();
+            let addrs = c.peer_addrs();
+            farewells.push(async move {
+                tokio::time::timeout(
+                    Duration::from_secs(3),
+                    net.secret_request(peer, addrs, request),
+                )
+                .await
+            });
+        }
+        // The other sides learn it now if they can be reached, else when they
+        // next write (this device answers "unknown chat").
+        futures::future::join_all(farewells).await;
+        for id in &ids {
+            self.store.delete_chat(id)?;
+            self.chats.remove(id);
+            self.bus.emit(Event::SecretClosed { secret_id: hex(id) });
+        }
+        info!(chats = ids.len(), "logged out of all secret chats");
+        Ok(ids.len())
+    }
+
+    // ----- persistence helpers -----
+
+    fn save_message(&mut self, id: &SecretId, mid: &MessageId) -> Result<(), SecretError> {
+        let c = self.chat(id)?;
+        let Some(m) = c.chat.message(mid).cloned() else {
+            return Ok(());
+        };
+        let seq = *c.seqs.entry(*mid).or_insert_with(|| {
+            c.next_seq += 1;
+            c.next_seq - 1
+        });
+        let evicted = c.chat.take_evicted();
+        self.store
+            .put_message(id, &StoredMessage { seq, message: m })?;
+        for gone in evicted {
+            self.erase_message(id, &gone)?;
+        }
+        Ok(())
+    }
+
+    fn erase_message(&mut self, id: &SecretId, mid: &MessageId) -> Result<(), SecretError> {
+        if let Some(c) = self.chats.get_mut(id) {
+            c.seqs.remove(mid);
+        }
+        self.store.delete_message(id, mid)?;
+        Ok(())
+    }
+
+    /// Seals a payload, keeps the frames on disk, then the session that
+    /// sealed them.
+    fn queue(&mut self, id: &SecretId, payload: &SecretPayload) -> Result<(), SecretError> {
+        let c = self.chat(id)?;
+        let session = c.session.as_mut().ok_or_else(|| {
+            SecretError::Refused("the secret chat has no session (not accepted yet)".into())
+        })?;
+        let frames = session
+            .seal(&payload.encode(), now_ms(), random32())
+            .map_err(|e| SecretError::Refused(e.to_string()))?;
+        let snapshot = session.snapshot();
+        c.record.rekeys = session.rekeys();
+        for f in &frames {
+            self.store.put_frame(id, f)?;
+        }
+        self.store.put_session(id, &snapshot)?;
+        self.chats
+            .get_mut(id)
+            .expect("checked above")
+            .outbox
+            .extend(frames);
+        Ok(())
+    }
+
+    // ----- delivery -----
+
+    fn on_peer_back(&mut self, peer_id: &str) {
+        let due: Vec<SecretId> = self
+            .chats
+            .iter()
+            .filter(|(_, c)| c.peer().is_some_and(|p| p.to_string() == peer_id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(c) = self.chats.get_mut(&id) {
+                c.retry_at = None;
+                c.backoff = Duration::from_secs(1);
+            }
+            self.kick(&id);
+        }
+    }
+
+    fn retry_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<SecretId> = self
+            .chats
+            .iter()
+            .filter(|(_, c)| !c.in_flight && c.has_work() && c.retry_at.is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.kick(&id);
+        }
+    }
+
+    /// Starts the next request of a chat, unless one is in flight or the
+    /// chat waits for its retry time.
+    fn kick(&mut self, id: &SecretId) {
+        let Some(c) = self.chats.get_mut(id) else {
+            return;
+        };
+        if c.in_flight || !c.has_work() {
+            return;
+        }
+        if c.retry_at.is_some_and(|t| t > tokio::time::Instant::now()) {
+            return;
+        }
+        let Some(peer) = c.peer() else {
+            return;
+        };
+        let request = match c.record.pending {
+            Some(Pending::Offer) => {
+                let Some(seed) = c.record.handshake_seed else {
+                    return;
+                };
+                let local = LocalDevice {
+                    signing_key: &self.signing_key,
+                    certificate: &self.certificate,
+                };
+                match Handshake::initiate(*id, &local, c.record.peer_device, seed) {
+                    Ok((_, first)) => SecretRequest::Offer {
+                        secret_id: *id,
+                        handshake: first,
+                    },
+                    Err(e) => {
+                        warn!(secret = %hex(id), "cannot build the offer: {e}");
+                        return;
+                    }
+                }
+            }
+            Some(Pending::Accept) => match &c.record.our_handshake {
+                Some(second) => SecretRequest::Accept {
+                    secret_id: *id,
+                    handshake: second.clone(),
+                },
+                None => return,
+            },
+            Some(Pending::Decline) => SecretRequest::Decline { secret_id: *id },
+            None => SecretRequest::Frames {
+                secret_id: *id,
+                frames: c.outbox.iter().take(MAX_FRAMES).cloned().collect(),
+            },
+        };
+        c.in_flight = true;
+        let net = self.net.clone();
+        let addrs = c.peer_addrs();
+        let done = self.delivered_tx.clone();
+        let id = *id;
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                net.secret_request(peer, addrs, request.clone()),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(NetError::Dial("timed out".into())),
+            };
+            let _ = done
+                .send(Delivered {
+                    id,
+                    request,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    fn backoff(&mut self, id: &SecretId, why: &str) {
+        if let Some(c) = self.chats.get_mut(id) {
+            debug!(secret = %hex(id), "delivery deferred: {why}");
+            c.retry_at = Some(tokio::time::Instant::now() + c.backoff);
+            c.backoff = (c.backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn on_delivered(&mut self, d: Delivered) {
+        let id = d.id;
+        let Some(c) = self.chats.get_mut(&id) else {
+            return; // logged out meanwhile
+        };
+        c.in_flight = false;
+        let response = match d.result {
+            Ok(r) => r,
+            Err(e) => {
+                self.backoff(&id, &e.to_string());
+                return;
+            }
+        };
+        c.backoff = Duration::from_secs(1);
+        c.retry_at = None;
+        let outcome = match (d.request, response) {
+            (SecretRequest::Frames { .. }, SecretResponse::Ack { next }) => {
+                self.on_ack(&id, next);
+                Ok(())
+            }
+            (SecretRequest::Offer { .. }, SecretResponse::Ok) => {
+                c.record.pending = None;
+                self.store.put_record(&c.record).map_err(SecretError::from)
+            }
+            (SecretRequest::Decline { .. }, SecretResponse::Ok | SecretResponse::Unknown) => {
+                c.record.pending = None;
+                self.store.put_record(&c.record).map_err(SecretError::from)
+            }
+            (SecretRequest::Accept { .. }, SecretResponse::Finish { handshake }) => {
+                self.on_finish(&id, &handshake)
+            }
+            (_, SecretResponse::Unknown) => {
+                info!(secret = %hex(&id), "the other device no longer has this secret chat");
+                self.peer_closed(&id)
+            }
+            (_, SecretResponse::Refused { reason }) => {
+                warn!(secret = %hex(&id), "the other device refused: {reason}");
+                self.backoff(&id, &reason);
+                return;
+            }
+            (_, other) => {
+                warn!(secret = %hex(&id), ?other, "unexpected answer from the other device");
+                self.backoff(&id, "unexpected answer");
+                return;
+            }
+        };
+        if let Err(e) = outcome {
+            warn!(secret = %hex(&id), "{e}");
+        }
+        self.kick(&id);
+    }
+
+    fn on_ack(&mut self, id: &SecretId, next: u64) {
+        let Some(c) = self.chats.get_mut(id) else {
+            return;
+        };
+        let mut acked = Vec::new();
+        while c.outbox.front().is_some_and(|f| f.n < next) {
+            if let Some(f) = c.outbox.pop_front() {
+                acked.push(f.n);
+            }
+        }
+        if acked.is_empty() && c.outbox.front().is_some_and(|f| f.n > next) {
+            // The peer lost frames we no longer have: nothing can repair it.
+            warn!(secret = %hex(id), next, "the other device lost frames this device already dropped");
+        }
+        for n in acked {
+            if let Err(e) = self.store.delete_frame(id, n) {
+                warn!("{e}");
+            }
+        }
+        let Some(c) = self.chats.get_mut(id) else {
+            return;
+        };
+        // Closed by us and everything delivered: the keys can go.
+        if c.chat.state == ChatState::Closed && c.outbox.is_empty() && c.session.is_some() {
+            c.session = None;
+            if let Err(e) = self.store.delete_session(id) {
+                warn!("{e}");
+            }
+        }
+    }
+
+    /// The initiator answered our acceptance: the handshake completes here.
+    fn on_finish(&mut self, id: &SecretId, third: &[u8]) -> Result<(), SecretError> {
+        let c = self.chat(id)?;
+        let Some(hs) = c.handshake.take() else {
+            return Ok(()); // already done
+        };
+        let established = match hs.on_message(third, now_ms()) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(secret = %hex(id), "handshake failed: {e}");
+                self.metrics.rejected_frames.inc();
+                self.cancel_after_failed_handshake(id)?;
+                return Ok(());
+            }
+        };
+        let c = self.chat(id)?;
+        c.record.peer_account = Some(established.peer.account);
+        c.record.peer_name = established.peer.name.clone();
+        let hh = established.session.handshake_hash();
+        c.record.fingerprint = Some(*established.session.fingerprint().as_bytes());
+        c.record.sas_responder = Some(SasResponder::new(hh, random32()));
+        c.record.handshake_seed = None;
+        c.record.peer_handshake = None;
+        c.record.our_handshake = None;
+        c.record.pending = None;
+        c.chat.activate();
+        c.record.state = c.chat.state;
+        self.store
+            .put_session(id, &established.session.snapshot())?;
+        let c = self.chat(id)?;
+        c.session = Some(established.session);
+        self.store.put_record(&self.chats[id].record)?;
+        info!(secret = %hex(id), "secret chat active");
+        self.bus.emit(Event::SecretAccepted { secret_id: hex(id) });
+        Ok(())
+    }
+
+    fn cancel_after_failed_handshake(&mut self, id: &SecretId) -> Result<(), SecretError> {
+        let c = self.chat(id)?;
+        c.chat.cancel();
+        c.record.state = ChatState::Cancelled;
+        c.record.pending = None;
+        c.record.handshake_seed = None;
+        c.handshake = None;
+        self.store.put_record(&self.chats[id].record)?;
+        self.bus.emit(Event::SecretCancelled { secret_id: hex(id) });
+        Ok(())
+    }
+
+    /// The peer closed the chat or no longer has it: drop the keys and what
+    /// waits to be sent; the messages stay until the user clears them.
+    fn peer_closed(&mut self, id: &SecretId) -> Result<(), SecretError> {
+        let c = self.chat(id)?;
+        let was = c.chat.state;
+        let frames: Vec<u64> = c.outbox.drain(..).map(|f| f.n).collect();
+        c.session = None;
+        c.handshake = None;
+        c.record.pending = None;
+        c.record.handshake_seed = None;
+        c.chat = SecretChat::restore(
+            match was {
+                ChatState::Pending { .. } => ChatState::Cancelled,
+                ChatState::Cancelled => ChatState::Cancelled,
+                _ => ChatState::Closed,
+            },
+            c.chat.timer_ms,
+            c.chat.history(0).cloned().collect(),
+        );
+        c.record.state = c.chat.state;
+        for n in frames {
+            self.store.delete_frame(id, n)?;
+        }
+        self.store.delete_session(id)?;
+        self.store.put_record(&self.chats[id].record)?;
+        let event = match self.chats[id].chat.state {
+            ChatState::Cancelled => Event::SecretCancelled { secret_id: hex(id) },
+            _ => Event::SecretClosed { secret_id: hex(id) },
+        };
+        if state_name(was) != state_name(self.chats[id].chat.state) {
+            self.bus.emit(event);
+        }
+        Ok(())
+    }
+
+    // ----- requests from peers -----
+
+    async fn on_inbound(&mut self, inbound: InboundSecret) {
+        let InboundSecret {
+            peer,
+            request,
+            channel,
+        } = inbound;
+        let _span = tracing::info_span!("secret", %peer).entered();
+        let response = match request {
+            SecretRequest::Offer {
+                secret_id,
+                handshake,
+            } => self.on_offer(peer, secret_id, handshake).await,
+            SecretRequest::Accept {
+                secret_id,
+                handshake,
+            } => self.on_accept(peer, secret_id, &handshake),
+            SecretRequest::Decline { secret_id } => self.on_decline(peer, secret_id),
+            SecretRequest::Frames { secret_id, frames } => self.on_frames(peer, secret_id, frames),
+        };
+        let response = response.unwrap_or_else(|e| {
+            warn!("secret-chat request failed: {e}");
+            SecretResponse::refused(&e.to_string())
+        });
+        let _ = self.net.secret_respond(channel, response).await;
+    }
+
+    /// The chat `id` if it exists and belongs to `peer`.
+    fn chat_with(&self, peer: &PeerId, id: &SecretId) -> Option<&Chat> {
+        self.chats.get(id).filter(|c| c.peer() == Some(*peer))
+    }
+
+    async fn on_offer(
+        &mut self,
+        peer: PeerId,
+        id: SecretId,
+        first: Vec<u8>,
+    ) -> Result<SecretResponse, SecretError> {
+        if let Some(c) = self.chats.get(&id) {
+            // A resend of an offer we have: fine. Anything else reuses an id.
+            let same = c.peer() == Some(peer) && !c.record.initiator;
+            return Ok(if same {
+                SecretResponse::Ok
+            } else {
+                self.metrics.rejected_frames.inc();
+                SecretResponse::refused("that secret chat id is taken")
+            });
+        }
+        let Some(device) = device_of_peer(&peer) else {
+            return Ok(SecretResponse::refused("this device id carries no key"));
+        };
+        let waiting = self
+            .chats
+            .values()
+            .filter(|c| {
+                c.peer() == Some(peer) && c.chat.state == (ChatState::Pending { by_me: false })
+            })
+            .count();
+        if waiting >= MAX_PENDING_PER_PEER || self.chats.len() >= MAX_CHATS {
+            return Ok(SecretResponse::refused(
+                "too many secret chat requests waiting on this device",
+            ));
+        }
+        let known = self.net.device(peer).await.ok().flatten();
+        let record = ChatRecord {
+            secret_id: id,
+            initiator: false,
+            peer_device: device,
+            peer_account: known.as_ref().and_then(|k| k.account),
+            peer_name: known.map(|k| k.name).unwrap_or_default(),
+            peer_addrs: Vec::new(),
+            created_ms: now_ms(),
+            state: ChatState::Pending { by_me: false },
+            timer_ms: None,
+            pending: None,
+            handshake_seed: None,
+            peer_handshake: Some(first),
+            our_handshake: None,
+            sas_nonce: None,
+            sas_responder: None,
+            short_code: None,
+            sas_failed: false,
+            fingerprint: None,
+            rekeys: 0,
+        };
+        self.store.put_record(&record)?;
+        info!(secret = %hex(&id), "secret chat request");
+        self.bus.emit(Event::SecretRequest {
+            secret_id: hex(&id),
+            peer: record.peer_account.map(|a| a.to_string()),
+            peer_device: peer.to_string(),
+            name: record.peer_name.clone(),
+        });
+        self.chats.insert(
+            id,
+            Chat {
+                record,
+                chat: SecretChat::requested_by_peer(),
+                seqs: HashMap::new(),
+                next_seq: 0,
+                session: None,
+                handshake: None,
+                outbox: VecDeque::new(),
+                in_flight: false,
+                retry_at: None,
+                backoff: Duration::from_secs(1),
+            },
+        );
+        Ok(SecretResponse::Ok)
+    }
+
+    fn on_accept(
+        &mut self,
+        peer: PeerId,
+        id: SecretId,
+        second: &[u8],
+    ) -> Result<SecretResponse, SecretError> {
+        let Some(c) = self.chat_with(&peer, &id) else {
+            return Ok(SecretResponse::Unknown);
+        };
+        if !c.record.initiator {
+            return Ok(SecretResponse::refused(
+                "this device did not start that chat",
+            ));
+        }
+        if c.chat.state == ChatState::Active {
+            // Our answer was lost on the way: send it again.
+            return Ok(match &c.record.our_handshake {
+                Some(third) => SecretResponse::Finish {
+                    handshake: third.clone(),
+                },
+                None => SecretResponse::refused("the chat is already active"),
+            });
+        }
+        if c.chat.state != (ChatState::Pending { by_me: true }) {
+            return Ok(SecretResponse::Unknown);
+        }
+        let c = self.chat(&id)?;
+        let Some(hs) = c.handshake.take() else {
+            return Ok(SecretResponse::refused("the handshake is not ready"));
+        };
+        let established = match hs.on_message(second, now_ms()) {
+            Ok(e) => e,
+            Err(e) => {
+                // Nothing changes: a forged answer must not end a real offer.
+                self.metrics.rejected_frames.inc();
+                warn!(secret = %hex(&id), "rejected a handshake answer: {e}");
+                self.rebuild_handshake_for(&id);
+                return Ok(SecretResponse::refused(&format!("handshake failed: {e}")));
+            }
+        };
+        let c = self.chat(&id)?;
+        if let Some(expected) = c.record.peer_account
+            && expected != established.peer.account
+        {
+            warn!(secret = %hex(&id), "the device answered for another account than asked for");
+            self.metrics.rejected_frames.inc();
+            self.cancel_after_failed_handshake(&id)?;
+            return Ok(SecretResponse::refused("wrong account"));
+        }
+        let Some(third) = established.reply.clone() else {
+            return Ok(SecretResponse::refused("handshake did not complete"));
+        };
+        let session = established.session;
+        c.record.peer_account = Some(established.peer.account);
+        c.record.peer_name = established.peer.name.clone();
+        c.record.fingerprint = Some(*session.fingerprint().as_bytes());
+        c.record.handshake_seed = None;
+        c.record.our_handshake = Some(third.clone());
+        c.record.pending = None;
+        let nonce = random32();
+        c.record.sas_nonce = Some(nonce);
+        c.chat.activate();
+        c.record.state = c.chat.state;
+        let (_, commit) = SasInitiator::start(session.handshake_hash(), nonce);
+        self.store.put_session(&id, &session.snapshot())?;
+        self.chat(&id)?.session = Some(session);
+        self.store.put_record(&self.chats[&id].record)?;
+        self.queue(&id, &SecretPayload::ShortCode(commit))?;
+        info!(secret = %hex(&id), "secret chat active");
+        self.bus.emit(Event::SecretAccepted {
+            secret_id: hex(&id),
+        });
+        self.kick(&id);
+        Ok(SecretResponse::Finish { handshake: third })
+    }
+
+    fn rebuild_handshake_for(&mut self, id: &SecretId) {
+        if let Some(mut c) = self.chats.remove(id) {
+            self.rebuild_handshake(&mut c);
+            self.chats.insert(*id, c);
+        }
+    }
+
+    fn on_decline(&mut self, peer: PeerId, id: SecretId) -> Result<SecretResponse, SecretError> {
+        let Some(c) = self.chat_with(&peer, &id) else {
+            return Ok(SecretResponse::Unknown);
+        };
+        if !matches!(c.chat.state, ChatState::Pending { .. }) {
+            return Ok(SecretResponse::Ok);
+        }
+        let c = self.chat(&id)?;
+        c.chat.cancel();
+        c.record.state = c.chat.state;
+        c.record.pending = None;
+        c.record.handshake_seed = None;
+        c.record.peer_handshake = None;
+        c.record.our_handshake = None;
+        c.handshake = None;
+        self.store.put_record(&self.chats[&id].record)?;
+        info!(secret = %hex(&id), "secret chat cancelled by the other device");
+        self.bus.emit(Event::SecretCancelled {
+            secret_id: hex(&id),
+        });
+        Ok(SecretResponse::Ok)
+    }
+
+    fn on_frames(
+        &mut self,
+        peer: PeerId,
+        id: SecretId,
+        frames: Vec<SecretFrame>,
+    ) -> Result<SecretResponse, SecretError> {
+        let Some(c) = self.chat_with(&peer, &id) else {
+            self.metrics.rejected_frames.inc();
+            return Ok(SecretResponse::Unknown);
+        };
+        if c.session.is_none() {
+            return Ok(SecretResponse::Unknown);
+        }
+        let now = now_ms();
+        let mut payloads = Vec::new();
+        let mut replies = Vec::new();
+        let rejected = self.metrics.rejected_frames.clone();
+        {
+            let c = self.chat(&id)?;
+            let session = c.session.as_mut().expect("checked above");
+            for frame in &frames {
+                match session.open(frame, now, random32()) {
+                    Ok(opened) => {
+                        payloads.extend(opened.payload);
+                        replies.extend(opened.reply);
+                    }
+                    Err(SessionError::Replay { got }) => {
+                        // Already received: a resend after a lost answer, or
+                        // an attacker's replay. Either way, nothing to do.
+                        debug!(secret = %hex(&id), got, "ignored a frame received before");
+                        rejected.inc();
+                    }
+                    Err(e) => {
+                        if !matches!(e, SessionError::Gap { .. }) {
+                            warn!(secret = %hex(&id), n = frame.n, "rejected a frame: {e}");
+                        }
+                        rejected.inc();
+                        break;
+                    }
+                }
+            }
+        }
+        let opened_any = !payloads.is_empty() || !replies.is_empty();
+        for bytes in payloads {
+            match SecretPayload::decode(&bytes) {
+                Ok(p) => self.apply(&id, p, now)?,
+                Err(e) => {
+                    self.metrics.rejected_frames.inc();
+                    warn!(secret = %hex(&id), "rejected a payload: {e}");
+                }
+            }
+        }
+        let Some(c) = self.chats.get_mut(&id) else {
+            return Ok(SecretResponse::Unknown);
+        };
+        let Some(session) = c.session.as_ref() else {
+            // Closed by this batch.
+            return Ok(SecretResponse::Ack { next: u64::MAX });
+        };
+        let next = session.next_expected();
+        c.record.rekeys = session.rekeys();
+        if opened_any {
+            // The peer's frames prove it finished the handshake.
+            c.record.our_handshake = None;
+        }
+        let snapshot = session.snapshot();
+        for f in &replies {
+            self.store.put_frame(&id, f)?;
+        }
+        self.store.put_session(&id, &snapshot)?;
+        self.store.put_record(&self.chats[&id].record)?;
+        if !replies.is_empty() {
+            self.chat(&id)?.outbox.extend(replies);
+            self.kick(&id);
+        }
+        Ok(SecretResponse::Ack { next })
+    }
+
+    /// Applies one decrypted payload from the peer.
+    fn apply(
+        &mut self,
+        id: &SecretId,
+        payload: SecretPayload,
+        now: u64,
+    ) -> Result<(), SecretError> {
+        if let SecretPayload::ShortCode(step) = payload {
+            return self.on_short_code(id, step);
+        }
+        let c = self.chat(id)?;
+        let events = c.chat.on_payload(payload, now);
+        let sid = hex(id);
+        for event in events {
+            match event {
+                ChatEvent::Message(mid) => {
+                    self.save_message(id, &mid)?;
+                    let text = self.chats[id]
+                        .chat
+                        .message(&mid)
+                        .map(|m| m.text.clone())
+                        .unwrap_or_default();
+                    self.bus.emit(Event::SecretMessage {
+                        secret_id: sid.clone(),
+                        message_id: hex(&mid.0),
+                        text,
+                    });
+                }
+                ChatEvent::Read(ids) => {
+                    for mid in &ids {
+                        self.save_message(id, mid)?;
+                    }
+                    self.bus.emit(Event::SecretRead {
+                        secret_id: sid.clone(),
+                        message_ids: ids.iter().map(|m| hex(&m.0)).collect(),
+                    });
+                }
+                ChatEvent::Deleted(ids) => {
+                    for mid in &ids {
+                        self.erase_message(id, mid)?;
+                    }
+                    self.bus.emit(Event::SecretDeleted {
+                        secret_id: sid.clone(),
+                        message_ids: ids.iter().map(|m| hex(&m.0)).collect(),
+                    });
+                }
+                ChatEvent::Expired(ids) => {
+                    for mid in &ids {
+                        self.erase_message(id, mid)?;
+                    }
+                }
+                ChatEvent::Cleared => {
+                    let ids: Vec<MessageId> = self.chats[id].seqs.keys().copied().collect();
+                    for mid in &ids {
+                        self.erase_message(id, mid)?;
+                    }
+                    self.bus.emit(Event::SecretCleared {
+                        secret_id: sid.clone(),
+                    });
+                }
+                ChatEvent::TimerChanged(ms) => {
+                    self.chat(id)?.record.timer_ms = ms;
+                    self.store.put_record(&self.chats[id].record)?;
+                    self.bus.emit(Event::SecretTimer {
+                        secret_id: sid.clone(),
+                        timer_ms: ms,
+                    });
+                }
+                ChatEvent::Closed => {
+                    info!(secret = %sid, "secret chat closed by the other device");
+                    self.peer_closed(id)?;
+                    self.bus.emit(Event::SecretClosed {
+                        secret_id: sid.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_short_code(&mut self, id: &SecretId, step: SasMessage) -> Result<(), SecretError> {
+        let c = self.chat(id)?;
+        let Some(hh) = c.session.as_ref().map(SecretSession::handshake_hash) else {
+            return Ok(());
+        };
+        let mut reply = None;
+        if c.record.initiator {
+            let Some(nonce) = c.record.sas_nonce.take() else {
+                return Ok(()); // already done
+            };
+            match SasInitiator::start(hh, nonce).0.on_message(step) {
+                Ok((reveal, code)) => {
+                    c.record.short_code = Some(*code.as_bytes());
+                    reply = Some(reveal);
+                }
+                Err(e) => {
+                    warn!(secret = %hex(id), "short-code exchange failed: {e}");
+                    c.record.sas_failed = true;
+                }
+            }
+        } else {
+            let Some(responder) = c.record.sas_responder.as_mut() else {
+                return Ok(());
+            };
+            match responder.on_message(step) {
+                Ok(SasStep::Send(m)) => reply = Some(m),
+                Ok(SasStep::Done(code)) => {
+                    c.record.short_code = Some(*code.as_bytes());
+                    c.record.sas_responder = None;
+                }
+                Err(e) => {
+                    warn!(secret = %hex(id), "short-code exchange failed: {e}");
+                    c.record.sas_failed = true;
+                    c.record.sas_responder = None;
+                }
+            }
+        }
+        self.store.put_record(&self.chats[id].record)?;
+        if let Some(m) = reply {
+            self.queue(id, &SecretPayload::ShortCode(m))?;
+            self.kick(id);
+        }
+        Ok(())
+    }
+
+    // ----- timers -----
+
+    fn next_expiry(&self) -> Option<u64> {
+        self.chats
+            .values()
+            .filter_map(|c| c.chat.next_expiry())
+            .min()
+    }
+
+    fn expire(&mut self) {
+        let now = now_ms();
+        let ids: Vec<SecretId> = self.chats.keys().copied().collect();
+        for id in ids {
+            let Some(c) = self.chats.get_mut(&id) else {
+                continue;
+            };
+            if let Some(ChatEvent::Expired(gone)) = c.chat.expire(now) {
+                for mid in &gone {
+                    if let Err(e) = self.erase_message(&id, mid) {
+                        warn!("{e}");
+                    }
+                }
+                debug!(secret = %hex(&id), count = gone.len(), "messages self-destructed");
+                self.bus.emit(Event::SecretExpired {
+                    secret_id: hex(&id),
+                    message_ids: gone.iter().map(|m| hex(&m.0)).collect(),
+                });
+            }
+        }
+    }
+}
+
+/// Sleeps until the wall-clock time `at_ms`, or forever without one.
+async fn sleep_until_ms(at_ms: Option<u64>) {
+    match at_ms {
+        Some(at) => {
+            let wait = at.saturating_sub(now_ms());
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+        None => std::future::pending().await,
+    }
+}
