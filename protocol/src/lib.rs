@@ -5,6 +5,7 @@
 //! own: time and random bytes are inputs. That is what lets the node and the
 //! simulator drive the very same code, and lets a test replay any run exactly.
 
+pub mod cloud;
 pub mod codec;
 pub mod identity;
 pub mod sealed;

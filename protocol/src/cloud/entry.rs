@@ -1,0 +1,561 @@
+//! One entry of a cloud chat's log: a signed cleartext header and an
+//! optional encrypted body, kept apart.
+//!
+//! The header is what storage peers verify without any key: who wrote it
+//! (a device certificate, which names the account), which heads the author
+//! had seen (`parents`), its place in the author device's sequence, its
+//! Lamport clock, its key epoch, what kind of entry it is, and the hash of
+//! its body. The entry's hash covers the header and the device's signature,
+//! and children name their parents by it: the log is a hash-linked DAG.
+//!
+//! The body is only referenced by hash, so a purge can drop the ciphertext
+//! from every disk while the header, and with it the chain, still verifies.
+
+use std::fmt;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use super::keys::{EncryptionPublicKey, WrappedKey, short_hex};
+use crate::{
+    codec::{DecodeError, Record, bytes64},
+    identity::{AccountId, DeviceCertificate, DevicePublicKey},
+};
+
+/// Most parents an entry may name.
+pub const MAX_PARENTS: usize = 16;
+/// Most members a chat may have.
+pub const MAX_MEMBERS: usize = 512;
+/// Most entries one purge may name.
+pub const MAX_PURGE_TARGETS: usize = 256;
+/// Largest encrypted body (content record plus the AEAD tag).
+pub const MAX_BODY_CIPHERTEXT: usize = <super::content::Content as Record>::MAX_LEN + 16;
+/// Largest encoded header with its signature.
+pub const MAX_HEADER_LEN: usize = 128 * 1024;
+
+const SIGNATURE_DOMAIN: &[u8] = b"tern cloud entry header v1\0";
+const ENTRY_HASH_CONTEXT: &str = "tern cloud entry hash v1";
+const BODY_HASH_CONTEXT: &str = "tern cloud body hash v1";
+
+/// A cloud chat's identity: 16 random bytes drawn by its creator.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChatId(pub [u8; 16]);
+
+impl fmt::Debug for ChatId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChatId({})", short_hex(&self.0))
+    }
+}
+
+impl fmt::Display for ChatId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::identity::base32_lower(&self.0))
+    }
+}
+
+/// The blake3 hash of an entry's header and signature: its name in the log.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EntryHash(pub [u8; 32]);
+
+impl fmt::Debug for EntryHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EntryHash({})", short_hex(&self.0))
+    }
+}
+
+/// The blake3 hash of an encrypted body.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BodyHash(pub [u8; 32]);
+
+impl fmt::Debug for BodyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BodyHash({})", short_hex(&self.0))
+    }
+}
+
+/// A member as the log carries it: the account, its encryption key, and the
+/// chat key of the entry's epoch wrapped to that key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberGrant {
+    pub account: AccountId,
+    pub encryption_key: EncryptionPublicKey,
+    pub wrapped_key: WrappedKey,
+}
+
+/// A new key wrapped to an existing member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyGrant {
+    pub account: AccountId,
+    pub wrapped_key: WrappedKey,
+}
+
+/// What an entry does. In cleartext, because storage peers must check who
+/// may do what without reading content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// The first entry: the members (each with the first chat key wrapped,
+    /// epoch 0) and the admins. With no admins, any member manages
+    /// membership; with admins, only they do. The body, if any, holds the
+    /// encrypted title.
+    Genesis {
+        members: Vec<MemberGrant>,
+        admins: Vec<AccountId>,
+    },
+    /// Encrypted content in the body: text, edit, read receipt, title.
+    Message,
+    /// Adds a member and gives it the chat key of this entry's epoch: it
+    /// reads this epoch and what follows; earlier epochs stay closed to it.
+    AddMember { member: MemberGrant },
+    /// Removes a member (or the author leaves) and rotates the key: a fresh
+    /// secret is wrapped to every remaining member at `new_epoch`.
+    RemoveMember {
+        account: AccountId,
+        new_epoch: u32,
+        grants: Vec<KeyGrant>,
+    },
+    /// Rotates the key without a membership change.
+    Rekey {
+        new_epoch: u32,
+        grants: Vec<KeyGrant>,
+    },
+    /// Delete for everyone: the bodies of these entries are erased
+    /// everywhere; their headers stay so the chain still verifies.
+    Purge { targets: Vec<EntryHash> },
+}
+
+impl EntryKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Genesis { .. } => "genesis",
+            Self::Message => "message",
+            Self::AddMember { .. } => "add-member",
+            Self::RemoveMember { .. } => "remove-member",
+            Self::Rekey { .. } => "rekey",
+            Self::Purge { .. } => "purge",
+        }
+    }
+
+    /// Whether applying this entry can change who is in the chat or the key.
+    pub fn changes_membership(&self) -> bool {
+        matches!(
+            self,
+            Self::Genesis { .. }
+                | Self::AddMember { .. }
+                | Self::RemoveMember { .. }
+                | Self::Rekey { .. }
+        )
+    }
+}
+
+/// Why an entry is malformed or its signature does not hold.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EntryError {
+    #[error("entry shape: {0}")]
+    Shape(&'static str),
+    #[error("the author's device certificate does not verify")]
+    BadCertificate,
+    #[error("the device signature on the header does not verify")]
+    BadSignature,
+    #[error("the body does not match the header's body hash")]
+    BodyMismatch,
+    #[error("the entry carries a body but its header names none")]
+    UnexpectedBody,
+}
+
+/// The signed, cleartext part of an entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryHeader {
+    pub chat: ChatId,
+    pub author: DeviceCertificate,
+    /// The heads the author had seen; empty only for genesis.
+    pub parents: Vec<EntryHash>,
+    /// Per author device: 0, 1, 2, … Two entries with the same device and
+    /// seq are a fork.
+    pub seq: u64,
+    /// 1 + the largest parent's, 0 for genesis. (lamport, hash) is the
+    /// display order every holder agrees on.
+    pub lamport: u64,
+    /// The key epoch the body is encrypted under.
+    pub epoch: u32,
+    pub kind: EntryKind,
+    pub body_hash: Option<BodyHash>,
+}
+
+impl EntryHeader {
+    /// Structural rules that need no other entry. Storage and member logs
+    /// both call this first.
+    pub fn check_shape(&self) -> Result<(), EntryError> {
+        let bad = |why| Err(EntryError::Shape(why));
+        if self.parents.len() > MAX_PARENTS {
+            return bad("too many parents");
+        }
+        if has_duplicates(&self.parents) {
+            return bad("a parent is named twice");
+        }
+        let genesis = matches!(self.kind, EntryKind::Genesis { .. });
+        if genesis != self.parents.is_empty() {
+            return bad("genesis, and only genesis, has no parents");
+        }
+        if genesis && (self.seq != 0 || self.lamport != 0 || self.epoch != 0) {
+            return bad("genesis has seq, lamport and epoch 0");
+        }
+        if !genesis && self.lamport == 0 {
+            return bad("only genesis has lamport 0");
+        }
+        match &self.kind {
+            EntryKind::Genesis { members, admins } => {
+                if members.len() < 2 || members.len() > MAX_MEMBERS {
+                    return bad("a chat has 2 to 512 members");
+                }
+                let accounts: Vec<_> = members.iter().map(|m| m.account).collect();
+                if has_duplicates(&accounts) {
+                    return bad("a member is listed twice");
+                }
+                if has_duplicates(admins) || admins.iter().any(|a| !accounts.contains(a)) {
+                    return bad("admins must be distinct members");
+                }
+            }
+            EntryKind::Message => {
+                if self.body_hash.is_none() {
+                    return bad("a message has a body");
+                }
+            }
+            EntryKind::AddMember { .. } => {}
+            EntryKind::RemoveMember {
+                new_epoch, grants, ..
+            }
+            | EntryKind::Rekey { new_epoch, grants } => {
+                if self.epoch.checked_add(1) != Some(*new_epoch) {
+                    return bad("a rotation opens the epoch after its own");
+                }
+                if grants.len() > MAX_MEMBERS {
+                    return bad("too many key grants");
+                }
+                let accounts: Vec<_> = grants.iter().map(|g| g.account).collect();
+                if has_duplicates(&accounts) {
+                    return bad("a key grant is listed twice");
+                }
+            }
+            EntryKind::Purge { targets } => {
+                if targets.is_empty() || targets.len() > MAX_PURGE_TARGETS {
+                    return bad("a purge names 1 to 256 entries");
+                }
+                if has_duplicates(targets) {
+                    return bad("a purge target is named twice");
+                }
+            }
+        }
+        let may_have_body = matches!(self.kind, EntryKind::Genesis { .. } | EntryKind::Message);
+        if !may_have_body && self.body_hash.is_some() {
+            return bad("only genesis and messages have bodies");
+        }
+        Ok(())
+    }
+
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut m = SIGNATURE_DOMAIN.to_vec();
+        // Plain structs and enums: postcard cannot fail on them.
+        m.extend_from_slice(&postcard::to_allocvec(self).expect("headers are serialisable"));
+        m
+    }
+
+    /// Signs the header with the author device's key.
+    pub fn sign(self, device_key: &SigningKey) -> SignedHeader {
+        let signature = device_key.sign(&self.signed_bytes()).to_bytes();
+        SignedHeader {
+            header: self,
+            signature,
+        }
+    }
+}
+
+fn has_duplicates<T: Ord + Clone>(items: &[T]) -> bool {
+    let mut sorted = items.to_vec();
+    sorted.sort();
+    sorted.windows(2).any(|w| w[0] == w[1])
+}
+
+/// A header and its author device's signature.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedHeader {
+    pub header: EntryHeader,
+    #[serde(with = "bytes64")]
+    pub signature: [u8; 64],
+}
+
+impl SignedHeader {
+    /// The entry's name: blake3 over the encoded header and signature.
+    pub fn hash(&self) -> EntryHash {
+        let encoded = postcard::to_allocvec(self).expect("headers are serialisable");
+        let mut hasher = blake3::Hasher::new_derive_key(ENTRY_HASH_CONTEXT);
+        hasher.update(&encoded);
+        EntryHash(*hasher.finalize().as_bytes())
+    }
+
+    /// Checks the certificate (the account vouches for the device) and the
+    /// device's signature over the header.
+    pub fn verify(&self) -> Result<(), EntryError> {
+        let author = &self.header.author;
+        author.verify().map_err(|_| EntryError::BadCertificate)?;
+        let key = VerifyingKey::from_bytes(author.device.as_bytes())
+            .map_err(|_| EntryError::BadCertificate)?;
+        key.verify_strict(
+            &self.header.signed_bytes(),
+            &Signature::from_bytes(&self.signature),
+        )
+        .map_err(|_| EntryError::BadSignature)
+    }
+
+    pub fn author_account(&self) -> AccountId {
+        self.header.author.account
+    }
+
+    pub fn author_device(&self) -> DevicePublicKey {
+        self.header.author.device
+    }
+}
+
+/// An encrypted body: the nonce and the XChaCha20-Poly1305 ciphertext.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryBody {
+    pub nonce: [u8; 24],
+    pub ciphertext: Vec<u8>,
+}
+
+impl EntryBody {
+    /// Over the fields, not an encoding, so it is the same however the body
+    /// travelled.
+    pub fn hash(&self) -> BodyHash {
+        let mut hasher = blake3::Hasher::new_derive_key(BODY_HASH_CONTEXT);
+        hasher.update(&self.nonce);
+        hasher.update(&(self.ciphertext.len() as u64).to_le_bytes());
+        hasher.update(&self.ciphertext);
+        BodyHash(*hasher.finalize().as_bytes())
+    }
+}
+
+/// An entry as it travels and as it is stored: the signed header and the
+/// body, unless the body was purged (or has not arrived yet).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub header: SignedHeader,
+    pub body: Option<EntryBody>,
+}
+
+impl Entry {
+    pub fn hash(&self) -> EntryHash {
+        self.header.hash()
+    }
+
+    /// Shape, certificate, signature and body hash: everything that can be
+    /// checked from this entry alone.
+    pub fn verify_alone(&self) -> Result<(), EntryError> {
+        self.header.header.check_shape()?;
+        self.header.verify()?;
+        match (&self.body, self.header.header.body_hash) {
+            (Some(_), None) => Err(EntryError::UnexpectedBody),
+            (Some(body), Some(expected)) if body.hash() != expected => {
+                Err(EntryError::BodyMismatch)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The same entry without its body.
+    pub fn without_body(&self) -> Entry {
+        Entry {
+            header: self.header.clone(),
+            body: None,
+        }
+    }
+
+    /// A key under which stored entries iterate in display order, which is
+    /// also an order they can be inserted in (parents first): lamport
+    /// big-endian, then the hash.
+    pub fn storage_key(lamport: u64, hash: &EntryHash) -> [u8; 40] {
+        let mut key = [0u8; 40];
+        key[..8].copy_from_slice(&lamport.to_be_bytes());
+        key[8..].copy_from_slice(&hash.0);
+        key
+    }
+}
+
+impl Record for Entry {
+    const VERSION: u8 = 1;
+    const MAX_LEN: usize = MAX_HEADER_LEN + MAX_BODY_CIPHERTEXT + 64;
+
+    /// Structure only; signatures are checked by the log, which reports
+    /// each failure distinctly.
+    fn validate(&self) -> Result<(), DecodeError> {
+        self.header
+            .header
+            .check_shape()
+            .map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        match &self.body {
+            Some(body) if body.ciphertext.len() > MAX_BODY_CIPHERTEXT => {
+                Err(DecodeError::Invalid("body too large".into()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::AccountKeypair;
+
+    fn device_key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn certificate(account: u8, device: u8) -> DeviceCertificate {
+        let device =
+            DevicePublicKey::from_bytes(device_key(device).verifying_key().to_bytes()).unwrap();
+        AccountKeypair::from_secret_bytes(&[account; 32])
+            .certify(device, "laptop", 1)
+            .unwrap()
+    }
+
+    fn message_entry() -> Entry {
+        let body = EntryBody {
+            nonce: [1; 24],
+            ciphertext: vec![2; 40],
+        };
+        let header = EntryHeader {
+            chat: ChatId([3; 16]),
+            author: certificate(1, 2),
+            parents: vec![EntryHash([4; 32])],
+            seq: 1,
+            lamport: 1,
+            epoch: 0,
+            kind: EntryKind::Message,
+            body_hash: Some(body.hash()),
+        }
+        .sign(&device_key(2));
+        Entry {
+            header,
+            body: Some(body),
+        }
+    }
+
+    #[test]
+    fn signed_entry_verifies_and_round_trips() {
+        let entry = message_entry();
+        entry.verify_alone().unwrap();
+        let decoded = Entry::decode(&entry.encode()).unwrap();
+        assert_eq!(decoded, entry);
+        assert_eq!(decoded.hash(), entry.hash());
+    }
+
+    #[test]
+    fn hash_covers_header_and_signature_but_not_body() {
+        let entry = message_entry();
+        assert_eq!(entry.without_body().hash(), entry.hash());
+        let mut other = entry.clone();
+        other.header.header.seq = 2;
+        assert_ne!(other.hash(), entry.hash());
+        let mut other = entry.clone();
+        other.header.signature[0] ^= 1;
+        assert_ne!(other.hash(), entry.hash());
+    }
+
+    #[test]
+    fn tampering_is_caught() {
+        let entry = message_entry();
+
+        let mut altered_header = entry.clone();
+        altered_header.header.header.lamport = 9;
+        assert_eq!(altered_header.verify_alone(), Err(EntryError::BadSignature));
+
+        let mut signed_by_other_device = entry.clone();
+        signed_by_other_device.header = entry.header.header.clone().sign(&device_key(3));
+        assert_eq!(
+            signed_by_other_device.verify_alone(),
+            Err(EntryError::BadSignature)
+        );
+
+        let mut other_account = entry.clone();
+        other_account.header.header.author.account =
+            AccountKeypair::from_secret_bytes(&[9; 32]).id();
+        assert_eq!(
+            other_account.verify_alone(),
+            Err(EntryError::BadCertificate)
+        );
+
+        let mut altered_body = entry.clone();
+        if let Some(body) = altered_body.body.as_mut() {
+            body.ciphertext[0] ^= 1;
+        }
+        assert_eq!(altered_body.verify_alone(), Err(EntryError::BodyMismatch));
+    }
+
+    #[test]
+    fn shape_rules_hold() {
+        let entry = message_entry();
+        let with = |f: &dyn Fn(&mut EntryHeader)| {
+            let mut h = entry.header.header.clone();
+            f(&mut h);
+            h.check_shape()
+        };
+        assert!(with(&|_| {}).is_ok());
+        assert!(with(&|h| h.parents = vec![EntryHash([0; 32]); 2]).is_err());
+        assert!(with(&|h| h.parents = vec![]).is_err());
+        assert!(
+            with(&|h| h.parents = (0..=MAX_PARENTS as u8)
+                .map(|i| EntryHash([i; 32]))
+                .collect())
+            .is_err()
+        );
+        assert!(with(&|h| h.lamport = 0).is_err());
+        assert!(with(&|h| h.body_hash = None).is_err());
+        assert!(with(&|h| h.kind = EntryKind::Purge { targets: vec![] }).is_err());
+        assert!(
+            with(&|h| {
+                h.kind = EntryKind::Rekey {
+                    new_epoch: 5,
+                    grants: vec![],
+                };
+                h.body_hash = None;
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn decoder_bounds_input_before_parsing() {
+        let huge = vec![Entry::VERSION; Entry::MAX_LEN + 1];
+        assert!(matches!(
+            Entry::decode(&huge),
+            Err(DecodeError::TooLong { .. })
+        ));
+        // A small record whose parents list claims u32::MAX items: the
+        // decoder runs out of input instead of allocating for them.
+        let entry = message_entry();
+        let bytes = entry.encode();
+        let at = 1
+            + 16
+            + postcard::to_allocvec(&entry.header.header.author)
+                .unwrap()
+                .len();
+        assert_eq!(bytes[at], 1, "the parents count");
+        let mut hostile = bytes[..at].to_vec();
+        hostile.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        hostile.extend_from_slice(&bytes[at + 1..]);
+        assert!(matches!(
+            Entry::decode(&hostile),
+            Err(DecodeError::Malformed(_))
+        ));
+        for cut in 0..bytes.len() {
+            assert!(Entry::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn storage_key_sorts_by_lamport_then_hash() {
+        let a = Entry::storage_key(2, &EntryHash([9; 32]));
+        let b = Entry::storage_key(10, &EntryHash([1; 32]));
+        let c = Entry::storage_key(10, &EntryHash([2; 32]));
+        assert!(a < b && b < c);
+    }
+}

@@ -1,0 +1,818 @@
+//! [`ChatLog`]: one chat's entries as a member device or a storage peer
+//! holds them, every entry verified on insert. It needs no key: a storage
+//! peer runs exactly this, and a member device adds a
+//! [`super::member::ChatMember`] on top to write and read.
+//!
+//! Sans-IO: entries in, [`LogOutput`]s out (persist this, erase that body,
+//! fetch those parents, tell the user). The driver keeps the entries on disk
+//! and replays them into a fresh log after a restart, in
+//! [`Entry::storage_key`] order.
+//!
+//! Verification is a function of the entry and its ancestors only, so every
+//! holder that has an entry's ancestors reaches the same verdict, whatever
+//! order entries arrived in; replicas converge. The one exception is a fork
+//! (one device signing two entries with the same seq): whichever half
+//! arrives second is refused and both are kept as [`ForkEvidence`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    entry::{
+        BodyHash, ChatId, Entry, EntryError, EntryHash, EntryKind, MAX_HEADER_LEN, SignedHeader,
+    },
+    membership::{Membership, MembershipError},
+};
+use crate::{
+    codec::{DecodeError, Record},
+    identity::{AccountId, DevicePublicKey},
+};
+
+/// Most entries waiting for their parents.
+pub const MAX_PENDING: usize = 1024;
+/// Most bytes of entries waiting for their parents.
+pub const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why an entry was refused. The log is unchanged after any of these
+/// (a fork only adds to the evidence).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum LogError {
+    #[error("malformed entry: {0}")]
+    Malformed(&'static str),
+    #[error("entry is for chat {got:?}, this log is {expected:?}")]
+    WrongChat { expected: ChatId, got: ChatId },
+    #[error("the author's device certificate does not verify")]
+    BadCertificate,
+    #[error("the device signature does not verify (forged or altered header)")]
+    BadSignature,
+    #[error("the body does not match the header's body hash (altered body)")]
+    BodyMismatch,
+    #[error("the entry carries a body but its header names none")]
+    UnexpectedBody,
+    #[error("entry {0:?} is already in the log (replay)")]
+    Duplicate(EntryHash),
+    #[error("device {device:?} signed two different entries with seq {seq} (fork)")]
+    Fork { device: DevicePublicKey, seq: u64 },
+    #[error("this chat already has another genesis")]
+    ConflictingGenesis,
+    #[error("the genesis author is not among its members")]
+    GenesisAuthorNotMember,
+    #[error("{0:?} is not a member of the chat")]
+    NotMember(AccountId),
+    #[error("{0:?} was removed from the chat and cannot write after that")]
+    RemovedMember(AccountId),
+    #[error("entry {seq} of its device does not follow the device's entry {} (gap or reorder)", seq.saturating_sub(1))]
+    SeqNotChained { device: DevicePublicKey, seq: u64 },
+    #[error("lamport clock is {got}, it must be {expected}")]
+    BadLamport { expected: u64, got: u64 },
+    #[error("entry is in key epoch {got}, the epoch in force is {expected}")]
+    WrongEpoch { expected: u32, got: u32 },
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error("not allowed to delete {0:?} for everyone")]
+    UnauthorisedPurge(EntryHash),
+    #[error("a purge may only name earlier messages it has seen; {0:?} is not one")]
+    BadPurgeTarget(EntryHash),
+    #[error("too many entries are waiting for their parents; sync in order")]
+    PendingFull,
+}
+
+impl From<EntryError> for LogError {
+    fn from(e: EntryError) -> Self {
+        match e {
+            EntryError::Shape(why) => Self::Malformed(why),
+            EntryError::BadCertificate => Self::BadCertificate,
+            EntryError::BadSignature => Self::BadSignature,
+            EntryError::BodyMismatch => Self::BodyMismatch,
+            EntryError::UnexpectedBody => Self::UnexpectedBody,
+        }
+    }
+}
+
+/// Two headers one device signed with the same seq: proof, checkable by
+/// anyone, that the device (hence its account) forked the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkEvidence {
+    pub first: SignedHeader,
+    pub second: SignedHeader,
+}
+
+impl ForkEvidence {
+    pub fn device(&self) -> DevicePublicKey {
+        self.first.author_device()
+    }
+
+    pub fn account(&self) -> AccountId {
+        self.first.author_account()
+    }
+
+    /// Both signatures hold, same chat, same device, same seq, different
+    /// entries.
+    pub fn verify(&self) -> Result<(), EntryError> {
+        self.first.verify()?;
+        self.second.verify()?;
+        let (a, b) = (&self.first.header, &self.second.header);
+        if a.chat != b.chat
+            || a.author.device != b.author.device
+            || a.seq != b.seq
+            || self.first.hash() == self.second.hash()
+        {
+            return Err(EntryError::Shape("not a fork"));
+        }
+        Ok(())
+    }
+}
+
+impl Record for ForkEvidence {
+    const VERSION: u8 = 1;
+    const MAX_LEN: usize = 2 * MAX_HEADER_LEN + 16;
+
+    fn validate(&self) -> Result<(), DecodeError> {
+        self.verify()
+            .map_err(|e| DecodeError::Invalid(e.to_string()))
+    }
+}
+
+/// What the driver must do after an insert.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogOutput {
+    /// Store this entry durably (under [`Entry::storage_key`]), replacing
+    /// any stored version of it; only then acknowledge it to anyone.
+    Persist(Box<Entry>),
+    /// Erase this body from disk (store the entry's header alone) and from
+    /// anything derived from it: the entry was deleted for everyone.
+    EraseBody { entry: EntryHash, body: BodyHash },
+    /// An entry waits for these parents: fetch them (e.g. by a sync round).
+    Missing(Vec<EntryHash>),
+    /// Something to tell the user or the log.
+    Event(LogEvent),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogEvent {
+    Appended {
+        entry: EntryHash,
+        author: AccountId,
+        kind: &'static str,
+    },
+    MembershipChanged {
+        entry: EntryHash,
+    },
+    Purged {
+        targets: Vec<EntryHash>,
+    },
+    /// The body of an entry held without one arrived.
+    BodyAttached {
+        entry: EntryHash,
+    },
+    /// An entry that waited for its parents turned out invalid once they
+    /// arrived, and was dropped.
+    PendingRejected {
+        entry: EntryHash,
+        error: LogError,
+    },
+}
+
+type StateId = usize;
+
+/// The membership state for a set of parents: one already interned, or a
+/// new one (interned only if the entry is accepted).
+enum ParentState {
+    Known(StateId),
+    New(Vec<(u64, EntryHash)>, Membership),
+}
+
+/// A membership state, named by the membership-changing entries it folds.
+struct State {
+    /// (lamport, hash), sorted: the fold order.
+    changes: Vec<(u64, EntryHash)>,
+    membership: Membership,
+}
+
+struct Stored {
+    entry: Entry,
+    /// The membership in force for this entry (from its ancestors).
+    state: StateId,
+    /// The membership in force for its descendants: `state`, plus this
+    /// entry if it changes membership.
+    after: StateId,
+}
+
+/// One chat's verified log.
+pub struct ChatLog {
+    chat: ChatId,
+    genesis: Option<EntryHash>,
+    entries: HashMap<EntryHash, Stored>,
+    /// (lamport, hash): the display order, and a topological one.
+    order: BTreeSet<(u64, EntryHash)>,
+    /// Per device, its entries by seq (always contiguous from 0).
+    devices: BTreeMap<DevicePublicKey, Vec<EntryHash>>,
+    heads: BTreeSet<EntryHash>,
+    states: Vec<State>,
+    state_ids: HashMap<Vec<(u64, EntryHash)>, StateId>,
+    /// AddMember entries, for members looking for their grants.
+    additions: Vec<EntryHash>,
+    pending: BTreeMap<EntryHash, Entry>,
+    pending_bytes: usize,
+    forks: Vec<ForkEvidence>,
+    purged: HashSet<EntryHash>,
+    missing_bodies: BTreeSet<EntryHash>,
+}
+
+impl ChatLog {
+    pub fn new(chat: ChatId) -> Self {
+        let empty = State {
+            changes: Vec::new(),
+            membership: Membership::default(),
+        };
+        Self {
+            chat,
+            genesis: None,
+            entries: HashMap::new(),
+            order: BTreeSet::new(),
+            devices: BTreeMap::new(),
+            heads: BTreeSet::new(),
+            states: vec![empty],
+            state_ids: HashMap::from([(Vec::new(), 0)]),
+            additions: Vec::new(),
+            pending: BTreeMap::new(),
+            pending_bytes: 0,
+            forks: Vec::new(),
+            purged: HashSet::new(),
+            missing_bodies: BTreeSet::new(),
+        }
+    }
+
+    /// Verifies `entry` and adds it, then any waiting entries it unblocks.
+    /// On error nothing changed (but a fork is kept as evidence).
+    pub fn insert(&mut self, entry: Entry) -> Result<Vec<LogOutput>, LogError> {
+        let mut out = Vec::new();
+        self.insert_one(entry, &mut out)?;
+        self.drain_pending(&mut out);
+        Ok(out)
+    }
+
+    fn insert_one(&mut self, entry: Entry, out: &mut Vec<LogOutput>) -> Result<(), LogError> {
+        let header = &entry.header.header;
+        header.check_shape()?;
+        if header.chat != self.chat {
+            return Err(LogError::WrongChat {
+                expected: self.chat,
+                got: header.chat,
+            });
+        }
+        let hash = entry.hash();
+        if self.entries.contains_key(&hash) {
+            return self.attach_body(hash, entry, out);
+        }
+        entry.verify_alone()?;
+        self.check_fork(hash, &entry)?;
+
+        let unknown: Vec<EntryHash> = header
+            .parents
+            .iter()
+            .filter(|p| !self.entries.contains_key(p))
+            .copied()
+            .collect();
+        if !unknown.is_empty() {
+            return self.park(hash, entry, unknown, out);
+        }
+
+        let state = self.state_for_parents(&header.parents);
+        self.check_against(&entry, self.membership_of(&state))?;
+        self.accept(hash, entry, state, out);
+        Ok(())
+    }
+
+    /// A known entry again: a replay, unless it brings a body we lack.
+    fn attach_body(
+        &mut self,
+        hash: EntryHash,
+        entry: Entry,
+        out: &mut Vec<LogOutput>,
+    ) -> Result<(), LogError> {
+        let Some(body) = entry.body else {
+            return Err(LogError::Duplicate(hash));
+        };
+        if !self.missing_bodies.contains(&hash) {
+            return Err(LogError::Duplicate(hash));
+        }
+        let Some(stored) = self.entries.get_mut(&hash) else {
+            return Err(LogError::Duplicate(hash));
+        };
+        if stored.entry.header.header.body_hash != Some(body.hash()) {
+            return Err(LogError::BodyMismatch);
+        }
+        stored.entry.body = Some(body);
+        self.missing_bodies.remove(&hash);
+        out.push(LogOutput::Persist(Box::new(stored.entry.clone())));
+        out.push(LogOutput::Event(LogEvent::BodyAttached { entry: hash }));
+        Ok(())
+    }
+
+    fn check_fork(&mut self, hash: EntryHash, entry: &Entry) -> Result<(), LogError> {
+        let header = &entry.header.header;
+        let device = header.author.device;
+        let seq = header.seq;
+        let existing = usize::try_from(seq)
+            .ok()
+            .and_then(|i| self.devices.get(&device)?.get(i))
+            .copied()
+            .or_else(|| {
+                self.pending
+                    .iter()
+                    .find(|(h, p)| {
+                        **h != hash
+                            && p.header.header.author.device == device
+                            && p.header.header.seq == seq
+                    })
+                    .map(|(h, _)| *h)
+            });
+        let Some(existing) = existing else {
+            return Ok(());
+        };
+        let first = match (self.entries.get(&existing), self.pending.get(&existing)) {
+            (Some(stored), _) => stored.entry.header.clone(),
+            (None, Some(pending)) => pending.header.clone(),
+            (None, None) => return Ok(()),
+        };
+        let evidence = ForkEvidence {
+            first,
+            second: entry.header.clone(),
+        };
+        let already = self
+            .forks
+            .iter()
+            .any(|f| f.second.hash() == hash || f.first.hash() == hash);
+        if !already {
+            self.forks.push(evidence);
+        }
+        Err(LogError::Fork { device, seq })
+    }
+
+    fn park(
+        &mut self,
+        hash: EntryHash,
+        entry: Entry,
+        unknown: Vec<EntryHash>,
+        out: &mut Vec<LogOutput>,
+    ) -> Result<(), LogError> {
+        let missing: Vec<EntryHash> = unknown
+            .into_iter()
+            .filter(|p| !self.pending.contains_key(p))
+            .collect();
+        if !self.pending.contains_key(&hash) {
+            let size = entry.encode().len();
+            if self.pending.len() >= MAX_PENDING || self.pending_bytes + size > MAX_PENDING_BYTES {
+                return Err(LogError::PendingFull);
+            }
+            self.pending_bytes += size;
+            self.pending.insert(hash, entry);
+        }
+        if !missing.is_empty() {
+            out.push(LogOutput::Missing(missing));
+        }
+        Ok(())
+    }
+
+    fn drain_pending(&mut self, out: &mut Vec<LogOutput>) {
+        loop {
+            let ready = self
+                .pending
+                .iter()
+                .find(|(_, e)| {
+                    e.header
+                        .header
+                        .parents
+                        .iter()
+                        .all(|p| self.entries.contains_key(p))
+                })
+                .map(|(h, _)| *h);
+            let Some(hash) = ready else { break };
+            let Some(entry) = self.pending.remove(&hash) else {
+                break;
+            };
+            self.pending_bytes = self.pending_bytes.saturating_sub(entry.encode().len());
+            if let Err(error) = self.insert_one(entry, out) {
+                out.push(LogOutput::Event(LogEvent::PendingRejected {
+                    entry: hash,
+                    error,
+                }));
+            }
+        }
+    }
+
+    /// Everything that needs the entry's ancestors (all known here).
+    fn check_against(&self, entry: &Entry, membership: &Membership) -> Result<(), LogError> {
+        let signed = &entry.header;
+        let header = &signed.header;
+        let author = signed.author_account();
+
+        if let EntryKind::Genesis { members, .. } = &header.kind {
+            if self.genesis.is_some() {
+                return Err(LogError::ConflictingGenesis);
+            }
+            if !members.iter().any(|m| m.account == author) {
+                return Err(LogError::GenesisAuthorNotMember);
+            }
+            return Ok(());
+        }
+
+        if !membership.is_member(&author) {
+            if membership.was_removed(&author) {
+                return Err(LogError::RemovedMember(author));
+            }
+            return Err(LogError::NotMember(author));
+        }
+
+        if header.seq > 0 {
+            let device = header.author.device;
+            let previous = usize::try_from(header.seq - 1)
+                .ok()
+                .and_then(|i| self.devices.get(&device)?.get(i));
+            if !previous.is_some_and(|p| header.parents.contains(p)) {
+                return Err(LogError::SeqNotChained {
+                    device,
+                    seq: header.seq,
+                });
+            }
+        }
+
+        let expected_lamport = header
+            .parents
+            .iter()
+            .filter_map(|p| self.entries.get(p))
+            .map(|s| s.entry.header.header.lamport)
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1);
+        if header.lamport != expected_lamport {
+            return Err(LogError::BadLamport {
+                expected: expected_lamport,
+                got: header.lamport,
+            });
+        }
+        if header.epoch != membership.epoch() {
+            return Err(LogError::WrongEpoch {
+                expected: membership.epoch(),
+                got: header.epoch,
+            });
+        }
+
+        match &header.kind {
+            EntryKind::AddMember { .. }
+            | EntryKind::RemoveMember { .. }
+            | EntryKind::Rekey { .. } => {
+                membership.authorise(&author, &header.kind)?;
+                membership.check_grants(&header.kind)?;
+            }
+            EntryKind::Purge { targets } => {
+                for target in targets {
+                    let Some(stored) = self.entries.get(target) else {
+                        return Err(LogError::BadPurgeTarget(*target));
+                    };
+                    let target_header = &stored.entry.header.header;
+                    if !matches!(target_header.kind, EntryKind::Message)
+                        || !self.is_ancestor(target, &header.parents)
+                    {
+                        return Err(LogError::BadPurgeTarget(*target));
+                    }
+                    if !membership.may_purge(&author, &target_header.author.account) {
+                        return Err(LogError::UnauthorisedPurge(*target));
+                    }
+                }
+            }
+            EntryKind::Genesis { .. } | EntryKind::Message => {}
+        }
+        Ok(())
+    }
+
+    /// Whether `target` is one of `from` or an ancestor of them. Walks back
+    /// no further than the target's lamport.
+    fn is_ancestor(&self, target: &EntryHash, from: &[EntryHash]) -> bool {
+        let Some(target_lamport) = self.lamport(target) else {
+            return false;
+        };
+        let mut seen = HashSet::new();
+        let mut queue: VecDeque<EntryHash> = from.iter().copied().collect();
+        while let Some(hash) = queue.pop_front() {
+            if hash == *target {
+                return true;
+            }
+            if !seen.insert(hash) {
+                continue;
+            }
+            let Some(stored) = self.entries.get(&hash) else {
+                continue;
+            };
+            let header = &stored.entry.header.header;
+            if header.lamport <= target_lamport {
+                continue;
+            }
+            queue.extend(header.parents.iter().copied());
+        }
+        false
+    }
+
+    fn accept(
+        &mut self,
+        hash: EntryHash,
+        entry: Entry,
+        state: ParentState,
+        out: &mut Vec<LogOutput>,
+    ) {
+        let header = &entry.header.header;
+        let author = entry.header.author_account();
+        let lamport = header.lamport;
+        let changes_membership = header.kind.changes_membership();
+
+        let state = match state {
+            ParentState::Known(id) => id,
+            ParentState::New(key, _) => self.intern_with(key, None),
+        };
+        let after = if changes_membership {
+            let mut key = self.states[state].changes.clone();
+            let at = key.partition_point(|c| *c < (lamport, hash));
+            key.insert(at, (lamport, hash));
+            self.intern_with(key, Some(&entry))
+        } else {
+            state
+        };
+
+        if matches!(header.kind, EntryKind::Genesis { .. }) {
+            self.genesis = Some(hash);
+        }
+        if matches!(header.kind, EntryKind::AddMember { .. }) {
+            self.additions.push(hash);
+        }
+        for parent in &header.parents {
+            self.heads.remove(parent);
+        }
+        self.heads.insert(hash);
+        self.order.insert((lamport, hash));
+        self.devices
+            .entry(header.author.device)
+            .or_default()
+            .push(hash);
+
+        if header.body_hash.is_some() && entry.body.is_none() {
+            self.missing_bodies.insert(hash);
+        }
+        let kind_name = entry.header.header.kind.name();
+        let targets = match &entry.header.header.kind {
+            EntryKind::Purge { targets } => targets.clone(),
+            _ => Vec::new(),
+        };
+        // A purge's own record is written before the bodies it erases, so a
+        // crash in between re-erases them when the log is replayed.
+        out.push(LogOutput::Persist(Box::new(entry.clone())));
+        self.entries.insert(
+            hash,
+            Stored {
+                entry,
+                state,
+                after,
+            },
+        );
+        out.push(LogOutput::Event(LogEvent::Appended {
+            entry: hash,
+            author,
+            kind: kind_name,
+        }));
+        if changes_membership {
+            out.push(LogOutput::Event(LogEvent::MembershipChanged {
+                entry: hash,
+            }));
+        }
+        if !targets.is_empty() {
+            self.apply_purge(&targets, out);
+            out.push(LogOutput::Event(LogEvent::Purged { targets }));
+        }
+    }
+
+    /// Drops the bodies of purged entries and says which to erase from
+    /// disk. Also applied when the log is rebuilt from disk, so a body that
+    /// survived a crash is erased then.
+    fn apply_purge(&mut self, targets: &[EntryHash], out: &mut Vec<LogOutput>) {
+        for target in targets {
+            self.purged.insert(*target);
+            self.missing_bodies.remove(target);
+            let Some(stored) = self.entries.get_mut(target) else {
+                continue;
+            };
+            if let Some(body) = stored.entry.body.take() {
+                out.push(LogOutput::EraseBody {
+                    entry: *target,
+                    body: body.hash(),
+                });
+            }
+        }
+    }
+
+    /// The membership state in force for an entry with these (known)
+    /// parents: the fold of the membership changes among their ancestors.
+    fn state_for_parents(&self, parents: &[EntryHash]) -> ParentState {
+        let afters: BTreeSet<StateId> = parents
+            .iter()
+            .filter_map(|p| self.entries.get(p))
+            .map(|s| s.after)
+            .collect();
+        if afters.len() <= 1 {
+            return ParentState::Known(afters.into_iter().next().unwrap_or(0));
+        }
+        let union: BTreeSet<(u64, EntryHash)> = afters
+            .iter()
+            .flat_map(|id| self.states[*id].changes.iter().copied())
+            .collect();
+        let key: Vec<(u64, EntryHash)> = union.into_iter().collect();
+        if let Some(id) = self.state_ids.get(&key) {
+            return ParentState::Known(*id);
+        }
+        let membership = self.fold(&key, None);
+        ParentState::New(key, membership)
+    }
+
+    fn membership_of<'a>(&'a self, state: &'a ParentState) -> &'a Membership {
+        match state {
+            ParentState::Known(id) => &self.states[*id].membership,
+            ParentState::New(_, membership) => membership,
+        }
+    }
+
+    fn fold(&self, changes: &[(u64, EntryHash)], extra: Option<&Entry>) -> Membership {
+        let mut membership = Membership::default();
+        for (_, hash) in changes {
+            let signed = match self.entries.get(hash) {
+                Some(stored) => &stored.entry.header,
+                None => match extra {
+                    Some(entry) => &entry.header,
+                    None => continue,
+                },
+            };
+            membership.apply(*hash, &signed.author_account(), &signed.header.kind);
+        }
+        membership
+    }
+
+    fn intern_with(&mut self, key: Vec<(u64, EntryHash)>, extra: Option<&Entry>) -> StateId {
+        if let Some(id) = self.state_ids.get(&key) {
+            return *id;
+        }
+        let membership = self.fold(&key, extra);
+        let id = self.states.len();
+        self.states.push(State {
+            changes: key.clone(),
+            membership,
+        });
+        self.state_ids.insert(key, id);
+        id
+    }
+
+    // ----- reading -----
+
+    pub fn chat(&self) -> ChatId {
+        self.chat
+    }
+
+    pub fn genesis(&self) -> Option<EntryHash> {
+        self.genesis
+    }
+
+    /// Verified entries held (waiting ones not counted).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn contains(&self, hash: &EntryHash) -> bool {
+        self.entries.contains_key(hash)
+    }
+
+    pub fn get(&self, hash: &EntryHash) -> Option<&Entry> {
+        self.entries.get(hash).map(|s| &s.entry)
+    }
+
+    pub fn lamport(&self, hash: &EntryHash) -> Option<u64> {
+        self.get(hash).map(|e| e.header.header.lamport)
+    }
+
+    /// Entries nothing else names as a parent yet, in display order.
+    pub fn heads(&self) -> Vec<EntryHash> {
+        let mut heads: Vec<(u64, EntryHash)> = self
+            .heads
+            .iter()
+            .filter_map(|h| Some((self.lamport(h)?, *h)))
+            .collect();
+        heads.sort();
+        heads.into_iter().map(|(_, h)| h).collect()
+    }
+
+    /// All entries in the display order every holder agrees on: by lamport,
+    /// then hash. Parents always come before children.
+    pub fn in_display_order(&self) -> impl Iterator<Item = (EntryHash, &Entry)> {
+        self.order
+            .iter()
+            .filter_map(|(_, h)| Some((*h, self.get(h)?)))
+    }
+
+    /// The membership in force for entry `hash` (from its ancestors).
+    pub fn membership_for(&self, hash: &EntryHash) -> Option<&Membership> {
+        let stored = self.entries.get(hash)?;
+        Some(&self.states[stored.state].membership)
+    }
+
+    /// The membership a new entry on top of all current heads would be
+    /// checked against.
+    pub fn current_membership(&self) -> Membership {
+        self.membership_for_parents(&self.heads())
+    }
+
+    /// The membership in force for an entry with these parents.
+    pub fn membership_for_parents(&self, parents: &[EntryHash]) -> Membership {
+        let state = self.state_for_parents(parents);
+        self.membership_of(&state).clone()
+    }
+
+    /// AddMember entries, in arrival order.
+    pub fn additions(&self) -> &[EntryHash] {
+        &self.additions
+    }
+
+    /// The seq the device's next entry must carry.
+    pub fn next_seq(&self, device: &DevicePublicKey) -> u64 {
+        self.devices.get(device).map_or(0, |v| v.len() as u64)
+    }
+
+    /// The device's latest entry.
+    pub fn last_of_device(&self, device: &DevicePublicKey) -> Option<EntryHash> {
+        self.devices.get(device)?.last().copied()
+    }
+
+    /// Per device, how many entries it wrote that this log holds.
+    pub fn device_progress(&self) -> impl Iterator<Item = (&DevicePublicKey, u64)> {
+        self.devices.iter().map(|(d, v)| (d, v.len() as u64))
+    }
+
+    /// The device's entries from `from_seq` on.
+    pub fn device_entries_from(&self, device: &DevicePublicKey, from_seq: u64) -> &[EntryHash] {
+        let Some(all) = self.devices.get(device) else {
+            return &[];
+        };
+        let from = usize::try_from(from_seq)
+            .unwrap_or(usize::MAX)
+            .min(all.len());
+        &all[from..]
+    }
+
+    pub fn is_purged(&self, hash: &EntryHash) -> bool {
+        self.purged.contains(hash)
+    }
+
+    /// Entries held without a body that was not purged: fetch them.
+    pub fn missing_bodies(&self) -> impl Iterator<Item = &EntryHash> {
+        self.missing_bodies.iter()
+    }
+
+    pub fn fork_evidence(&self) -> &[ForkEvidence] {
+        &self.forks
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// `from` and all their ancestors.
+    pub fn ancestors_or_self(&self, from: &[EntryHash]) -> HashSet<EntryHash> {
+        let mut seen = HashSet::new();
+        let mut stack: Vec<EntryHash> = from
+            .iter()
+            .filter(|h| self.entries.contains_key(h))
+            .copied()
+            .collect();
+        while let Some(hash) = stack.pop() {
+            if !seen.insert(hash) {
+                continue;
+            }
+            if let Some(stored) = self.entries.get(&hash) {
+                stack.extend(stored.entry.header.header.parents.iter().copied());
+            }
+        }
+        seen
+    }
+}
+
+impl std::fmt::Debug for ChatLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatLog")
+            .field("chat", &self.chat)
+            .field("entries", &self.entries.len())
+            .field("heads", &self.heads.len())
+            .field("pending", &self.pending.len())
+            .field("forks", &self.forks.len())
+            .finish()
+    }
+}

@@ -1,0 +1,889 @@
+//! Whole-chat scenarios: several member devices and a storage peer, each
+//! with its own log, driven entry by entry and synced through the same
+//! functions a node uses.
+
+use ed25519_dalek::SigningKey;
+
+use super::{
+    ChatHistory, ChatId, ChatLog, ChatMember, ChatSummary, Content, Draft, Entry, EntryBody,
+    EntryHash, EntryHeader, EntryKind, LogError, LogOutput, MemberError, SyncRequest, in_sync,
+    respond,
+};
+use crate::{
+    codec::Record,
+    identity::{AccountKeypair, DeviceCertificate, DevicePublicKey},
+};
+
+pub(crate) const CHAT: ChatId = ChatId([42; 16]);
+
+/// Deterministic "random" bytes for tests.
+pub(crate) struct Dice(u64);
+
+impl Dice {
+    pub(crate) fn new() -> Self {
+        Self(0)
+    }
+
+    pub(crate) fn roll(&mut self) -> [u8; 32] {
+        self.0 += 1;
+        blake3::derive_key("tern test dice", &self.0.to_le_bytes())
+    }
+}
+
+pub(crate) fn account(seed: u8) -> AccountKeypair {
+    AccountKeypair::from_secret_bytes(&[seed; 32])
+}
+
+/// One device of an account, with its own copy of the chat log.
+pub(crate) struct Device {
+    pub key: SigningKey,
+    pub cert: DeviceCertificate,
+    pub member: ChatMember,
+    pub log: ChatLog,
+}
+
+impl Device {
+    pub(crate) fn new(account_seed: u8, device_seed: u8) -> Self {
+        let account = account(account_seed);
+        let key = SigningKey::from_bytes(&[device_seed; 32]);
+        let public = DevicePublicKey::from_bytes(key.verifying_key().to_bytes()).unwrap();
+        let cert = account.certify(public, "test device", 1).unwrap();
+        let member = ChatMember::for_account(&account, key.clone(), cert.clone()).unwrap();
+        Self {
+            key,
+            cert,
+            member,
+            log: ChatLog::new(CHAT),
+        }
+    }
+
+    /// Composes and inserts into this device's own log.
+    pub(crate) fn write(&mut self, draft: Draft, dice: &mut Dice) -> Entry {
+        let entry = self.member.compose(&self.log, draft, dice.roll()).unwrap();
+        self.log.insert(entry.clone()).unwrap();
+        entry
+    }
+
+    pub(crate) fn compose(&mut self, draft: Draft, dice: &mut Dice) -> Result<Entry, MemberError> {
+        self.member.compose(&self.log, draft, dice.roll())
+    }
+
+    pub(crate) fn say(&mut self, text: &str, dice: &mut Dice) -> Entry {
+        self.write(
+            Draft::Text {
+                text: text.into(),
+                reply_to: None,
+            },
+            dice,
+        )
+    }
+
+    pub(crate) fn decrypt(&mut self, hash: &EntryHash) -> Result<Content, MemberError> {
+        self.member.decrypt(&self.log, hash)
+    }
+
+    pub(crate) fn history(&mut self) -> ChatHistory {
+        self.member.history(&self.log)
+    }
+
+    pub(crate) fn texts(&mut self) -> Vec<String> {
+        self.history()
+            .messages
+            .into_iter()
+            .map(|m| m.text)
+            .collect()
+    }
+}
+
+/// Alice (creator), Bob and, for groups, Carol; genesis in every log.
+pub(crate) fn chat(with_carol: bool, admins: bool, dice: &mut Dice) -> Vec<Device> {
+    let mut devices = vec![Device::new(1, 11), Device::new(2, 12)];
+    if with_carol {
+        devices.push(Device::new(3, 13));
+    }
+    let others: Vec<_> = devices[1..]
+        .iter()
+        .map(|d| (d.member.account(), d.member.encryption_key()))
+        .collect();
+    let admins = if admins {
+        vec![devices[0].member.account()]
+    } else {
+        vec![]
+    };
+    let genesis = devices[0]
+        .member
+        .create(CHAT, &others, admins, Some("the chat"), dice.roll())
+        .unwrap();
+    for device in &mut devices {
+        device.log.insert(genesis.clone()).unwrap();
+    }
+    devices
+}
+
+/// Runs sync rounds from `from` into `to` until `to` lacks nothing.
+pub(crate) fn pull(to: &mut ChatLog, from: &ChatLog) -> usize {
+    let mut inserted = 0;
+    for _ in 0..10_000 {
+        let request = SyncRequest::decode(&SyncRequest::for_log(to).encode()).unwrap();
+        let response = respond(from, &request, Default::default()).unwrap();
+        let response = super::SyncResponse::decode(&response.encode()).unwrap();
+        for entry in response.entries {
+            to.insert(entry).unwrap();
+            inserted += 1;
+        }
+        if !response.more {
+            return inserted;
+        }
+    }
+    panic!("sync did not finish");
+}
+
+/// Syncs device `to`'s log from device `from`'s.
+pub(crate) fn sync_devices(devices: &mut [Device], to: usize, from: usize) {
+    assert_ne!(to, from);
+    if to < from {
+        let (a, b) = devices.split_at_mut(from);
+        pull(&mut a[to].log, &b[0].log);
+    } else {
+        let (a, b) = devices.split_at_mut(to);
+        pull(&mut b[0].log, &a[from].log);
+    }
+}
+
+/// An entry built by hand on top of `log`'s heads, signed by `key`: for
+/// entries no honest `ChatMember` would compose.
+pub(crate) fn hand_made(
+    log: &ChatLog,
+    key: &SigningKey,
+    cert: &DeviceCertificate,
+    kind: EntryKind,
+    body: Option<EntryBody>,
+) -> Entry {
+    let mut parents = log.heads();
+    if let Some(own) = log.last_of_device(&cert.device)
+        && !parents.contains(&own)
+    {
+        parents.push(own);
+    }
+    let lamport = parents.iter().filter_map(|p| log.lamport(p)).max().unwrap() + 1;
+    let header = EntryHeader {
+        chat: log.chat(),
+        author: cert.clone(),
+        seq: log.next_seq(&cert.device),
+        lamport,
+        epoch: log.membership_for_parents(&parents).epoch(),
+        parents,
+        kind,
+        body_hash: body.as_ref().map(|b| b.hash()),
+    };
+    Entry {
+        header: header.sign(key),
+        body,
+    }
+}
+
+/// Everything observable about a log, to show a refused entry changed
+/// nothing.
+fn snapshot(log: &ChatLog) -> (usize, Vec<EntryHash>, ChatSummary, usize, Vec<EntryHash>) {
+    (
+        log.len(),
+        log.heads(),
+        ChatSummary::of(log),
+        log.pending_count(),
+        log.in_display_order().map(|(h, _)| h).collect(),
+    )
+}
+
+fn assert_refused(log: &mut ChatLog, entry: Entry, expected: LogError) {
+    let before = snapshot(log);
+    assert_eq!(log.insert(entry), Err(expected));
+    assert_eq!(snapshot(log), before, "a refused entry changed the log");
+}
+
+#[test]
+fn concurrent_writers_converge_to_one_display_order() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let (a, b) = devices.split_at_mut(1);
+    let (alice, bob) = (&mut a[0], &mut b[0]);
+
+    for round in 0..4 {
+        // Both write without seeing each other…
+        for i in 0..5 {
+            alice.say(&format!("alice {round}.{i}"), &mut dice);
+            bob.say(&format!("bob {round}.{i}"), &mut dice);
+        }
+        // …then sync in both directions.
+        pull(&mut alice.log, &bob.log);
+        pull(&mut bob.log, &alice.log);
+        assert!(in_sync(
+            &ChatSummary::of(&alice.log),
+            &ChatSummary::of(&bob.log)
+        ));
+    }
+    let order_a: Vec<_> = alice.log.in_display_order().map(|(h, _)| h).collect();
+    let order_b: Vec<_> = bob.log.in_display_order().map(|(h, _)| h).collect();
+    assert_eq!(order_a, order_b);
+    assert_eq!(alice.history(), bob.history());
+    let texts = alice.texts();
+    assert_eq!(texts.len(), 40);
+    // Each writer's own messages keep their order.
+    let alice_texts: Vec<_> = texts.iter().filter(|t| t.starts_with("alice")).collect();
+    let mut sorted = alice_texts.clone();
+    sorted.sort();
+    assert_eq!(alice_texts, sorted);
+    assert_eq!(alice.history().title.as_deref(), Some("the chat"));
+}
+
+#[test]
+fn forged_altered_replayed_and_outsider_entries_are_refused() {
+    let mut dice = Dice::new();
+    let mut devices = chat(true, false, &mut dice);
+    let good = devices[0].say("hello", &mut dice);
+    let proper = devices[0]
+        .compose(
+            Draft::Text {
+                text: "next".into(),
+                reply_to: None,
+            },
+            &mut dice,
+        )
+        .unwrap();
+    let log = &mut devices[1].log;
+    log.insert(good.clone()).unwrap();
+
+    // Forged: signed by a key that is not the certified device's.
+    let mut forged = proper.clone();
+    forged.header = proper
+        .header
+        .header
+        .clone()
+        .sign(&SigningKey::from_bytes(&[99; 32]));
+    assert_refused(log, forged, LogError::BadSignature);
+
+    // Altered header: a field changed after signing.
+    let mut altered = proper.clone();
+    altered.header.header.lamport += 1;
+    assert_refused(log, altered, LogError::BadSignature);
+
+    // Altered certificate inside the header.
+    let mut altered_cert = proper.clone();
+    altered_cert.header.header.author.name = "evil".into();
+    assert_refused(log, altered_cert, LogError::BadCertificate);
+
+    // Altered body: no longer matches the signed body hash.
+    let mut altered_body = proper.clone();
+    altered_body.body.as_mut().unwrap().ciphertext[3] ^= 0x40;
+    assert_refused(log, altered_body, LogError::BodyMismatch);
+
+    // Replay.
+    assert_refused(log, good.clone(), LogError::Duplicate(good.hash()));
+
+    // An outsider with a valid certificate of its own account.
+    let mallory = Device::new(9, 19);
+    let body = devices[0].log.get(&good.hash()).unwrap().body.clone();
+    let outsider = hand_made(
+        &devices[1].log,
+        &mallory.key,
+        &mallory.cert,
+        EntryKind::Message,
+        body,
+    );
+    let log = &mut devices[1].log;
+    assert_refused(log, outsider, LogError::NotMember(mallory.member.account()));
+
+    // Reordered: an entry that skips the device's previous one.
+    let mut skipping = proper.header.header.clone();
+    skipping.seq += 1;
+    let skipping = Entry {
+        header: skipping.sign(&devices[0].key),
+        body: proper.body.clone(),
+    };
+    assert!(matches!(
+        devices[1].log.insert(skipping),
+        Err(LogError::SeqNotChained { .. })
+    ));
+
+    // Entry for another chat.
+    let mut elsewhere = proper.header.header.clone();
+    elsewhere.chat = ChatId([1; 16]);
+    let elsewhere = Entry {
+        header: elsewhere.sign(&devices[0].key),
+        body: proper.body.clone(),
+    };
+    assert!(matches!(
+        devices[1].log.insert(elsewhere),
+        Err(LogError::WrongChat { .. })
+    ));
+
+    // The proper one still goes in after all that.
+    devices[1].log.insert(proper).unwrap();
+    assert_eq!(devices[1].texts(), ["hello", "next"]);
+}
+
+#[test]
+fn a_fork_is_refused_and_kept_as_evidence() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let draft = |t: &str| Draft::Text {
+        text: t.into(),
+        reply_to: None,
+    };
+    let one = devices[0].compose(draft("one"), &mut dice).unwrap();
+    let other = devices[0].compose(draft("other"), &mut dice).unwrap();
+    assert_eq!(one.header.header.seq, other.header.header.seq);
+
+    let device = devices[0].cert.device;
+    let alice = devices[0].member.account();
+    let log = &mut devices[1].log;
+    log.insert(one).unwrap();
+    // Seq 0 was the genesis.
+    assert_refused(log, other.clone(), LogError::Fork { device, seq: 1 });
+    let evidence = &log.fork_evidence()[0];
+    assert_eq!(evidence.account(), alice);
+    evidence.verify().unwrap();
+    let decoded = super::ForkEvidence::decode(&evidence.encode()).unwrap();
+    assert_eq!(&decoded, evidence);
+    // Offered again: still refused, evidence not duplicated.
+    assert!(log.insert(other).is_err());
+    assert_eq!(log.fork_evidence().len(), 1);
+}
+
+#[test]
+fn removal_rotates_the_key_and_the_removed_member_reads_nothing_after() {
+    let mut dice = Dice::new();
+    let mut devices = chat(true, false, &mut dice);
+    devices[0].say("before", &mut dice);
+    let carol_account = devices[2].member.account();
+    let removal = devices[0].write(
+        Draft::RemoveMember {
+            account: carol_account,
+        },
+        &mut dice,
+    );
+    let after = devices[0].say("after", &mut dice);
+    assert_eq!(
+        devices[0]
+            .log
+            .get(&after.hash())
+            .unwrap()
+            .header
+            .header
+            .epoch,
+        1
+    );
+
+    // Carol's device gets the whole log (a storage peer would serve it).
+    sync_devices(&mut devices, 2, 0);
+    sync_devices(&mut devices, 1, 0);
+    let carol = &mut devices[2];
+    assert_eq!(carol.texts(), ["before"]);
+    assert_eq!(carol.history().unreadable, 1);
+    assert_eq!(
+        carol.member.decrypt(&carol.log, &after.hash()),
+        Err(MemberError::NoKey)
+    );
+    // Every key Carol's account could ever unwrap fails on the new message.
+    let carol_key = super::AccountEncryptionKey::derive(&account(3));
+    let genesis = carol
+        .log
+        .get(&carol.log.genesis().unwrap())
+        .unwrap()
+        .clone();
+    let EntryKind::Genesis { members, .. } = &genesis.header.header.kind else {
+        panic!()
+    };
+    let old_key = members
+        .iter()
+        .find(|m| m.account == carol_account)
+        .map(|m| carol_key.unwrap(&m.wrapped_key, CHAT, 0).unwrap())
+        .unwrap();
+    let context = super::BodyContext {
+        chat: CHAT,
+        epoch: 1,
+        author: devices[0].cert.device,
+    };
+    let body = after.body.as_ref().unwrap();
+    assert!(old_key.open_body(&context, body).is_err());
+    let EntryKind::RemoveMember { grants, .. } = &removal.header.header.kind else {
+        panic!()
+    };
+    assert!(grants.iter().all(|g| g.account != carol_account));
+    for grant in grants {
+        assert!(carol_key.unwrap(&grant.wrapped_key, CHAT, 1).is_err());
+        assert!(carol_key.unwrap(&grant.wrapped_key, CHAT, 0).is_err());
+    }
+    // Bob, who stayed, reads everything.
+    assert_eq!(devices[1].texts(), ["before", "after"]);
+
+    // Carol can no longer write: her device refuses, and an entry made
+    // by hand on top of her removal is refused by every log.
+    let carol = &mut devices[2];
+    assert_eq!(
+        carol.member.compose(
+            &carol.log,
+            Draft::Text {
+                text: "x".into(),
+                reply_to: None
+            },
+            dice.roll()
+        ),
+        Err(MemberError::NotMember)
+    );
+    let late = hand_made(
+        &carol.log,
+        &carol.key,
+        &carol.cert,
+        EntryKind::Message,
+        body.clone().into(),
+    );
+    assert_refused(
+        &mut devices[0].log,
+        late,
+        LogError::RemovedMember(carol_account),
+    );
+}
+
+#[test]
+fn a_new_device_of_a_member_reads_the_whole_history() {
+    let mut dice = Dice::new();
+    let mut devices = chat(true, false, &mut dice);
+    let mut storage = ChatLog::new(CHAT);
+    for i in 0..5 {
+        devices[0].say(&format!("a{i}"), &mut dice);
+    }
+    let carol = devices[2].member.account();
+    devices[0].write(Draft::RemoveMember { account: carol }, &mut dice);
+    for i in 0..5 {
+        devices[0].say(&format!("b{i}"), &mut dice);
+    }
+    devices[0].write(Draft::Rekey, &mut dice);
+    devices[0].say("last", &mut dice);
+    pull(&mut storage, &devices[0].log);
+
+    // Bob links a second device; his first is offline. Same account key.
+    let mut bob_phone = Device::new(2, 22);
+    assert_eq!(pull(&mut bob_phone.log, &storage), storage.len());
+    let texts = bob_phone.texts();
+    assert_eq!(texts.len(), 11);
+    assert_eq!(texts.first().map(String::as_str), Some("a0"));
+    assert_eq!(texts.last().map(String::as_str), Some("last"));
+    assert_eq!(bob_phone.history().unreadable, 0);
+    assert_eq!(bob_phone.history().title.as_deref(), Some("the chat"));
+    // It writes too, continuing from seq 0 of its own device.
+    let entry = bob_phone.say("from the phone", &mut dice);
+    assert_eq!(entry.header.header.seq, 0);
+    storage.insert(entry).unwrap();
+}
+
+#[test]
+fn delete_for_everyone_erases_bodies_everywhere_and_leaves_no_mark() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let mut storage = ChatLog::new(CHAT);
+    devices[0].say("keep", &mut dice);
+    let doomed = devices[0].say("oops", &mut dice);
+    let edit = devices[0].write(
+        Draft::Edit {
+            target: doomed.hash(),
+            text: "oops, edited".into(),
+        },
+        &mut dice,
+    );
+    pull(&mut storage, &devices[0].log);
+    pull(&mut devices[1].log, &storage);
+    assert_eq!(devices[1].texts(), ["keep", "oops, edited"]);
+    let doomed_ciphertext = doomed.body.clone().unwrap().ciphertext;
+
+    // In a two-person chat either member may delete: Bob deletes Alice's.
+    let purge = devices[1]
+        .compose(
+            Draft::Delete {
+                target: doomed.hash(),
+            },
+            &mut dice,
+        )
+        .unwrap();
+    let EntryKind::Purge { targets } = &purge.header.header.kind else {
+        panic!()
+    };
+    assert_eq!(targets, &vec![doomed.hash(), edit.hash()]);
+    let outputs = storage.insert(purge.clone()).unwrap();
+    let erased: Vec<_> = outputs
+        .iter()
+        .filter_map(|o| match o {
+            LogOutput::EraseBody { entry, .. } => Some(*entry),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(erased, vec![doomed.hash(), edit.hash()]);
+    assert!(matches!(outputs[0], LogOutput::Persist(_)));
+
+    // Nothing the storage peer would write still holds the ciphertext.
+    let all: Vec<u8> = storage
+        .in_display_order()
+        .flat_map(|(_, e)| e.encode())
+        .collect();
+    assert!(
+        !all.windows(doomed_ciphertext.len())
+            .any(|w| w == doomed_ciphertext)
+    );
+    assert!(storage.get(&doomed.hash()).unwrap().body.is_none());
+
+    for device in &mut devices {
+        pull(&mut device.log, &storage);
+        assert_eq!(device.texts(), ["keep"]);
+        assert!(device.log.is_purged(&doomed.hash()));
+        assert_eq!(device.history().unreadable, 0);
+    }
+    // A re-sent copy with the body does not bring it back.
+    assert!(storage.insert(doomed).is_err());
+    assert!(storage.missing_bodies().next().is_none());
+}
+
+#[test]
+fn unauthorised_purge_is_refused() {
+    let mut dice = Dice::new();
+    let mut devices = chat(true, true, &mut dice);
+    let alice_message = devices[0].say("mine", &mut dice);
+    let bob_message = devices[1].say("bob's", &mut dice);
+    sync_devices(&mut devices, 1, 0);
+    sync_devices(&mut devices, 2, 0);
+    sync_devices(&mut devices, 2, 1);
+
+    // In a group Bob (no admin) may not delete Alice's message…
+    assert_eq!(
+        devices[1].compose(
+            Draft::Delete {
+                target: alice_message.hash()
+            },
+            &mut dice
+        ),
+        Err(MemberError::NotAllowedToDelete)
+    );
+    let bob = &devices[1];
+    let purge = hand_made(
+        &bob.log,
+        &bob.key,
+        &bob.cert,
+        EntryKind::Purge {
+            targets: vec![alice_message.hash()],
+        },
+        None,
+    );
+    assert_refused(
+        &mut devices[2].log,
+        purge,
+        LogError::UnauthorisedPurge(alice_message.hash()),
+    );
+    // …nor something that is not a message.
+    let genesis = devices[2].log.genesis().unwrap();
+    let bob = &devices[1];
+    let purge = hand_made(
+        &bob.log,
+        &bob.key,
+        &bob.cert,
+        EntryKind::Purge {
+            targets: vec![genesis],
+        },
+        None,
+    );
+    assert_refused(
+        &mut devices[2].log,
+        purge,
+        LogError::BadPurgeTarget(genesis),
+    );
+    // His own, yes; and Alice, the admin, any.
+    let own = devices[1].write(
+        Draft::Delete {
+            target: bob_message.hash(),
+        },
+        &mut dice,
+    );
+    devices[2].log.insert(own).unwrap();
+    let by_admin = devices[2].compose(
+        Draft::Delete {
+            target: alice_message.hash(),
+        },
+        &mut dice,
+    );
+    assert_eq!(by_admin, Err(MemberError::NotAllowedToDelete));
+    sync_devices(&mut devices, 0, 2);
+    let purge = devices[0].write(
+        Draft::Delete {
+            target: alice_message.hash(),
+        },
+        &mut dice,
+    );
+    devices[2].log.insert(purge).unwrap();
+    assert!(devices[2].texts().is_empty());
+}
+
+#[test]
+fn storage_peer_verifies_everything_and_reads_nothing() {
+    let mut dice = Dice::new();
+    let mut devices = chat(true, false, &mut dice);
+    let mut storage = ChatLog::new(CHAT);
+    let mut persisted: Vec<u8> = Vec::new();
+    let secret_words = ["meet at noon", "the password is swordfish", "the chat"];
+    devices[0].say(secret_words[0], &mut dice);
+    devices[1].say(secret_words[1], &mut dice);
+    sync_devices(&mut devices, 0, 1);
+    devices[0].write(Draft::Read, &mut dice);
+    let carol = devices[2].member.account();
+    devices[0].write(Draft::RemoveMember { account: carol }, &mut dice);
+    devices[0].say("after removal", &mut dice);
+
+    let mut all: Vec<Entry> = devices[0]
+        .log
+        .in_display_order()
+        .map(|(_, e)| e.clone())
+        .collect();
+    all.reverse(); // worst order: children before parents
+    for entry in all {
+        for output in storage.insert(entry).unwrap() {
+            if let LogOutput::Persist(e) = output {
+                persisted.extend(e.encode());
+            }
+        }
+    }
+    assert_eq!(storage.len(), devices[0].log.len());
+    assert_eq!(storage.pending_count(), 0);
+    assert!(in_sync(
+        &ChatSummary::of(&storage),
+        &ChatSummary::of(&devices[0].log)
+    ));
+    for word in secret_words {
+        assert!(!persisted.windows(word.len()).any(|w| w == word.as_bytes()));
+    }
+    // The storage peer's own account is no member: it holds no key.
+    let mut peer = Device::new(7, 17);
+    peer.log = storage;
+    let history = peer.history();
+    assert!(history.messages.is_empty());
+    assert!(history.title.is_none());
+    assert!(history.unreadable >= 3);
+}
+
+#[test]
+fn out_of_order_entries_wait_for_their_parents() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let first = devices[0].say("1", &mut dice);
+    let second = devices[0].say("2", &mut dice);
+    let log = &mut devices[1].log;
+    let outputs = log.insert(second.clone()).unwrap();
+    assert_eq!(outputs, vec![LogOutput::Missing(vec![first.hash()])]);
+    assert_eq!(log.len(), 1);
+    let outputs = log.insert(first).unwrap();
+    let persisted = outputs
+        .iter()
+        .filter(|o| matches!(o, LogOutput::Persist(_)))
+        .count();
+    assert_eq!(persisted, 2);
+    assert_eq!(log.pending_count(), 0);
+    assert!(log.contains(&second.hash()));
+}
+
+#[test]
+fn edits_receipts_and_replies() {
+    let mut dice = Dice::new();
+    let mut devices = chat(true, false, &mut dice);
+    let question = devices[0].say("lunch?", &mut dice);
+    sync_devices(&mut devices, 1, 0);
+    let answer = devices[1].write(
+        Draft::Text {
+            text: "yes".into(),
+            reply_to: Some(question.hash()),
+        },
+        &mut dice,
+    );
+    // Only the author edits.
+    assert_eq!(
+        devices[1].compose(
+            Draft::Edit {
+                target: question.hash(),
+                text: "no".into()
+            },
+            &mut dice
+        ),
+        Err(MemberError::NotEditable)
+    );
+    devices[1].write(Draft::Read, &mut dice);
+    sync_devices(&mut devices, 0, 1);
+    devices[0].write(
+        Draft::Edit {
+            target: question.hash(),
+            text: "lunch at 1?".into(),
+        },
+        &mut dice,
+    );
+    let history = devices[0].history();
+    assert_eq!(history.messages.len(), 2);
+    let q = &history.messages[0];
+    assert_eq!(q.text, "lunch at 1?");
+    assert!(q.edited);
+    assert_eq!(q.read_by, vec![devices[1].member.account()]);
+    let a = &history.messages[1];
+    assert_eq!(a.entry, answer.hash());
+    assert_eq!(a.reply_to, Some(question.hash()));
+    assert!(a.read_by.is_empty(), "its author's receipt does not count");
+}
+
+#[test]
+fn an_added_member_reads_the_epoch_it_joins_and_after() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    devices[0].say("an older epoch", &mut dice);
+    devices[0].write(Draft::Rekey, &mut dice);
+    devices[0].say("before dave", &mut dice);
+    let mut dave = Device::new(4, 14);
+    devices[0].write(
+        Draft::AddMember {
+            account: dave.member.account(),
+            encryption_key: dave.member.encryption_key(),
+        },
+        &mut dice,
+    );
+    devices[0].say("welcome", &mut dice);
+    pull(&mut dave.log, &devices[0].log);
+    // The current key opens this epoch; the older one stays closed.
+    // (The genesis title is in the older epoch too: re-send the title
+    // after adding someone to a chat whose key has rotated.)
+    assert_eq!(dave.texts(), ["before dave", "welcome"]);
+    assert_eq!(dave.history().unreadable, 2);
+    assert_eq!(dave.history().title, None);
+    let hi = dave.say("hi all", &mut dice);
+    devices[0].log.insert(hi).unwrap();
+    assert_eq!(
+        devices[0].texts(),
+        ["an older epoch", "before dave", "welcome", "hi all"]
+    );
+    // After a rotation Dave still reads.
+    devices[0].write(Draft::Rekey, &mut dice);
+    devices[0].say("rotated", &mut dice);
+    pull(&mut dave.log, &devices[0].log);
+    assert_eq!(
+        dave.texts(),
+        ["before dave", "welcome", "hi all", "rotated"]
+    );
+}
+
+#[test]
+fn concurrent_removals_both_hold() {
+    let mut dice = Dice::new();
+    let mut devices = chat(true, false, &mut dice);
+    let mut dave = Device::new(4, 14);
+    devices[0].write(
+        Draft::AddMember {
+            account: dave.member.account(),
+            encryption_key: dave.member.encryption_key(),
+        },
+        &mut dice,
+    );
+    for i in 1..3 {
+        let (a, b) = devices.split_at_mut(i);
+        pull(&mut b[0].log, &a[0].log);
+    }
+    pull(&mut dave.log, &devices[0].log);
+    // Alice removes Carol while Bob, not having seen it, removes Dave.
+    let carol = devices[2].member.account();
+    devices[0].write(Draft::RemoveMember { account: carol }, &mut dice);
+    devices[1].write(
+        Draft::RemoveMember {
+            account: dave.member.account(),
+        },
+        &mut dice,
+    );
+    let (a, b) = devices.split_at_mut(1);
+    pull(&mut a[0].log, &b[0].log);
+    pull(&mut b[0].log, &a[0].log);
+    let merged = devices[0].say("after both", &mut dice);
+    sync_devices(&mut devices, 1, 0);
+    let (a, b) = devices.split_at_mut(2);
+    pull(&mut b[0].log, &a[0].log);
+    pull(&mut dave.log, &devices[0].log);
+
+    let membership = devices[0].log.membership_for(&merged.hash()).unwrap();
+    assert_eq!(membership.member_count(), 2);
+    assert_eq!(membership.epoch(), 2);
+    assert_eq!(devices[1].texts(), ["after both"]);
+    assert_eq!(devices[2].decrypt(&merged.hash()), Err(MemberError::NoKey));
+    assert_eq!(dave.decrypt(&merged.hash()), Err(MemberError::NoKey));
+}
+
+#[test]
+fn a_removed_members_concurrent_branch_is_kept_but_not_shown_after_removal() {
+    let mut dice = Dice::new();
+    let mut devices = chat(true, false, &mut dice);
+    let carol_account = devices[2].member.account();
+    // Carol writes five messages (lamport 1 to 5) without seeing her
+    // removal, which Alice writes at lamport 3.
+    let mut carol_entries = Vec::new();
+    for i in 0..5 {
+        carol_entries.push(devices[2].say(&format!("carol {i}"), &mut dice));
+    }
+    devices[0].say("a0", &mut dice);
+    devices[0].say("a1", &mut dice);
+    let removal = devices[0].write(
+        Draft::RemoveMember {
+            account: carol_account,
+        },
+        &mut dice,
+    );
+    assert_eq!(removal.header.header.lamport, 3);
+    // Her branch is valid (nobody can tell when it was written)…
+    for entry in carol_entries {
+        devices[0].log.insert(entry).unwrap();
+    }
+    // …but what sorts after the removal is not shown.
+    let texts = devices[0].texts();
+    assert!(texts.contains(&"carol 0".to_string()));
+    assert!(texts.contains(&"carol 1".to_string()));
+    assert!(!texts.contains(&"carol 3".to_string()));
+    assert!(!texts.contains(&"carol 4".to_string()));
+    // And a merge on top of both branches uses the rotated key.
+    let merged = devices[0].say("merged", &mut dice);
+    assert_eq!(merged.header.header.epoch, 1);
+}
+
+#[test]
+fn every_record_rejects_oversized_and_hostile_input() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let entry = devices[0].say("x", &mut dice);
+    let cases: Vec<(Vec<u8>, usize)> = vec![
+        (entry.encode(), Entry::MAX_LEN),
+        (
+            SyncRequest::for_log(&devices[0].log).encode(),
+            SyncRequest::MAX_LEN,
+        ),
+        (
+            ChatSummary::of(&devices[0].log).encode(),
+            ChatSummary::MAX_LEN,
+        ),
+        (
+            Content::Text {
+                text: "x".into(),
+                reply_to: None,
+            }
+            .encode(),
+            Content::MAX_LEN,
+        ),
+    ];
+    for (bytes, max) in cases {
+        let mut huge = bytes.clone();
+        huge.resize(max + 1, 0);
+        assert!(Entry::decode(&huge).is_err());
+        assert!(SyncRequest::decode(&huge).is_err());
+        assert!(ChatSummary::decode(&huge).is_err());
+        for cut in 0..bytes.len() {
+            assert!(Entry::decode(&bytes[..cut]).is_err() || cut == bytes.len());
+        }
+    }
+    // A response claiming 2^32 entries in a few bytes.
+    let hostile = [
+        1u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f,
+    ];
+    assert!(super::SyncResponse::decode(&hostile).is_err());
+}
