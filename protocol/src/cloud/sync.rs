@@ -286,3 +286,194 @@ pub fn respond(
         more,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud::{
+        Draft, LogEvent, LogOutput,
+        tests::{CHAT, Dice, chat, pull, sync_devices},
+    };
+
+    fn insert_all_in_order(log: &mut ChatLog, entries: Vec<Entry>) {
+        for entry in entries {
+            let outputs = log.insert(entry).unwrap();
+            assert!(
+                !outputs.iter().any(|o| matches!(o, LogOutput::Missing(_))),
+                "a batch entry had to wait for its parents"
+            );
+        }
+    }
+
+    #[test]
+    fn batches_are_bounded_and_insertable_in_order() {
+        let mut dice = Dice::new();
+        let mut devices = chat(false, false, &mut dice);
+        for i in 0..25 {
+            devices[0].say(&format!("a{i}"), &mut dice);
+            devices[1].say(&format!("b{i}"), &mut dice);
+        }
+        sync_devices(&mut devices, 0, 1);
+        let source = &devices[0].log;
+        assert_eq!(source.len(), 51);
+
+        let mut replica = ChatLog::new(CHAT);
+        let mut rounds = 0;
+        loop {
+            let request = SyncRequest::for_log(&replica);
+            let limits = BatchLimits {
+                max_entries: 7,
+                max_bytes: MAX_BATCH_BYTES,
+            };
+            let response = respond(source, &request, limits).unwrap();
+            assert!(response.entries.len() <= 7);
+            insert_all_in_order(&mut replica, response.entries);
+            rounds += 1;
+            if !response.more {
+                break;
+            }
+        }
+        assert_eq!(rounds, 8);
+        assert!(in_sync(
+            &ChatSummary::of(&replica),
+            &ChatSummary::of(source)
+        ));
+
+        // A byte budget below one entry still makes progress, one at a time.
+        let mut replica = ChatLog::new(CHAT);
+        let tiny = BatchLimits {
+            max_entries: 100,
+            max_bytes: 1,
+        };
+        let (batch, more) = missing_entries(source, &ChatSummary::of(&replica), tiny);
+        assert_eq!(batch.len(), 1);
+        assert!(more);
+        insert_all_in_order(&mut replica, batch);
+    }
+
+    #[test]
+    fn replicas_repair_each_other_in_both_directions() {
+        let mut dice = Dice::new();
+        let mut devices = chat(false, false, &mut dice);
+        let mut left = ChatLog::new(CHAT);
+        let mut right = ChatLog::new(CHAT);
+        pull(&mut left, &devices[0].log);
+        pull(&mut right, &devices[0].log);
+        // Each replica receives different writes (a partition).
+        for i in 0..5 {
+            left.insert(devices[0].say(&format!("a{i}"), &mut dice))
+                .unwrap();
+            right
+                .insert(devices[1].say(&format!("b{i}"), &mut dice))
+                .unwrap();
+        }
+        let (l, r) = (ChatSummary::of(&left), ChatSummary::of(&right));
+        assert!(!in_sync(&l, &r));
+        assert!(they_have_more(&left, &r));
+        assert!(they_have_more(&right, &l));
+        pull(&mut left, &right);
+        pull(&mut right, &left);
+        let (l, r) = (ChatSummary::of(&left), ChatSummary::of(&right));
+        assert!(in_sync(&l, &r));
+        assert!(!they_have_more(&left, &r));
+        assert_eq!(l.entries, 11);
+        assert!(
+            missing_entries(&left, &r, BatchLimits::default())
+                .0
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn bodies_held_without_their_entry_body_are_fetched() {
+        let mut dice = Dice::new();
+        let mut devices = chat(false, false, &mut dice);
+        let message = devices[0].say("body later", &mut dice);
+        let log = &mut devices[1].log;
+        log.insert(message.without_body()).unwrap();
+        assert_eq!(log.missing_bodies().collect::<Vec<_>>(), [&message.hash()]);
+
+        let request = SyncRequest::for_log(log);
+        assert_eq!(request.want_bodies, vec![message.hash()]);
+        let response = respond(&devices[0].log, &request, BatchLimits::default()).unwrap();
+        let log = &mut devices[1].log;
+        let mut attached = false;
+        for entry in response.entries {
+            let outputs = log.insert(entry).unwrap();
+            attached |= outputs.contains(&LogOutput::Event(LogEvent::BodyAttached {
+                entry: message.hash(),
+            }));
+        }
+        assert!(attached);
+        assert!(log.missing_bodies().next().is_none());
+        assert_eq!(devices[1].texts(), ["body later"]);
+    }
+
+    #[test]
+    fn a_fork_seen_in_opposite_orders_shows_as_divergence() {
+        let mut dice = Dice::new();
+        let mut devices = chat(false, false, &mut dice);
+        let draft = || Draft::Text {
+            text: "x".into(),
+            reply_to: None,
+        };
+        let one = devices[0].compose(draft(), &mut dice).unwrap();
+        let two = devices[0].compose(draft(), &mut dice).unwrap();
+        let mut left = ChatLog::new(CHAT);
+        let mut right = ChatLog::new(CHAT);
+        pull(&mut left, &devices[0].log);
+        pull(&mut right, &devices[0].log);
+        left.insert(one.clone()).unwrap();
+        assert!(left.insert(two.clone()).is_err());
+        right.insert(two).unwrap();
+        assert!(right.insert(one).is_err());
+        let (l, r) = (ChatSummary::of(&left), ChatSummary::of(&right));
+        assert!(!in_sync(&l, &r));
+        assert!(diverged(&l, &r));
+        assert!(!they_have_more(&left, &r));
+        assert_eq!(left.fork_evidence().len(), 1);
+        assert_eq!(right.fork_evidence().len(), 1);
+    }
+
+    #[test]
+    fn records_are_checked_on_decode() {
+        let mut dice = Dice::new();
+        let devices = chat(false, false, &mut dice);
+        let log = &devices[0].log;
+        let request = SyncRequest::for_log(log);
+        assert_eq!(SyncRequest::decode(&request.encode()).unwrap(), request);
+
+        let mut unsorted = ChatSummary::of(log);
+        let progress = DeviceProgress {
+            device: unsorted.devices[0].device,
+            count: 1,
+        };
+        unsorted.devices.push(progress);
+        assert!(ChatSummary::decode(&unsorted.encode()).is_err());
+
+        let mut other_chat = request.clone();
+        other_chat.chat = ChatId([0; 16]);
+        assert!(SyncRequest::decode(&other_chat.encode()).is_err());
+        assert_eq!(
+            respond(log, &other_chat, BatchLimits::default()),
+            Err(SyncError::WrongChat {
+                expected: CHAT,
+                got: ChatId([0; 16])
+            })
+        );
+
+        let response = respond(
+            log,
+            &SyncRequest::for_log(&ChatLog::new(CHAT)),
+            BatchLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(SyncResponse::decode(&response.encode()).unwrap(), response);
+        let mut huge = response.encode();
+        huge.resize(SyncResponse::MAX_LEN + 1, 0);
+        assert!(matches!(
+            SyncResponse::decode(&huge),
+            Err(DecodeError::TooLong { .. })
+        ));
+    }
+}
