@@ -67,6 +67,17 @@ impl AccountEncryptionKey {
         Self(StaticSecret::from(*derived))
     }
 
+    /// The X25519 secret itself, for handing to a newly linked device over
+    /// an authenticated, encrypted channel (or sealing at rest).
+    pub fn secret_bytes(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.0.to_bytes())
+    }
+
+    /// A key received from [`Self::secret_bytes`].
+    pub fn from_secret_bytes(secret: &[u8; 32]) -> Self {
+        Self(StaticSecret::from(*secret))
+    }
+
     pub fn public(&self) -> EncryptionPublicKey {
         EncryptionPublicKey(PublicKey::from(&self.0).to_bytes())
     }
@@ -304,6 +315,8 @@ mod tests {
         let again = AccountEncryptionKey::derive(&account(1));
         let other = AccountEncryptionKey::derive(&account(2));
         assert_eq!(a.public(), again.public());
+        let moved = AccountEncryptionKey::from_secret_bytes(&a.secret_bytes());
+        assert_eq!(moved.public(), a.public());
         assert_ne!(a.public(), other.public());
         // Not the Ed25519 secret itself, nor its public key.
         assert_ne!(&a.public().0, account(1).id().as_bytes());

@@ -60,6 +60,8 @@ pub enum MemberError {
     Key(#[from] KeyError),
     #[error("undecodable content: {0}")]
     BadContent(#[from] DecodeError),
+    #[error(transparent)]
+    Malformed(#[from] super::entry::EntryError),
 }
 
 /// What a member wants to write.
@@ -244,7 +246,7 @@ impl ChatMember {
             kind: EntryKind::Genesis { members, admins },
             body_hash: body.as_ref().map(|b| b.hash()),
         };
-        header.check_shape().map_err(|_| MemberError::MemberCount)?;
+        header.check_shape()?;
         let header = header.sign(&self.device_key);
         self.keys.insert(vec![header.hash()], key);
         Ok(Entry { header, body })

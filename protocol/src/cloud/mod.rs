@@ -12,6 +12,47 @@
 //! - [`member`]: [`ChatMember`], a member device's keys: writes entries and
 //!   reads the history.
 //! - [`sync`]: anti-entropy between two holders of a chat.
+//!
+//! # Driving it
+//!
+//! - **State.** Every member device and every storage peer keeps one
+//!   [`ChatLog`] per chat; a member device also keeps one [`ChatMember`]
+//!   (device key, certificate, account encryption key). A storage peer has
+//!   no key at all and verifies everything all the same.
+//! - **Persisting.** For each [`LogOutput::Persist`], write `entry.encode()`
+//!   under [`Entry::storage_key`] (replacing any earlier version) and flush
+//!   before acknowledging the entry to anyone. For each
+//!   [`LogOutput::EraseBody`], rewrite that record without its body
+//!   ([`Entry::without_body`]) so the ciphertext is gone from disk. After a
+//!   restart, insert the stored records into a new log in key order: the
+//!   key order is parents-first, and a purge whose erasure a crash
+//!   interrupted yields its `EraseBody` again.
+//! - **Sending.** [`ChatMember::compose`] (or [`ChatMember::create`] for a
+//!   new chat) returns a signed entry; insert it into the local log, then
+//!   push it to the chat's storage peers, which insert it and acknowledge
+//!   once persisted. A [`LogError`] is a refusal with its reason;
+//!   [`LogError::Duplicate`] means the peer already has it. Each compose
+//!   takes 32 fresh random bytes; a chat id is 16.
+//! - **Receiving.** [`LogOutput::Missing`] names parents to fetch: run a
+//!   sync round with whoever sent the entry. [`LogEvent`]s say what
+//!   arrived; a member device calls [`ChatMember::decrypt`] on an appended
+//!   message to tell text, edit and receipt apart, and
+//!   [`ChatMember::history`] for the whole chat.
+//! - **Sync.** Send [`SyncRequest::for_log`]; the other side answers with
+//!   [`respond`]; insert the entries in the order given (a `Duplicate` is
+//!   harmless there) and ask again while `more` is set. The answering side
+//!   checks [`they_have_more`] on the request's summary and, if so, asks
+//!   back. [`in_sync`] on two summaries is the replica-health check;
+//!   [`sync::diverged`] means a fork reached two replicas in opposite orders
+//!   (see [`ChatLog::fork_evidence`]).
+//! - **Statuses.** "Stored" is the driver's: a write quorum of storage
+//!   peers acknowledged the entry hash. "Read" is
+//!   [`DisplayedMessage::read_by`]: [`Draft::Read`] writes a receipt for
+//!   everything the device holds.
+//! - **Keys.** A member's [`EncryptionPublicKey`] must be known to whoever
+//!   creates a chat with it or adds it (publish it in the account record).
+//!   A device holding the account key derives everything; a linked device
+//!   without it needs [`AccountEncryptionKey::secret_bytes`] handed over.
 
 pub mod content;
 pub mod entry;
