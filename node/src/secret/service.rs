@@ -276,6 +276,12 @@ impl Chat {
     }
 }
 
+/// A chat's id in logs: 4 hex digits, enough to tell chats apart in a log,
+/// not enough to keep a record of which chats existed.
+fn tag(id: &SecretId) -> String {
+    hex(&id[..2])
+}
+
 fn state_name(s: ChatState) -> &'static str {
     match s {
         ChatState::Pending { .. } => "pending",
@@ -414,7 +420,7 @@ impl SecretService {
         };
         match built {
             Ok(hs) => c.handshake = Some(hs),
-            Err(e) => warn!(secret = %hex(&id), "cannot rebuild the handshake: {e}"),
+            Err(e) => warn!(secret = %tag(&id), "cannot rebuild the handshake: {e}"),
         }
     }
 
@@ -637,7 +643,7 @@ impl SecretService {
         };
         let info = chat.info();
         self.chats.insert(id, chat);
-        info!(secret = %hex(&id), "secret chat requested");
+        info!(secret = %tag(&id), "secret chat requested");
         self.kick(&id);
         Ok(info)
     }
@@ -1003,7 +1009,7 @@ impl SecretService {
                         handshake: first,
                     },
                     Err(e) => {
-                        warn!(secret = %hex(id), "cannot build the offer: {e}");
+                        warn!(secret = %tag(id), "cannot build the offer: {e}");
                         return;
                     }
                 }
@@ -1048,7 +1054,7 @@ impl SecretService {
 
     fn backoff(&mut self, id: &SecretId, why: &str) {
         if let Some(c) = self.chats.get_mut(id) {
-            debug!(secret = %hex(id), "delivery deferred: {why}");
+            debug!(secret = %tag(id), "delivery deferred: {why}");
             c.retry_at = Some(tokio::time::Instant::now() + c.backoff);
             c.backoff = (c.backoff * 2).min(MAX_BACKOFF);
         }
@@ -1086,22 +1092,22 @@ impl SecretService {
                 self.on_finish(&id, &handshake)
             }
             (_, SecretResponse::Unknown) => {
-                info!(secret = %hex(&id), "the other device no longer has this secret chat");
+                info!(secret = %tag(&id), "the other device no longer has this secret chat");
                 self.peer_closed(&id)
             }
             (_, SecretResponse::Refused { reason }) => {
-                warn!(secret = %hex(&id), "the other device refused: {reason}");
+                warn!(secret = %tag(&id), "the other device refused: {reason}");
                 self.backoff(&id, &reason);
                 return;
             }
             (_, other) => {
-                warn!(secret = %hex(&id), ?other, "unexpected answer from the other device");
+                warn!(secret = %tag(&id), ?other, "unexpected answer from the other device");
                 self.backoff(&id, "unexpected answer");
                 return;
             }
         };
         if let Err(e) = outcome {
-            warn!(secret = %hex(&id), "{e}");
+            warn!(secret = %tag(&id), "{e}");
         }
         self.kick(&id);
     }
@@ -1118,7 +1124,7 @@ impl SecretService {
         }
         if acked.is_empty() && c.outbox.front().is_some_and(|f| f.n > next) {
             // The peer lost frames we no longer have: nothing can repair it.
-            warn!(secret = %hex(id), next, "the other device lost frames this device already dropped");
+            warn!(secret = %tag(id), next, "the other device lost frames this device already dropped");
         }
         for n in acked {
             if let Err(e) = self.store.delete_frame(id, n) {
@@ -1146,7 +1152,7 @@ impl SecretService {
         let established = match hs.on_message(third, now_ms()) {
             Ok(e) => e,
             Err(e) => {
-                warn!(secret = %hex(id), "handshake failed: {e}");
+                warn!(secret = %tag(id), "handshake failed: {e}");
                 self.metrics.rejected_frames.inc();
                 self.cancel_after_failed_handshake(id)?;
                 return Ok(());
@@ -1169,7 +1175,7 @@ impl SecretService {
         let c = self.chat(id)?;
         c.session = Some(established.session);
         self.store.put_record(&self.chats[id].record)?;
-        info!(secret = %hex(id), "secret chat active");
+        info!(secret = %tag(id), "secret chat active");
         self.bus.emit(Event::SecretAccepted { secret_id: hex(id) });
         Ok(())
     }
@@ -1308,7 +1314,7 @@ impl SecretService {
             rekeys: 0,
         };
         self.store.put_record(&record)?;
-        info!(secret = %hex(&id), "secret chat request");
+        info!(secret = %tag(&id), "secret chat request");
         self.bus.emit(Event::SecretRequest {
             secret_id: hex(&id),
             peer: record.peer_account.map(|a| a.to_string()),
@@ -1368,7 +1374,7 @@ impl SecretService {
             Err(e) => {
                 // Nothing changes: a forged answer must not end a real offer.
                 self.metrics.rejected_frames.inc();
-                warn!(secret = %hex(&id), "rejected a handshake answer: {e}");
+                warn!(secret = %tag(&id), "rejected a handshake answer: {e}");
                 self.rebuild_handshake_for(&id);
                 return Ok(SecretResponse::refused(&format!("handshake failed: {e}")));
             }
@@ -1377,7 +1383,7 @@ impl SecretService {
         if let Some(expected) = c.record.peer_account
             && expected != established.peer.account
         {
-            warn!(secret = %hex(&id), "the device answered for another account than asked for");
+            warn!(secret = %tag(&id), "the device answered for another account than asked for");
             self.metrics.rejected_frames.inc();
             self.cancel_after_failed_handshake(&id)?;
             return Ok(SecretResponse::refused("wrong account"));
@@ -1401,7 +1407,7 @@ impl SecretService {
         self.chat(&id)?.session = Some(session);
         self.store.put_record(&self.chats[&id].record)?;
         self.queue(&id, &SecretPayload::ShortCode(commit))?;
-        info!(secret = %hex(&id), "secret chat active");
+        info!(secret = %tag(&id), "secret chat active");
         self.bus.emit(Event::SecretAccepted {
             secret_id: hex(&id),
         });
@@ -1432,7 +1438,7 @@ impl SecretService {
         c.record.our_handshake = None;
         c.handshake = None;
         self.store.put_record(&self.chats[&id].record)?;
-        info!(secret = %hex(&id), "secret chat cancelled by the other device");
+        info!(secret = %tag(&id), "secret chat cancelled by the other device");
         self.bus.emit(Event::SecretCancelled {
             secret_id: hex(&id),
         });
@@ -1450,6 +1456,11 @@ impl SecretService {
             return Ok(SecretResponse::Unknown);
         };
         if c.session.is_none() {
+            // Accepted here, but the answer that completes the handshake is
+            // still on its way back: the frames are early, not unknown.
+            if c.handshake.is_some() {
+                return Ok(SecretResponse::refused("the handshake is not finished yet"));
+            }
             return Ok(SecretResponse::Unknown);
         }
         let now = now_ms();
@@ -1468,12 +1479,12 @@ impl SecretService {
                     Err(SessionError::Replay { got }) => {
                         // Already received: a resend after a lost answer, or
                         // an attacker's replay. Either way, nothing to do.
-                        debug!(secret = %hex(&id), got, "ignored a frame received before");
+                        debug!(secret = %tag(&id), got, "ignored a frame received before");
                         rejected.inc();
                     }
                     Err(e) => {
                         if !matches!(e, SessionError::Gap { .. }) {
-                            warn!(secret = %hex(&id), n = frame.n, "rejected a frame: {e}");
+                            warn!(secret = %tag(&id), n = frame.n, "rejected a frame: {e}");
                         }
                         rejected.inc();
                         break;
@@ -1487,7 +1498,7 @@ impl SecretService {
                 Ok(p) => self.apply(&id, p, now)?,
                 Err(e) => {
                     self.metrics.rejected_frames.inc();
-                    warn!(secret = %hex(&id), "rejected a payload: {e}");
+                    warn!(secret = %tag(&id), "rejected a payload: {e}");
                 }
             }
         }
@@ -1586,7 +1597,7 @@ impl SecretService {
                     });
                 }
                 ChatEvent::Closed => {
-                    info!(secret = %sid, "secret chat closed by the other device");
+                    info!(secret = %tag(id), "secret chat closed by the other device");
                     self.peer_closed(id)?;
                     self.bus.emit(Event::SecretClosed {
                         secret_id: sid.clone(),
@@ -1613,7 +1624,7 @@ impl SecretService {
                     reply = Some(reveal);
                 }
                 Err(e) => {
-                    warn!(secret = %hex(id), "short-code exchange failed: {e}");
+                    warn!(secret = %tag(id), "short-code exchange failed: {e}");
                     c.record.sas_failed = true;
                 }
             }
@@ -1628,7 +1639,7 @@ impl SecretService {
                     c.record.sas_responder = None;
                 }
                 Err(e) => {
-                    warn!(secret = %hex(id), "short-code exchange failed: {e}");
+                    warn!(secret = %tag(id), "short-code exchange failed: {e}");
                     c.record.sas_failed = true;
                     c.record.sas_responder = None;
                 }
@@ -1664,7 +1675,7 @@ impl SecretService {
                         warn!("{e}");
                     }
                 }
-                debug!(secret = %hex(&id), count = gone.len(), "messages self-destructed");
+                debug!(secret = %tag(&id), count = gone.len(), "messages self-destructed");
                 self.bus.emit(Event::SecretExpired {
                     secret_id: hex(&id),
                     message_ids: gone.iter().map(|m| hex(&m.0)).collect(),
