@@ -93,26 +93,6 @@ fn listen_port(status: &Value, proto: &str) -> u16 {
     addr.split('/').nth(4).unwrap().parse().unwrap()
 }
 
-fn metric(dir: &std::path::Path, name: &str) -> f64 {
-    let endpoint: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("api.json")).unwrap()).unwrap();
-    let token = std::fs::read_to_string(dir.join("api.token")).unwrap();
-    let mut s = TcpStream::connect(endpoint["address"].as_str().unwrap()).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
-        token.trim()
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 fn random_bytes_at_the_tcp_and_quic_listeners_are_shrugged_off() {
     let tmp = tempfile::tempdir().unwrap();

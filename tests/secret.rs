@@ -14,6 +14,8 @@ use std::{
 
 use serde_json::Value;
 use support::*;
+use tern_node::secret::wire::{SecretRequest, SecretResponse};
+use tern_protocol::{Record, secret::SecretFrame};
 
 /// Two nodes that know each other.
 fn pair(tmp: &Path) -> (NodeProcess, NodeProcess) {
@@ -437,10 +439,8 @@ fn an_offline_recipient_gets_all_100_messages_in_order_exactly_once() {
     for t in &sent {
         send(&a.dir, &id, t);
     }
-    assert_eq!(
-        chat(&a.dir, &id).unwrap()["outbox"].as_u64().unwrap() >= 100,
-        true
-    );
+    let waiting = chat(&a.dir, &id).unwrap()["outbox"].as_u64().unwrap();
+    assert!(waiting >= 100, "only {waiting} frames wait for B");
 
     let b = NodeProcess::start(&b_dir, LOOPBACK);
     connect(&a, &b);
@@ -566,7 +566,7 @@ fn a_relay_and_storage_peer_between_the_devices_keeps_nothing_of_the_chat() {
             .any(|a| a.as_str().unwrap().contains("p2p-circuit"))
             .then_some(())
     });
-    let a = NodeProcess::start(&da, LOOPBACK);
+    let _alice = NodeProcess::start(&da, LOOPBACK);
     let b_id = b.peer_id();
     let out = tern(&da, &["connect", &format!("{circuit}/p2p/{b_id}")]);
     assert!(
@@ -614,4 +614,177 @@ fn a_relay_and_storage_peer_between_the_devices_keeps_nothing_of_the_chat() {
     }
     // The devices themselves do hold the chat.
     assert!(!files_containing(&db, b"axolotl-lychee").is_empty());
+}
+
+/// The frames waiting in a chat's outbox on disk, in order.
+fn outbox_frames(dir: &Path, id: &str) -> Vec<SecretFrame> {
+    let space = dir.join("erasable").join(format!("secret-{id}"));
+    let mut frames: Vec<SecretFrame> = std::fs::read_dir(&space)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("o-"))
+        .map(|e| SecretFrame::decode(&std::fs::read(e.path()).unwrap()).unwrap())
+        .collect();
+    frames.sort_by_key(|f| f.n);
+    frames
+}
+
+/// Sends `requests` on `/tern/secret/1` from a libp2p node with `identity`
+/// to `target`; returns the answers in order.
+async fn send_as(
+    identity: libp2p::identity::Keypair,
+    target: libp2p::Multiaddr,
+    requests: Vec<SecretRequest>,
+) -> Vec<Result<SecretResponse, String>> {
+    use futures::StreamExt;
+    use libp2p::{request_response, swarm::SwarmEvent};
+    let codec = tern_node::net::codec::RecordCodec::<SecretRequest, SecretResponse>::new(
+        prometheus_client::metrics::counter::Counter::default(),
+    );
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                codec,
+                [(
+                    libp2p::StreamProtocol::new("/tern/secret/1"),
+                    request_response::ProtocolSupport::Outbound,
+                )],
+                request_response::Config::default()
+                    .with_request_timeout(std::time::Duration::from_secs(60)),
+            )
+        })
+        .unwrap()
+        .build();
+    swarm.dial(target).unwrap();
+    let peer = loop {
+        match swarm.select_next_some().await {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => break peer_id,
+            SwarmEvent::OutgoingConnectionError { error, .. } => panic!("dial failed: {error}"),
+            _ => {}
+        }
+    };
+    let mut answers = Vec::new();
+    // One at a time, in order, as a real sender does.
+    for r in requests {
+        swarm.behaviour_mut().send_request(&peer, r);
+        let answer = tokio::time::timeout(DEADLINE, async {
+            loop {
+                match swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(request_response::Event::Message {
+                        message: request_response::Message::Response { response, .. },
+                        ..
+                    }) => return Ok(response),
+                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                        error,
+                        ..
+                    }) => return Err(error.to_string()),
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .expect("an answer");
+        answers.push(answer);
+    }
+    answers
+}
+
+#[test]
+fn replayed_reordered_bit_flipped_and_foreign_frames_are_rejected_and_the_chat_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = pair(tmp.path());
+    let id = active_chat(&a.dir, &b.dir);
+    send(&a.dir, &id, "hello");
+    poll("hello at B", || {
+        (texts(&history(&b.dir, &id)) == ["hello"]).then_some(())
+    });
+    let (a_dir, b_dir) = (a.dir.clone(), b.dir.clone());
+    let drained = |what: &str| {
+        poll(what, || {
+            (chat(&a_dir, &id).unwrap()["outbox"] == 0).then_some(())
+        });
+    };
+    drained("A's outbox to drain");
+
+    // An attacker who stole Alice's transport key (not the chat's keys)
+    // records frames while Bob is offline…
+    assert!(b.stop().success());
+    send(&a_dir, &id, "captured one");
+    let first = outbox_frames(&a_dir, &id);
+    assert_eq!(first.len(), 1);
+    let b = NodeProcess::start(&b_dir, LOOPBACK);
+    connect(&a, &b);
+    poll("the first capture delivered", || {
+        (texts(&history(&b_dir, &id)) == ["hello", "captured one"]).then_some(())
+    });
+    drained("A's outbox to drain again");
+    assert!(b.stop().success());
+    send(&a_dir, &id, "captured two");
+    send(&a_dir, &id, "captured three");
+    let later = outbox_frames(&a_dir, &id);
+    assert_eq!(later.len(), 2);
+    // …and takes Alice's place while she is offline.
+    assert!(a.stop().success());
+    let b = NodeProcess::start(&b_dir, LOOPBACK);
+    let before = metric(&b_dir, "tern_rejected_frames_total");
+    let secret_id: [u8; 16] = data_encoding::HEXLOWER
+        .decode(id.as_bytes())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let frames = |f: Vec<SecretFrame>| SecretRequest::Frames {
+        secret_id,
+        frames: f,
+    };
+    let mut flipped = later[0].clone();
+    flipped.ciphertext[3] ^= 0x10;
+    let alice = tern_node::keys::load(&tern_node::data_dir::DataDir::new(&a_dir), None)
+        .unwrap()
+        .device;
+    let target: libp2p::Multiaddr = b.tcp_addr().parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answers = rt.block_on(send_as(
+        alice,
+        target.clone(),
+        vec![
+            frames(first.clone()),          // replayed
+            frames(vec![later[1].clone()]), // reordered: the third before the second
+            frames(vec![flipped]),          // one bit flipped
+        ],
+    ));
+    let expected = SecretResponse::Ack { next: later[0].n };
+    for (what, answer) in ["replay", "reorder", "bit flip"].iter().zip(&answers) {
+        assert_eq!(answer.as_ref().unwrap(), &expected, "{what}");
+    }
+    // Someone else entirely, with a frame for this chat: it is not theirs.
+    let stranger = libp2p::identity::Keypair::generate_ed25519();
+    let answers = rt.block_on(send_as(stranger, target, vec![frames(later.clone())]));
+    assert_eq!(answers[0].as_ref().unwrap(), &SecretResponse::Unknown);
+    poll("every attack counted as rejected", || {
+        (metric(&b_dir, "tern_rejected_frames_total") >= before + 4.0).then_some(())
+    });
+    assert_eq!(texts(&history(&b_dir, &id)), ["hello", "captured one"]);
+
+    // Alice comes back: her real frames go through, once each, in order.
+    let a = NodeProcess::start(&a_dir, LOOPBACK);
+    connect(&a, &b);
+    poll("the held-back messages at B", || {
+        (history(&b_dir, &id).len() == 4).then_some(())
+    });
+    assert_eq!(
+        texts(&history(&b_dir, &id)),
+        ["hello", "captured one", "captured two", "captured three"]
+    );
+    send(&b_dir, &id, "all good here");
+    poll("B's answer at A", || {
+        (texts(&history(&a_dir, &id)).last().map(String::as_str) == Some("all good here"))
+            .then_some(())
+    });
 }

@@ -323,3 +323,25 @@ pub fn dial_addr(status: &Value) -> String {
         status["peer_id"].as_str().expect("peer_id")
     )
 }
+
+/// A metric's value from the node's `/metrics` (0 if absent).
+pub fn metric(dir: &std::path::Path, name: &str) -> f64 {
+    let endpoint: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("api.json")).unwrap()).unwrap();
+    let token = std::fs::read_to_string(dir.join("api.token")).unwrap();
+    let mut s = std::net::TcpStream::connect(endpoint["address"].as_str().unwrap()).unwrap();
+    std::io::Write::write_fmt(
+        &mut s,
+        format_args!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
+        token.trim()
+    ))
+    .unwrap();
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut s, &mut body).unwrap();
+    body.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
