@@ -59,23 +59,9 @@ fn state(dir: &Path, id: &str) -> String {
 }
 
 fn wait_state(dir: &Path, id: &str, want: &str) {
-    let start = Instant::now();
-    while state(dir, id) != want {
-        if start.elapsed() > DEADLINE {
-            // Every node of this test sits beside `dir`: show their logs.
-            let mut logs = String::new();
-            for e in std::fs::read_dir(dir.parent().unwrap()).unwrap().flatten() {
-                let log =
-                    std::fs::read_to_string(e.path().join("test-node.log")).unwrap_or_default();
-                logs.push_str(&format!("\n--- {} ---\n{log}", e.path().display()));
-            }
-            panic!(
-                "{id} never became {want} in {}; node logs:{logs}",
-                dir.display()
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    poll(&format!("{id} to be {want} in {}", dir.display()), || {
+        (state(dir, id) == want).then_some(())
+    });
 }
 
 /// `a` asks `b` (by ticket); returns the id once `b` has the request.

@@ -60,17 +60,39 @@ pub fn tern_json(dir: &Path, args: &[&str]) -> Value {
     })
 }
 
-/// Polls `f` every 50 ms until it yields a value; fails the test at the deadline.
+thread_local! {
+    /// Data directories of the nodes this test started, for failure reports.
+    static NODE_DIRS: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The end of each log of the nodes this test started.
+pub fn node_logs() -> String {
+    NODE_DIRS.with(|dirs| {
+        let mut out = String::new();
+        for dir in dirs.borrow().iter() {
+            let log = std::fs::read_to_string(dir.join("test-node.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            out.push_str(&format!("\n--- {} ---\n{}", dir.display(), tail.join("\n")));
+        }
+        out
+    })
+}
+
+/// Polls `f` every 50 ms until it yields a value; fails the test at the
+/// deadline, showing the logs of the nodes the test started.
 pub fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
+        if start.elapsed() >= DEADLINE {
+            panic!(
+                "timed out after {DEADLINE:?} waiting for {what}; node logs:{}",
+                node_logs()
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -98,7 +120,12 @@ impl NodeProcess {
             .append(true)
             .open(dir.join("test-node.log"))
             .expect("open node log");
+        NODE_DIRS.with(|d| d.borrow_mut().push(dir.to_owned()));
         let child = Command::new(tern_bin())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,tern_node::secret=debug".into()),
+            )
             .arg("--data-dir")
             .arg(dir)
             .arg("node")
