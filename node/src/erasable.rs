@@ -139,6 +139,98 @@ impl ErasableStore {
         Ok(keys)
     }
 
+    /// Applies many writes and deletes with two file-system syncs in all,
+    /// instead of several per value: everything is written, replaced
+    /// versions and deleted values are overwritten with zeros, one sync
+    /// makes all of it durable, then the wiped files are unlinked and a
+    /// second sync makes that durable. Later operations on the same value
+    /// supersede earlier ones. When this returns, every operation is on disk.
+    pub fn apply(&self, ops: Vec<Op>) -> Result<()> {
+        use std::collections::BTreeMap;
+        let mut last: BTreeMap<(String, String), Option<Vec<u8>>> = BTreeMap::new();
+        let mut dropped_spaces = Vec::new();
+        for op in ops {
+            match op {
+                Op::Put { space, key, value } => {
+                    if value.len() as u64 > MAX_VALUE {
+                        return Err(ErasableError::TooLarge(value.len()));
+                    }
+                    self.path(&space, &key)?;
+                    last.insert((space, key), Some(value));
+                }
+                Op::Delete { space, key } => {
+                    self.path(&space, &key)?;
+                    last.insert((space, key), None);
+                }
+                Op::DeleteSpace { space } => {
+                    for key in self.keys(&space)? {
+                        last.insert((space.clone(), key), None);
+                    }
+                    last.retain(|(s, _), v| s != &space || v.is_none());
+                    dropped_spaces.push(space);
+                }
+            }
+        }
+        let result = self.apply_final(&last, dropped_spaces);
+        // Values may be secrets (session keys): no copy outlives the write.
+        for v in last.values_mut().flatten() {
+            zeroize::Zeroize::zeroize(v);
+        }
+        result
+    }
+
+    fn apply_final(
+        &self,
+        last: &std::collections::BTreeMap<(String, String), Option<Vec<u8>>>,
+        dropped_spaces: Vec<String>,
+    ) -> Result<()> {
+        if last.is_empty() && dropped_spaces.is_empty() {
+            return Ok(());
+        }
+        let mut to_unlink = Vec::new();
+        for ((space, key), value) in last {
+            let path = self.root.join(space).join(key);
+            let dir = self.root.join(space);
+            match value {
+                Some(value) => {
+                    create_private_dir(&dir).map_err(io_at(&dir))?;
+                    let old = dir.join(format!(".{key}.old"));
+                    // Left over by a crash mid-replace: it may hold an old version.
+                    if old.exists() {
+                        wipe(&old).map_err(io_at(&old))?;
+                    }
+                    if fs::hard_link(&path, &old).is_ok() {
+                        overwrite_later(&old, &mut to_unlink);
+                    }
+                    write_unsynced(&path, value).map_err(io_at(&path))?;
+                }
+                None => overwrite_later(&path, &mut to_unlink),
+            }
+        }
+        // The old versions: overwritten only now, after the new ones were
+        // renamed into place (the hard link kept them until then).
+        for p in &to_unlink {
+            overwrite(p).map_err(io_at(p))?;
+        }
+        sync_file_system(&self.root).map_err(io_at(&self.root))?;
+        for p in &to_unlink {
+            match fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_at(p)(e)),
+            }
+        }
+        for space in dropped_spaces {
+            let dir = self.root.join(&space);
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_at(&dir)(e)),
+            }
+        }
+        sync_file_system(&self.root).map_err(io_at(&self.root))
+    }
+
     /// The spaces whose names start with `prefix`, sorted.
     pub fn spaces(&self, prefix: &str) -> Result<Vec<String>> {
         let entries = fs::read_dir(&self.root).map_err(io_at(&self.root))?;
@@ -166,6 +258,92 @@ impl ErasableStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_at(&dir)(e)),
         }
+    }
+}
+
+/// One write of a batch (see [`ErasableStore::apply`]).
+#[derive(Debug)]
+pub enum Op {
+    Put {
+        space: String,
+        key: String,
+        value: Vec<u8>,
+    },
+    Delete {
+        space: String,
+        key: String,
+    },
+    DeleteSpace {
+        space: String,
+    },
+}
+
+fn overwrite_later(path: &Path, list: &mut Vec<PathBuf>) {
+    if path.exists() && !list.iter().any(|p| p == path) {
+        list.push(path.to_owned());
+    }
+}
+
+/// Writes a new version under a temporary name and renames it into place;
+/// the caller syncs.
+fn write_unsynced(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        opts.open(&tmp)?.write_all(contents)?;
+    }
+    fs::rename(&tmp, path)
+}
+
+/// Overwrites a file's bytes in place with zeros; the caller syncs.
+fn overwrite(path: &Path) -> io::Result<()> {
+    let len = fs::metadata(path)?.len();
+    let mut f = fs::OpenOptions::new().write(true).open(path)?;
+    let zeros = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Makes everything written under `root` durable: one `syncfs` on Linux
+/// (one journal commit for the whole batch), a sync of each file elsewhere.
+fn sync_file_system(root: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let dir = fs::File::open(root)?;
+        // SAFETY: syncfs(2) on a descriptor we own for the whole call.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        fn walk(p: &Path) -> io::Result<()> {
+            for e in fs::read_dir(p)? {
+                let e = e?;
+                if e.file_type()?.is_dir() {
+                    walk(&e.path())?;
+                } else {
+                    fs::File::open(e.path())?.sync_all()?;
+                }
+            }
+            fs::File::open(p)?.sync_all()
+        }
+        walk(root)
     }
 }
 
@@ -275,6 +453,55 @@ mod tests {
             s.get("chat", "meta").unwrap().as_deref(),
             Some(&b"edited"[..])
         );
+    }
+
+    #[test]
+    fn a_batch_writes_replaces_and_wipes_like_single_operations() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ErasableStore::open(tmp.path().join("e")).unwrap();
+        store.put("chat", "old", b"REPLACED-SECRET-1").unwrap();
+        store.put("chat", "gone", b"DELETED-SECRET-22").unwrap();
+        store.put("other", "x", b"IN-A-DROPPED-SPACE").unwrap();
+        let held_old = fs::File::open(tmp.path().join("e/chat/old")).unwrap();
+        let held_gone = fs::File::open(tmp.path().join("e/chat/gone")).unwrap();
+        let put = |s: &str, k: &str, v: &[u8]| Op::Put {
+            space: s.into(),
+            key: k.into(),
+            value: v.to_vec(),
+        };
+        store
+            .apply(vec![
+                put("chat", "old", b"first new"),
+                put("chat", "old", b"second new"),
+                put("chat", "new", b"fresh"),
+                put("chat", "gone", b"briefly back"),
+                Op::Delete {
+                    space: "chat".into(),
+                    key: "gone".into(),
+                },
+                Op::DeleteSpace {
+                    space: "other".into(),
+                },
+            ])
+            .unwrap();
+        assert_eq!(store.get("chat", "old").unwrap().unwrap(), b"second new");
+        assert_eq!(store.get("chat", "new").unwrap().unwrap(), b"fresh");
+        assert_eq!(store.get("chat", "gone").unwrap(), None);
+        assert_eq!(store.keys("chat").unwrap(), ["new", "old"]);
+        assert!(!tmp.path().join("e/other").exists());
+        // The replaced and the deleted bytes were overwritten, not just unlinked.
+        for mut held in [held_old, held_gone] {
+            let mut bytes = Vec::new();
+            io::Read::read_to_end(&mut held, &mut bytes).unwrap();
+            assert!(
+                bytes.iter().all(|&b| b == 0),
+                "old bytes survive: {bytes:?}"
+            );
+        }
+        for needle in ["REPLACED-SECRET", "DELETED-SECRET", "IN-A-DROPPED"] {
+            assert!(files_containing(tmp.path(), needle.as_bytes()).is_empty());
+        }
+        assert!(store.apply(vec![put("../escape", "k", b"v")]).is_err());
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Cost of secret-chat encryption per message, next to raw
-//! XChaCha20-Poly1305 on the same payload in the same run.
+//! ChaCha20-Poly1305 and XChaCha20-Poly1305 on the same payload in the same
+//! run.
 //!
 //!     cargo bench -p tern-protocol --bench secret
 
-use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce, aead::Aead};
+use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, XChaCha20Poly1305, XNonce, aead::Aead};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ed25519_dalek::SigningKey;
 use std::hint::black_box;
@@ -51,6 +52,27 @@ fn bench(c: &mut Criterion) {
     g.bench_function("reference: raw XChaCha20-Poly1305 encrypt", |b| {
         b.iter(|| {
             raw.encrypt(XNonce::from_slice(&[0; 24]), black_box(payload.as_slice()))
+                .unwrap()
+        })
+    });
+
+    let ietf = ChaCha20Poly1305::new(&[7u8; 32].into());
+    g.bench_function("reference: raw ChaCha20-Poly1305 encrypt", |b| {
+        b.iter(|| {
+            ietf.encrypt(Nonce::from_slice(&[0; 12]), black_box(payload.as_slice()))
+                .unwrap()
+        })
+    });
+    let sealed = ietf
+        .encrypt(Nonce::from_slice(&[0; 12]), payload.as_slice())
+        .unwrap();
+    g.bench_function("reference: raw ChaCha20-Poly1305 encrypt + decrypt", |b| {
+        b.iter(|| {
+            let c = ietf
+                .encrypt(Nonce::from_slice(&[0; 12]), black_box(payload.as_slice()))
+                .unwrap();
+            black_box(c);
+            ietf.decrypt(Nonce::from_slice(&[0; 12]), black_box(sealed.as_slice()))
                 .unwrap()
         })
     });

@@ -56,6 +56,8 @@ pub const COMMAND_QUEUE: usize = 64;
 pub const INBOUND_QUEUE: usize = 256;
 /// Longest wait between retries to an unreachable peer.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Most extra items handled before one commit.
+const MAX_BATCH: usize = 256;
 /// How long one request may take before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -322,6 +324,14 @@ pub struct SecretService {
     inbound: mpsc::Receiver<InboundSecret>,
     delivered_tx: mpsc::Sender<Delivered>,
     delivered: mpsc::Receiver<Delivered>,
+    /// Effects held back until the batch's writes are on disk.
+    replies: Vec<Box<dyn FnOnce(Result<(), String>) + Send>>,
+    responses: Vec<(
+        libp2p::request_response::ResponseChannel<SecretResponse>,
+        SecretResponse,
+    )>,
+    events_out: Vec<Event>,
+    to_kick: std::collections::BTreeSet<SecretId>,
 }
 
 pub struct ServiceParts {
@@ -351,6 +361,10 @@ impl SecretService {
             inbound: parts.inbound,
             delivered_tx,
             delivered,
+            replies: Vec::new(),
+            responses: Vec::new(),
+            events_out: Vec::new(),
+            to_kick: Default::default(),
         };
         for loaded in this.store.load_all()? {
             let session = loaded.session.as_ref().map(SecretSession::restore);
@@ -473,8 +487,70 @@ impl SecretService {
                 }
                 _ = tick.tick() => self.retry_due(),
             }
+            // Whatever else is already waiting joins this batch: one commit
+            // covers all of it.
+            for _ in 0..MAX_BATCH {
+                if let Ok(d) = self.delivered.try_recv() {
+                    self.on_delivered(d);
+                } else if let Ok(cmd) = self.commands.try_recv() {
+                    self.on_command(cmd).await;
+                } else if let Ok(req) = self.inbound.try_recv() {
+                    self.on_inbound(req).await;
+                } else {
+                    break;
+                }
+            }
+            self.flush().await;
         }
+        self.flush().await;
         debug!("secret-chat service stopped");
+    }
+
+    /// Commits the batch's writes, then lets its effects out: answers to
+    /// the API and to peers, events, and frames to send. Nothing anyone
+    /// is told about is lost to a crash.
+    async fn flush(&mut self) {
+        let committed = if self.store.has_pending() {
+            self.store.commit().map_err(|e| {
+                warn!("cannot save secret chats: {e}");
+                e.to_string()
+            })
+        } else {
+            Ok(())
+        };
+        for reply in self.replies.drain(..) {
+            reply(committed.clone());
+        }
+        for (channel, response) in std::mem::take(&mut self.responses) {
+            let response = match &committed {
+                Ok(()) => response,
+                Err(_) => SecretResponse::refused("this device cannot save right now"),
+            };
+            let _ = self.net.secret_respond(channel, response).await;
+        }
+        if committed.is_ok() {
+            for e in self.events_out.drain(..) {
+                self.bus.emit(e);
+            }
+            for id in std::mem::take(&mut self.to_kick) {
+                self.kick_now(&id);
+            }
+        } else {
+            self.events_out.clear();
+            self.to_kick.clear();
+        }
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.events_out.push(event);
+    }
+
+    /// Answers an API command once the batch is on disk (or with the
+    /// storage error if it could not be saved).
+    fn reply<T: Send + 'static>(&mut self, r: Reply<T>, result: Result<T, SecretError>) {
+        self.replies.push(Box::new(move |committed| {
+            let _ = r.send(committed.map_err(SecretError::Store).and(result));
+        }));
     }
 
     // ----- commands -----
@@ -483,49 +559,60 @@ impl SecretService {
         match cmd {
             Command::Start(target, r) => {
                 let res = self.start(target).await;
-                let _ = r.send(res);
+                self.reply(r, res);
             }
             Command::Accept(id, r) => {
-                let _ = r.send(self.resolve(&id).and_then(|id| self.accept(&id)));
+                let res = self.resolve(&id).and_then(|id| self.accept(&id));
+                self.reply(r, res);
             }
             Command::Decline(id, r) => {
-                let _ = r.send(self.resolve(&id).and_then(|id| self.decline(&id)));
+                let res = self.resolve(&id).and_then(|id| self.decline(&id));
+                self.reply(r, res);
             }
             Command::Close(id, r) => {
-                let _ = r.send(self.resolve(&id).and_then(|id| self.close(&id)));
+                let res = self.resolve(&id).and_then(|id| self.close(&id));
+                self.reply(r, res);
             }
             Command::List(r) => {
                 let mut all: Vec<&Chat> = self.chats.values().collect();
                 all.sort_by_key(|c| (c.record.created_ms, c.record.secret_id));
-                let _ = r.send(Ok(all.into_iter().map(Chat::info).collect()));
+                self.reply(r, Ok(all.into_iter().map(Chat::info).collect()));
             }
             Command::Key(id, r) => {
-                let _ = r.send(self.resolve(&id).and_then(|id| self.key(&id)));
+                let res = self.resolve(&id).and_then(|id| self.key(&id));
+                self.reply(r, res);
             }
             Command::Send(id, text, r) => {
-                let _ = r.send(self.resolve(&id).and_then(|id| self.send(&id, &text)));
+                let res = self.resolve(&id).and_then(|id| self.send(&id, &text));
+                self.reply(r, res);
             }
             Command::History(id, r) => {
-                let _ = r.send(self.resolve(&id).and_then(|id| self.history(&id)));
+                let res = self.resolve(&id).and_then(|id| self.history(&id));
+                self.reply(r, res);
             }
             Command::Timer(id, ms, r) => {
-                let _ = r.send(self.resolve(&id).and_then(|id| self.set_timer(&id, ms)));
+                let res = self.resolve(&id).and_then(|id| self.set_timer(&id, ms));
+                self.reply(r, res);
             }
             Command::Delete(id, msgs, r) => {
-                let _ = r.send(self.resolve(&id).and_then(|id| self.delete(&id, &msgs)));
+                let res = self.resolve(&id).and_then(|id| self.delete(&id, &msgs));
+                self.reply(r, res);
             }
             Command::Clear(id, r) => {
-                let _ = r.send(self.resolve(&id).and_then(|id| self.clear(&id)));
+                let res = self.resolve(&id).and_then(|id| self.clear(&id));
+                self.reply(r, res);
             }
             Command::Forward(id, msg, r) => {
-                let _ = r.send(self.resolve(&id).and_then(|id| self.forward(&id, &msg)));
+                let res = self.resolve(&id).and_then(|id| self.forward(&id, &msg));
+                self.reply(r, res);
             }
             Command::Logout(r) => {
                 let res = self.logout().await;
-                let _ = r.send(res);
+                self.reply(r, res);
             }
             Command::Resolve(id, r) => {
-                let _ = r.send(self.resolve(&id).map(|id| hex(&id)));
+                let res = self.resolve(&id).map(|id| hex(&id));
+                self.reply(r, res);
             }
         }
     }
@@ -692,7 +779,7 @@ impl SecretService {
         c.record.our_handshake = None;
         c.handshake = None;
         self.store.put_record(&self.chats[id].record)?;
-        self.bus.emit(Event::SecretCancelled { secret_id: hex(id) });
+        self.emit(Event::SecretCancelled { secret_id: hex(id) });
         self.kick(id);
         Ok(self.chats[id].info())
     }
@@ -719,7 +806,7 @@ impl SecretService {
             }
             ChatState::Cancelled | ChatState::Closed => return Ok(c.info()),
         }
-        self.bus.emit(Event::SecretClosed { secret_id: hex(id) });
+        self.emit(Event::SecretClosed { secret_id: hex(id) });
         self.kick(id);
         Ok(self.chats[id].info())
     }
@@ -890,7 +977,7 @@ impl SecretService {
         for id in &ids {
             self.store.delete_chat(id)?;
             self.chats.remove(id);
-            self.bus.emit(Event::SecretClosed { secret_id: hex(id) });
+            self.emit(Event::SecretClosed { secret_id: hex(id) });
         }
         info!(chats = ids.len(), "logged out of all secret chats");
         Ok(ids.len())
@@ -979,9 +1066,14 @@ impl SecretService {
         }
     }
 
+    /// Asks for the chat's next request once the batch is committed.
+    fn kick(&mut self, id: &SecretId) {
+        self.to_kick.insert(*id);
+    }
+
     /// Starts the next request of a chat, unless one is in flight or the
     /// chat waits for its retry time.
-    fn kick(&mut self, id: &SecretId) {
+    fn kick_now(&mut self, id: &SecretId) {
         let Some(c) = self.chats.get_mut(id) else {
             return;
         };
@@ -1176,7 +1268,7 @@ impl SecretService {
         c.session = Some(established.session);
         self.store.put_record(&self.chats[id].record)?;
         info!(secret = %tag(id), "secret chat active");
-        self.bus.emit(Event::SecretAccepted { secret_id: hex(id) });
+        self.emit(Event::SecretAccepted { secret_id: hex(id) });
         Ok(())
     }
 
@@ -1188,7 +1280,7 @@ impl SecretService {
         c.record.handshake_seed = None;
         c.handshake = None;
         self.store.put_record(&self.chats[id].record)?;
-        self.bus.emit(Event::SecretCancelled { secret_id: hex(id) });
+        self.emit(Event::SecretCancelled { secret_id: hex(id) });
         Ok(())
     }
 
@@ -1222,7 +1314,7 @@ impl SecretService {
             _ => Event::SecretClosed { secret_id: hex(id) },
         };
         if state_name(was) != state_name(self.chats[id].chat.state) {
-            self.bus.emit(event);
+            self.emit(event);
         }
         Ok(())
     }
@@ -1252,7 +1344,7 @@ impl SecretService {
             warn!("secret-chat request failed: {e}");
             SecretResponse::refused(&e.to_string())
         });
-        let _ = self.net.secret_respond(channel, response).await;
+        self.responses.push((channel, response));
     }
 
     /// The chat `id` if it exists and belongs to `peer`.
@@ -1315,7 +1407,7 @@ impl SecretService {
         };
         self.store.put_record(&record)?;
         info!(secret = %tag(&id), "secret chat request");
-        self.bus.emit(Event::SecretRequest {
+        self.emit(Event::SecretRequest {
             secret_id: hex(&id),
             peer: record.peer_account.map(|a| a.to_string()),
             peer_device: peer.to_string(),
@@ -1408,7 +1500,7 @@ impl SecretService {
         self.store.put_record(&self.chats[&id].record)?;
         self.queue(&id, &SecretPayload::ShortCode(commit))?;
         info!(secret = %tag(&id), "secret chat active");
-        self.bus.emit(Event::SecretAccepted {
+        self.emit(Event::SecretAccepted {
             secret_id: hex(&id),
         });
         self.kick(&id);
@@ -1439,7 +1531,7 @@ impl SecretService {
         c.handshake = None;
         self.store.put_record(&self.chats[&id].record)?;
         info!(secret = %tag(&id), "secret chat cancelled by the other device");
-        self.bus.emit(Event::SecretCancelled {
+        self.emit(Event::SecretCancelled {
             secret_id: hex(&id),
         });
         Ok(SecretResponse::Ok)
@@ -1550,7 +1642,7 @@ impl SecretService {
                         .message(&mid)
                         .map(|m| m.text.clone())
                         .unwrap_or_default();
-                    self.bus.emit(Event::SecretMessage {
+                    self.emit(Event::SecretMessage {
                         secret_id: sid.clone(),
                         message_id: hex(&mid.0),
                         text,
@@ -1560,7 +1652,7 @@ impl SecretService {
                     for mid in &ids {
                         self.save_message(id, mid)?;
                     }
-                    self.bus.emit(Event::SecretRead {
+                    self.emit(Event::SecretRead {
                         secret_id: sid.clone(),
                         message_ids: ids.iter().map(|m| hex(&m.0)).collect(),
                     });
@@ -1569,7 +1661,7 @@ impl SecretService {
                     for mid in &ids {
                         self.erase_message(id, mid)?;
                     }
-                    self.bus.emit(Event::SecretDeleted {
+                    self.emit(Event::SecretDeleted {
                         secret_id: sid.clone(),
                         message_ids: ids.iter().map(|m| hex(&m.0)).collect(),
                     });
@@ -1584,14 +1676,14 @@ impl SecretService {
                     for mid in &ids {
                         self.erase_message(id, mid)?;
                     }
-                    self.bus.emit(Event::SecretCleared {
+                    self.emit(Event::SecretCleared {
                         secret_id: sid.clone(),
                     });
                 }
                 ChatEvent::TimerChanged(ms) => {
                     self.chat(id)?.record.timer_ms = ms;
                     self.store.put_record(&self.chats[id].record)?;
-                    self.bus.emit(Event::SecretTimer {
+                    self.emit(Event::SecretTimer {
                         secret_id: sid.clone(),
                         timer_ms: ms,
                     });
@@ -1599,7 +1691,7 @@ impl SecretService {
                 ChatEvent::Closed => {
                     info!(secret = %tag(id), "secret chat closed by the other device");
                     self.peer_closed(id)?;
-                    self.bus.emit(Event::SecretClosed {
+                    self.emit(Event::SecretClosed {
                         secret_id: sid.clone(),
                     });
                 }
@@ -1676,7 +1768,7 @@ impl SecretService {
                     }
                 }
                 debug!(secret = %tag(&id), count = gone.len(), "messages self-destructed");
-                self.bus.emit(Event::SecretExpired {
+                self.emit(Event::SecretExpired {
                     secret_id: hex(&id),
                     message_ids: gone.iter().map(|m| hex(&m.0)).collect(),
                 });

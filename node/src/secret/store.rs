@@ -22,7 +22,7 @@ use tern_protocol::{
 use zeroize::Zeroize;
 
 use super::wire::SecretId;
-use crate::erasable::{ErasableError, ErasableStore};
+use crate::erasable::{ErasableError, ErasableStore, Op};
 
 /// What still has to reach the peer before the chat can move on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,55 +135,88 @@ pub enum StoreError {
     },
 }
 
-/// The secret chats' side of the erasable store.
+/// The secret chats' side of the erasable store. Writes are collected and
+/// made durable together by [`ChatStore::commit`] (group commit): the
+/// service commits once per batch of work, before it answers anyone or
+/// sends anything that depends on them.
 pub struct ChatStore {
     store: ErasableStore,
+    pending: std::cell::RefCell<Vec<Op>>,
 }
 
 impl ChatStore {
     pub fn new(store: ErasableStore) -> Self {
-        Self { store }
+        Self {
+            store,
+            pending: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    fn put(&self, space: String, key: String, value: Vec<u8>) {
+        self.pending
+            .borrow_mut()
+            .push(Op::Put { space, key, value });
+    }
+
+    fn delete(&self, space: String, key: String) {
+        self.pending.borrow_mut().push(Op::Delete { space, key });
+    }
+
+    /// Whether writes wait for [`Self::commit`].
+    pub fn has_pending(&self) -> bool {
+        !self.pending.borrow().is_empty()
+    }
+
+    /// Makes every write since the last commit durable.
+    pub fn commit(&self) -> Result<(), StoreError> {
+        let mut ops = self.pending.take();
+        let result = self.store.apply(std::mem::take(&mut ops));
+        Ok(result?)
     }
 
     pub fn put_record(&self, r: &ChatRecord) -> Result<(), StoreError> {
-        Ok(self.store.put(&space(&r.secret_id), "chat", &r.encode())?)
+        self.put(space(&r.secret_id), "chat".into(), r.encode());
+        Ok(())
     }
 
     pub fn put_message(&self, id: &SecretId, m: &StoredMessage) -> Result<(), StoreError> {
-        Ok(self
-            .store
-            .put(&space(id), &message_key(&m.message.id), &m.encode())?)
+        self.put(space(id), message_key(&m.message.id), m.encode());
+        Ok(())
     }
 
     pub fn delete_message(&self, id: &SecretId, m: &MessageId) -> Result<(), StoreError> {
-        self.store.delete(&space(id), &message_key(m))?;
+        self.delete(space(id), message_key(m));
         Ok(())
     }
 
     pub fn put_frame(&self, id: &SecretId, f: &SecretFrame) -> Result<(), StoreError> {
-        Ok(self.store.put(&space(id), &frame_key(f.n), &f.encode())?)
-    }
-
-    pub fn delete_frame(&self, id: &SecretId, n: u64) -> Result<(), StoreError> {
-        self.store.delete(&space(id), &frame_key(n))?;
+        self.put(space(id), frame_key(f.n), f.encode());
         Ok(())
     }
 
+    pub fn delete_frame(&self, id: &SecretId, n: u64) -> Result<(), StoreError> {
+        self.delete(space(id), frame_key(n));
+        Ok(())
+    }
+
+    /// The snapshot's bytes stay in memory until the commit, then are
+    /// dropped; the previous snapshot on disk is overwritten.
     pub fn put_session(&self, id: &SecretId, s: &SessionSnapshot) -> Result<(), StoreError> {
-        let mut bytes = s.encode();
-        let result = self.store.put(&space(id), "session", &bytes);
-        bytes.zeroize();
-        Ok(result?)
+        self.put(space(id), "session".into(), s.encode());
+        Ok(())
     }
 
     pub fn delete_session(&self, id: &SecretId) -> Result<(), StoreError> {
-        self.store.delete(&space(id), "session")?;
+        self.delete(space(id), "session".into());
         Ok(())
     }
 
     /// Wipes the whole chat.
     pub fn delete_chat(&self, id: &SecretId) -> Result<(), StoreError> {
-        Ok(self.store.delete_space(&space(id))?)
+        self.pending
+            .borrow_mut()
+            .push(Op::DeleteSpace { space: space(id) });
+        Ok(())
     }
 
     /// Every chat on disk. A chat whose header is damaged is reported and

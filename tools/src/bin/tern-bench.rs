@@ -45,6 +45,18 @@ enum Bench {
         #[arg(long, default_value_t = 128)]
         connections: usize,
     },
+    /// Secret chat set-up on loopback: start on one node until active on
+    /// both (Noise XX, identity proofs, request and acceptance over libp2p).
+    SecretHandshake,
+    /// Secret messages per second between two nodes: sent through one
+    /// node's API, counted as they arrive on the other's event stream.
+    SecretThroughput {
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
+        /// Requests to the sending node's API in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
     /// Everything above.
     All,
 }
@@ -226,6 +238,222 @@ fn connect(tern: &Path, runs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Two connected nodes, with their API clients.
+fn connected_pair(
+    tern: &Path,
+) -> anyhow::Result<(Node, Node, tempfile::TempDir, tempfile::TempDir)> {
+    let (a, b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    init(tern, a.path(), "alice")?;
+    init(tern, b.path(), "bob")?;
+    let (na, _) = start_node(tern, a.path())?;
+    let (nb, _) = start_node(tern, b.path())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let sb: StatusResponse = ApiClient::new(&nb.dir)?.get("/v1/status").await?;
+        let tcp = sb
+            .listen_addrs
+            .iter()
+            .find(|a| a.contains("/tcp/"))
+            .context("tcp addr")?;
+        let target = format!("{tcp}/p2p/{}", sb.peer_id);
+        let _: serde_json::Value = ApiClient::new(&na.dir)?
+            .post("/v1/connect", &serde_json::json!({ "target": target }))
+            .await?;
+        anyhow::Ok(())
+    })?;
+    Ok((na, nb, a, b))
+}
+
+/// Waits on an event stream for the first event of `kind` about `id`.
+async fn next_event(
+    events: &mut (
+             impl futures::Stream<Item = Result<serde_json::Value, tern_node::client::ClientError>>
+             + Unpin
+         ),
+    kind: &str,
+    id: &str,
+) -> anyhow::Result<()> {
+    let wait = async {
+        while let Some(e) = events.next().await {
+            let e = e?;
+            if e["type"] == kind && e["secret_id"] == id {
+                return anyhow::Ok(());
+            }
+        }
+        bail!("event stream ended")
+    };
+    tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .context("no event within 60 s")?
+}
+
+/// The handshake's cryptography alone, both sides in one process.
+fn handshake_in_process() -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    session_pair()?;
+    Ok(t0.elapsed())
+}
+
+fn secret_handshake(tern: &Path, runs: usize) -> anyhow::Result<()> {
+    let (na, nb, _ta, _tb) = connected_pair(tern)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut samples = Vec::with_capacity(runs);
+    let mut reference = Vec::with_capacity(runs);
+    let ticket: serde_json::Value =
+        rt.block_on(async { ApiClient::new(&nb.dir)?.get("/v1/ticket").await })?;
+    let ticket = ticket["ticket"].as_str().context("ticket")?.to_owned();
+    for _ in 0..runs {
+        reference.push(handshake_in_process()?);
+        let elapsed = rt.block_on(async {
+            let (ca, cb) = (ApiClient::new(&na.dir)?, ApiClient::new(&nb.dir)?);
+            let mut ea = Box::pin(ca.events().await?);
+            let mut eb = Box::pin(cb.events().await?);
+            let t0 = Instant::now();
+            let started: serde_json::Value = ca
+                .post("/v1/secret", &serde_json::json!({ "peer": ticket }))
+                .await?;
+            let id = started["secret_id"]
+                .as_str()
+                .context("secret_id")?
+                .to_owned();
+            next_event(&mut eb, "secret_request", &id).await?;
+            let _: serde_json::Value = cb
+                .post(&format!("/v1/secret/{id}/accept"), &serde_json::json!({}))
+                .await?;
+            next_event(&mut ea, "secret_accepted", &id).await?;
+            anyhow::Ok(t0.elapsed())
+        })?;
+        samples.push(elapsed);
+    }
+    report(
+        "secret chat start → active on both (loopback)",
+        &samples,
+        "its Noise XX + proofs in one process",
+        &reference,
+    );
+    Ok(())
+}
+
+fn secret_throughput(tern: &Path, messages: usize, concurrency: usize) -> anyhow::Result<()> {
+    use tern_protocol::{Record, secret::SecretPayload};
+    let (na, nb, _ta, _tb) = connected_pair(tern)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let text = "x".repeat(1024);
+    let (elapsed, id) = rt.block_on(async {
+        let (ca, cb) = (ApiClient::new(&na.dir)?, ApiClient::new(&nb.dir)?);
+        let ticket: serde_json::Value = cb.get("/v1/ticket").await?;
+        let mut ea = Box::pin(ca.events().await?);
+        let mut eb = Box::pin(cb.events().await?);
+        let started: serde_json::Value = ca
+            .post(
+                "/v1/secret",
+                &serde_json::json!({ "peer": ticket["ticket"] }),
+            )
+            .await?;
+        let id = started["secret_id"]
+            .as_str()
+            .context("secret_id")?
+            .to_owned();
+        next_event(&mut eb, "secret_request", &id).await?;
+        let _: serde_json::Value = cb
+            .post(&format!("/v1/secret/{id}/accept"), &serde_json::json!({}))
+            .await?;
+        next_event(&mut ea, "secret_accepted", &id).await?;
+
+        let t0 = Instant::now();
+        let path = format!("/v1/secret/{id}/messages");
+        let sends = futures::stream::iter(0..messages)
+            .map(|_| {
+                let (ca, path, text) = (&ca, &path, &text);
+                async move {
+                    let r: serde_json::Value =
+                        ca.post(path, &serde_json::json!({ "text": text })).await?;
+                    anyhow::Ok(r)
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect::<Vec<_>>();
+        let receive = async {
+            let mut got = 0;
+            while got < messages {
+                match eb.next().await {
+                    Some(Ok(e)) if e["type"] == "secret_message" && e["secret_id"] == id => {
+                        got += 1
+                    }
+                    Some(Ok(e)) if e["type"] == "lagged" => bail!("event stream lagged"),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e.into()),
+                    None => bail!("event stream ended"),
+                }
+            }
+            anyhow::Ok(())
+        };
+        let (sent, received) = tokio::join!(sends, receive);
+        for r in sent {
+            r?;
+        }
+        received?;
+        anyhow::Ok((t0.elapsed(), id))
+    })?;
+    let rate = messages as f64 / elapsed.as_secs_f64();
+
+    // Reference: the same messages sealed and opened by the session alone.
+    let payload = SecretPayload::Message {
+        id: tern_protocol::secret::MessageId([0; 16]),
+        text,
+        timer_ms: None,
+    }
+    .encode();
+    let (mut a, mut b) = session_pair()?;
+    let t0 = Instant::now();
+    for _ in 0..messages {
+        for f in a.seal(&payload, 0, [5; 32])? {
+            for r in b.open(&f, 0, [6; 32])?.reply {
+                a.open(&r, 0, [0; 32])?;
+            }
+        }
+    }
+    let reference = messages as f64 / t0.elapsed().as_secs_f64();
+    println!(
+        "| secret messages, 1 KiB, node to node ({messages}, {concurrency} in flight; chat {}) | {rate:.0} msg/s | session seal+open in one process: {reference:.0} msg/s | {:.3}× |",
+        &id[..8],
+        rate / reference
+    );
+    Ok(())
+}
+
+fn session_pair() -> anyhow::Result<(
+    tern_protocol::secret::SecretSession,
+    tern_protocol::secret::SecretSession,
+)> {
+    use tern_protocol::{
+        AccountKeypair, DevicePublicKey,
+        secret::{Handshake, LocalDevice},
+    };
+    let keys = [
+        ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
+        ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
+    ];
+    let mut certs = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        let public = DevicePublicKey::from_bytes(k.verifying_key().to_bytes())?;
+        certs.push(AccountKeypair::from_secret_bytes(&[i as u8 + 10; 32]).certify(public, "b", 0)?);
+    }
+    let a = LocalDevice {
+        signing_key: &keys[0],
+        certificate: &certs[0],
+    };
+    let b = LocalDevice {
+        signing_key: &keys[1],
+        certificate: &certs[1],
+    };
+    let (hs_a, m1) = Handshake::initiate([0; 16], &a, certs[1].device, [3; 32])?;
+    let (hs_b, m2) = Handshake::respond([0; 16], &b, certs[0].device, [4; 32], &m1)?;
+    let done_a = hs_a.on_message(&m2, 0)?;
+    let done_b = hs_b.on_message(&done_a.reply.context("third message")?, 0)?;
+    Ok((done_a.session, done_b.session))
+}
+
 fn memory(tern: &Path, connections: usize) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     init(tern, tmp.path(), "memory")?;
@@ -352,10 +580,17 @@ fn main() -> anyhow::Result<()> {
         Bench::ColdStart => cold_start(&tern, args.runs)?,
         Bench::Connect => connect(&tern, args.runs)?,
         Bench::Memory { connections } => memory(&tern, connections)?,
+        Bench::SecretHandshake => secret_handshake(&tern, args.runs)?,
+        Bench::SecretThroughput {
+            messages,
+            concurrency,
+        } => secret_throughput(&tern, messages, concurrency)?,
         Bench::All => {
             cold_start(&tern, args.runs)?;
             connect(&tern, args.runs)?;
             memory(&tern, 128)?;
+            secret_handshake(&tern, args.runs)?;
+            secret_throughput(&tern, 2000, 16)?;
         }
     }
     Ok(())
