@@ -136,6 +136,8 @@ pub struct KeyInfo {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, SecretError>>;
+/// An answer to the API, told whether the batch it belongs to was saved.
+type DeferredReply = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 enum Command {
     Start(StartTarget, Reply<SecretInfo>),
@@ -325,7 +327,7 @@ pub struct SecretService {
     delivered_tx: mpsc::Sender<Delivered>,
     delivered: mpsc::Receiver<Delivered>,
     /// Effects held back until the batch's writes are on disk.
-    replies: Vec<Box<dyn FnOnce(Result<(), String>) + Send>>,
+    replies: Vec<DeferredReply>,
     responses: Vec<(
         libp2p::request_response::ResponseChannel<SecretResponse>,
         SecretResponse,
