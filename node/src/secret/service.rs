@@ -1171,7 +1171,12 @@ impl SecretService {
         c.retry_at = None;
         let outcome = match (d.request, response) {
             (SecretRequest::Frames { .. }, SecretResponse::Ack { next }) => {
-                self.on_ack(&id, next);
+                if !self.on_ack(&id, next) {
+                    // The peer took none of them: sending the same frames
+                    // again at once would only spin. Back off.
+                    self.backoff(&id, "the other device refused the next frame");
+                    return;
+                }
                 Ok(())
             }
             (SecretRequest::Offer { .. }, SecretResponse::Ok) => {
@@ -1206,9 +1211,10 @@ impl SecretService {
         self.kick(&id);
     }
 
-    fn on_ack(&mut self, id: &SecretId, next: u64) {
+    /// Drops what the peer acknowledged; returns whether anything was.
+    fn on_ack(&mut self, id: &SecretId, next: u64) -> bool {
         let Some(c) = self.chats.get_mut(id) else {
-            return;
+            return false;
         };
         let mut acked = Vec::new();
         while c.outbox.front().is_some_and(|f| f.n < next) {
@@ -1220,13 +1226,14 @@ impl SecretService {
             // The peer lost frames we no longer have: nothing can repair it.
             warn!(secret = %tag(id), next, "the other device lost frames this device already dropped");
         }
+        let progress = !acked.is_empty();
         for n in acked {
             if let Err(e) = self.store.delete_frame(id, n) {
                 warn!("{e}");
             }
         }
         let Some(c) = self.chats.get_mut(id) else {
-            return;
+            return progress;
         };
         // Closed by us and everything delivered: the keys can go.
         if c.chat.state == ChatState::Closed && c.outbox.is_empty() && c.session.is_some() {
@@ -1235,6 +1242,7 @@ impl SecretService {
                 warn!("{e}");
             }
         }
+        progress
     }
 
     /// The initiator answered our acceptance: the handshake completes here.

@@ -648,6 +648,13 @@ impl SecretSession {
                 self.messages_in_epoch = self.messages_in_epoch.saturating_add(1);
                 opened.payload = Some(rest.to_vec());
             }
+            (KIND_REKEY_OFFER, Some(_))
+                if self.pending_offer.is_some() && self.role == Role::Initiator =>
+            {
+                // Offers crossed. Exactly one may win, or the two sides would
+                // derive different roots: the initiator's. The responder
+                // drops its own offer when it sees ours, and answers ours.
+            }
             (KIND_REKEY_OFFER, Some(theirs)) => {
                 // Answer with our half, switch our sending to the new epoch
                 // right after the answer, and expect theirs to follow.
@@ -657,7 +664,7 @@ impl SecretSession {
                 let mut body = vec![KIND_REKEY_ACCEPT];
                 body.extend_from_slice(public.as_bytes());
                 opened.reply.push(self.seal_inner(&body));
-                // An offer crossing ours: answering it supersedes ours.
+                // We are the responder and our offer crossed theirs: theirs wins.
                 self.pending_offer = None;
                 self.next_epoch(&ours, &theirs, now_ms);
             }
@@ -917,6 +924,63 @@ mod tests {
             }
         }
         assert_eq!(sb.rekeys(), before + 1);
+    }
+
+    #[test]
+    fn crossing_re_key_offers_settle_on_one_new_key() {
+        let (a, b) = (device(1), device(2));
+        let (mut sa, mut sb) = handshake(&a, &b, [7; 16]).unwrap();
+        // Both sides send at once, with frames in flight both ways, past the
+        // point where each offers a re-key.
+        let mut to_b: Vec<SecretFrame> = Vec::new();
+        let mut to_a: Vec<SecretFrame> = Vec::new();
+        let (mut got_a, mut got_b) = (0, 0);
+        for round in 0..150u32 {
+            to_b.extend(
+                sa.seal(format!("a{round}").as_bytes(), 0, [round as u8; 32])
+                    .unwrap(),
+            );
+            to_a.extend(
+                sb.seal(format!("b{round}").as_bytes(), 0, [round as u8 ^ 0xff; 32])
+                    .unwrap(),
+            );
+            // Deliver in batches, as the node does, so offers cross.
+            if round % 7 == 6 {
+                for f in std::mem::take(&mut to_b) {
+                    let o = sb.open(&f, 0, [1; 32]).unwrap();
+                    got_b += usize::from(o.payload.is_some());
+                    to_a.extend(o.reply);
+                }
+                for f in std::mem::take(&mut to_a) {
+                    let o = sa.open(&f, 0, [2; 32]).unwrap();
+                    got_a += usize::from(o.payload.is_some());
+                    to_b.extend(o.reply);
+                }
+            }
+        }
+        while !to_a.is_empty() || !to_b.is_empty() {
+            for f in std::mem::take(&mut to_b) {
+                let o = sb.open(&f, 0, [1; 32]).unwrap();
+                got_b += usize::from(o.payload.is_some());
+                to_a.extend(o.reply);
+            }
+            for f in std::mem::take(&mut to_a) {
+                let o = sa.open(&f, 0, [2; 32]).unwrap();
+                got_a += usize::from(o.payload.is_some());
+                to_b.extend(o.reply);
+            }
+        }
+        assert_eq!((got_a, got_b), (150, 150));
+        assert!(sa.rekeys() >= 2, "{} re-keys", sa.rekeys());
+        assert_eq!(sa.epoch(), sb.epoch());
+        assert_eq!(
+            exchange(&mut sa, &mut sb, b"still", 1),
+            vec![b"still".to_vec()]
+        );
+        assert_eq!(
+            exchange(&mut sb, &mut sa, b"fine", 2),
+            vec![b"fine".to_vec()]
+        );
     }
 
     #[test]
