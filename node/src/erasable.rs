@@ -71,7 +71,9 @@ impl ErasableStore {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         create_private_dir(&root).map_err(io_at(&root))?;
-        Ok(Self { root })
+        let store = Self { root };
+        store.recover()?;
+        Ok(store)
     }
 
     fn path(&self, space: &str, key: &str) -> Result<PathBuf> {
@@ -93,7 +95,7 @@ impl ErasableStore {
         let old = dir.join(format!(".{key}.old"));
         // Left over by a crash mid-replace: it may hold an old version.
         if old.exists() {
-            wipe(&old).map_err(io_at(&old))?;
+            discard_leftover(&old, &path).map_err(io_at(&old))?;
         }
         let had_old = fs::hard_link(&path, &old).is_ok();
         write_atomic(&path, value, true).map_err(io_at(&path))?;
@@ -187,33 +189,54 @@ impl ErasableStore {
         if last.is_empty() && dropped_spaces.is_empty() {
             return Ok(());
         }
-        let mut to_unlink = Vec::new();
+        // Phase 1: new versions in place; the versions they replace stay
+        // reachable under a hard link.
+        let mut to_wipe: Vec<PathBuf> = Vec::new();
         for ((space, key), value) in last {
-            let path = self.root.join(space).join(key);
             let dir = self.root.join(space);
+            let path = dir.join(key);
+            let old = dir.join(format!(".{key}.old"));
+            if old.exists() {
+                discard_leftover(&old, &path).map_err(io_at(&old))?;
+            }
             match value {
                 Some(value) => {
                     create_private_dir(&dir).map_err(io_at(&dir))?;
-                    let old = dir.join(format!(".{key}.old"));
-                    // Left over by a crash mid-replace: it may hold an old version.
-                    if old.exists() {
-                        wipe(&old).map_err(io_at(&old))?;
-                    }
                     if fs::hard_link(&path, &old).is_ok() {
-                        overwrite_later(&old, &mut to_unlink);
+                        to_wipe.push(old);
                     }
                     write_unsynced(&path, value).map_err(io_at(&path))?;
                 }
-                None => overwrite_later(&path, &mut to_unlink),
+                None => {
+                    if path.exists() {
+                        to_wipe.push(path);
+                    }
+                }
             }
         }
-        // The old versions: overwritten only now, after the new ones were
-        // renamed into place (the hard link kept them until then).
-        for p in &to_unlink {
+        for space in &dropped_spaces {
+            // Whatever else is in the space, leftovers of a crash included.
+            for e in fs::read_dir(self.root.join(space))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if !to_wipe.contains(&e.path()) && e.path().is_file() {
+                    to_wipe.push(e.path());
+                }
+            }
+        }
+        // The new versions are durable before any old one is touched, so a
+        // power cut never leaves a value with neither version.
+        sync_file_system(&self.root).map_err(io_at(&self.root))?;
+        // Phase 2: the replaced and deleted bytes become zeros on disk.
+        for p in &to_wipe {
             overwrite(p).map_err(io_at(p))?;
         }
         sync_file_system(&self.root).map_err(io_at(&self.root))?;
-        for p in &to_unlink {
+        // Phase 3: only zeros are left to unlink. (An unlink lost to a power
+        // cut leaves a zero-filled file, which loading skips.)
+        for p in &to_wipe {
             match fs::remove_file(p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -228,7 +251,30 @@ impl ErasableStore {
                 Err(e) => return Err(io_at(&dir)(e)),
             }
         }
-        sync_file_system(&self.root).map_err(io_at(&self.root))
+        Ok(())
+    }
+
+    /// Wipes what a crash left behind: temporary files of unfinished writes
+    /// and old versions that were never wiped.
+    fn recover(&self) -> Result<()> {
+        let Ok(spaces) = fs::read_dir(&self.root) else {
+            return Ok(());
+        };
+        for dir in spaces.flatten().filter(|e| e.path().is_dir()) {
+            for e in fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(rest) = name.strip_prefix('.') else {
+                    continue;
+                };
+                let p = e.path();
+                if let Some(key) = rest.strip_suffix(".old") {
+                    discard_leftover(&p, &dir.path().join(key)).map_err(io_at(&p))?;
+                } else if rest.ends_with(".tmp") {
+                    wipe(&p).map_err(io_at(&p))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The spaces whose names start with `prefix`, sorted.
@@ -278,10 +324,20 @@ pub enum Op {
     },
 }
 
-fn overwrite_later(path: &Path, list: &mut Vec<PathBuf>) {
-    if path.exists() && !list.iter().any(|p| p == path) {
-        list.push(path.to_owned());
+/// Removes an old version left by a crash. If it is still the live value
+/// (the crash came between linking and replacing), only the extra name goes;
+/// otherwise its bytes are wiped.
+fn discard_leftover(old: &Path, live: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(a), Ok(b)) = (fs::metadata(old), fs::metadata(live))
+            && (a.dev(), a.ino()) == (b.dev(), b.ino())
+        {
+            return fs::remove_file(old);
+        }
     }
+    wipe(old)
 }
 
 /// Writes a new version under a temporary name and renames it into place;
@@ -502,6 +558,37 @@ mod tests {
             assert!(files_containing(tmp.path(), needle.as_bytes()).is_empty());
         }
         assert!(store.apply(vec![put("../escape", "k", b"v")]).is_err());
+    }
+
+    #[test]
+    fn leftovers_of_a_crash_are_wiped_at_open_without_touching_live_values() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("e");
+        let store = ErasableStore::open(&root).unwrap();
+        store.put("chat", "live", b"STILL-CURRENT").unwrap();
+        store.put("chat", "other", b"NEW-VERSION").unwrap();
+        drop(store);
+        // A crash between linking the old version and replacing it…
+        fs::hard_link(root.join("chat/live"), root.join("chat/.live.old")).unwrap();
+        // …one after replacing but before wiping…
+        fs::write(root.join("chat/.other.old"), b"OLD-SECRET-VERSION").unwrap();
+        // …and one in the middle of writing a new version.
+        fs::write(root.join("chat/.other.tmp"), b"HALF-WRITTEN-SECRET").unwrap();
+        let store = ErasableStore::open(&root).unwrap();
+        assert_eq!(
+            store.get("chat", "live").unwrap().unwrap(),
+            b"STILL-CURRENT"
+        );
+        assert_eq!(store.get("chat", "other").unwrap().unwrap(), b"NEW-VERSION");
+        for needle in ["OLD-SECRET", "HALF-WRITTEN"] {
+            assert!(files_containing(tmp.path(), needle.as_bytes()).is_empty());
+        }
+        let names: Vec<_> = fs::read_dir(root.join("chat"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 
     #[test]

@@ -126,7 +126,7 @@ pub fn build_swarm(
                     [(SECRET_PROTOCOL, request_response::ProtocolSupport::Full)],
                     request_response::Config::default()
                         .with_request_timeout(Duration::from_secs(30))
-                        .with_max_concurrent_streams(256),
+                        .with_max_concurrent_streams(32),
                 ),
                 introduce: request_response::Behaviour::with_codec(
                     IntroduceCodec::new(rejected_frames),

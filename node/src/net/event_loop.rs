@@ -48,6 +48,8 @@ const MAX_PENDING_DIALS: usize = 64;
 const REDIALS_PER_TICK: usize = 8;
 /// Most secret-chat requests of ours waiting for an answer.
 const MAX_PENDING_SECRET: usize = 1024;
+/// Most requests of one peer waiting for the secret-chat service.
+const MAX_INBOUND_SECRET_PER_PEER: usize = 8;
 
 /// A secret-chat request from a peer, for the secret-chat service; answered
 /// with [`NetworkHandle::secret_respond`].
@@ -105,6 +107,7 @@ pub enum Command {
         reply: oneshot::Sender<Result<SecretResponse, String>>,
     },
     SecretRespond {
+        peer: PeerId,
         channel: request_response::ResponseChannel<SecretResponse>,
         response: SecretResponse,
     },
@@ -165,11 +168,16 @@ impl NetworkHandle {
 
     pub async fn secret_respond(
         &self,
+        peer: PeerId,
         channel: request_response::ResponseChannel<SecretResponse>,
         response: SecretResponse,
     ) -> Result<(), NetError> {
         self.tx
-            .send(Command::SecretRespond { channel, response })
+            .send(Command::SecretRespond {
+                peer,
+                channel,
+                response,
+            })
             .await
             .map_err(|_| NetError::Stopped)
     }
@@ -225,6 +233,7 @@ pub struct EventLoop {
         request_response::OutboundRequestId,
         oneshot::Sender<Result<SecretResponse, String>>,
     >,
+    inbound_secret: HashMap<PeerId, usize>,
 }
 
 pub struct EventLoopParts {
@@ -256,6 +265,7 @@ impl EventLoop {
             target_peers: parts.target_peers,
             secret_inbound: parts.secret_inbound,
             pending_secret: HashMap::new(),
+            inbound_secret: HashMap::new(),
         };
         this.restore_address_book();
         (this, NetworkHandle { tx })
@@ -373,7 +383,17 @@ impl EventLoop {
                 request,
                 reply,
             } => self.send_secret(peer, addrs, request, reply),
-            Command::SecretRespond { channel, response } => {
+            Command::SecretRespond {
+                peer,
+                channel,
+                response,
+            } => {
+                if let Some(n) = self.inbound_secret.get_mut(&peer) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.inbound_secret.remove(&peer);
+                    }
+                }
                 // Fails only if the stream is gone; the peer then retries.
                 let _ = self
                     .swarm
@@ -424,6 +444,12 @@ impl EventLoop {
                 Message::Request {
                     request, channel, ..
                 } => {
+                    // One peer gets a fair share of the service, not all of it.
+                    let waiting = self.inbound_secret.entry(peer).or_default();
+                    if *waiting >= MAX_INBOUND_SECRET_PER_PEER {
+                        debug!(%peer, "too many secret-chat requests from one peer; dropping one");
+                        return;
+                    }
                     let inbound = InboundSecret {
                         peer,
                         request,
@@ -431,8 +457,9 @@ impl EventLoop {
                     };
                     // Full means the service is behind: no answer, and the
                     // peer's sender retries later.
-                    if self.secret_inbound.try_send(inbound).is_err() {
-                        debug!(%peer, "secret-chat service busy; dropping a request");
+                    match self.secret_inbound.try_send(inbound) {
+                        Ok(()) => *waiting += 1,
+                        Err(_) => debug!(%peer, "secret-chat service busy; dropping a request"),
                     }
                 }
                 Message::Response {

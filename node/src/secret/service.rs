@@ -26,7 +26,7 @@ use tern_protocol::{
     secret::{
         ChatError, ChatEvent, ChatState, Fingerprint, Handshake, LocalDevice, MessageId,
         SasInitiator, SasMessage, SasResponder, SecretChat, SecretFrame, SecretPayload,
-        SecretSession, SessionError, ShortCode, sas::SasStep,
+        SecretSession, SessionError, ShortCode, chat::MAX_IDS, sas::SasStep,
     },
 };
 use tokio::sync::{mpsc, oneshot, watch};
@@ -46,6 +46,9 @@ use crate::{
 
 /// Most secret chats one device keeps.
 pub const MAX_CHATS: usize = 1000;
+/// Most cancelled or closed chats kept for the user to see; beyond this the
+/// oldest are erased, so declined requests cannot pile up on disk.
+pub const MAX_ENDED: usize = 100;
 /// Most requests one peer may have waiting for an answer here.
 pub const MAX_PENDING_PER_PEER: usize = 16;
 /// Most frames waiting to be sent in one chat; sending beyond is refused.
@@ -329,11 +332,15 @@ pub struct SecretService {
     /// Effects held back until the batch's writes are on disk.
     replies: Vec<DeferredReply>,
     responses: Vec<(
+        PeerId,
         libp2p::request_response::ResponseChannel<SecretResponse>,
         SecretResponse,
     )>,
     events_out: Vec<Event>,
     to_kick: std::collections::BTreeSet<SecretId>,
+    /// Set when a batch could not be saved. Memory is then ahead of disk,
+    /// so the service stops acting until a restart reloads from disk.
+    failed: Option<String>,
 }
 
 pub struct ServiceParts {
@@ -350,7 +357,7 @@ impl SecretService {
     /// Loads every secret chat from disk.
     pub fn new(parts: ServiceParts) -> anyhow::Result<(Self, SecretHandle)> {
         let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
-        let (delivered_tx, delivered) = mpsc::channel(MAX_CHATS);
+        let (delivered_tx, delivered) = mpsc::channel(MAX_CHATS + MAX_ENDED);
         let mut this = Self {
             net: parts.net,
             bus: parts.bus,
@@ -367,6 +374,7 @@ impl SecretService {
             responses: Vec::new(),
             events_out: Vec::new(),
             to_kick: Default::default(),
+            failed: None,
         };
         for loaded in this.store.load_all()? {
             let session = loaded.session.as_ref().map(SecretSession::restore);
@@ -512,10 +520,19 @@ impl SecretService {
     /// the API and to peers, events, and frames to send. Nothing anyone
     /// is told about is lost to a crash.
     async fn flush(&mut self) {
+        if self.failed.is_none() {
+            self.prune_ended();
+        }
         let committed = if self.store.has_pending() {
             self.store.commit().map_err(|e| {
-                warn!("cannot save secret chats: {e}");
-                e.to_string()
+                tracing::error!(
+                    "cannot save secret chats ({e}); they are stopped until the node restarts"
+                );
+                let why = format!(
+                    "secret chats are stopped after a storage failure ({e}); free disk space and restart the node"
+                );
+                self.failed = Some(why.clone());
+                why
             })
         } else {
             Ok(())
@@ -523,12 +540,12 @@ impl SecretService {
         for reply in self.replies.drain(..) {
             reply(committed.clone());
         }
-        for (channel, response) in std::mem::take(&mut self.responses) {
+        for (peer, channel, response) in std::mem::take(&mut self.responses) {
             let response = match &committed {
                 Ok(()) => response,
                 Err(_) => SecretResponse::refused("this device cannot save right now"),
             };
-            let _ = self.net.secret_respond(channel, response).await;
+            let _ = self.net.secret_respond(peer, channel, response).await;
         }
         if committed.is_ok() {
             for e in self.events_out.drain(..) {
@@ -558,6 +575,9 @@ impl SecretService {
     // ----- commands -----
 
     async fn on_command(&mut self, cmd: Command) {
+        if let Some(why) = self.failed.clone() {
+            return self.refuse_command(cmd, why);
+        }
         match cmd {
             Command::Start(target, r) => {
                 let res = self.start(target).await;
@@ -619,6 +639,55 @@ impl SecretService {
         }
     }
 
+    fn refuse_command(&mut self, cmd: Command, why: String) {
+        fn err<T>(why: &str) -> Result<T, SecretError> {
+            Err(SecretError::Store(why.to_owned()))
+        }
+        match cmd {
+            Command::Start(_, r) => self.reply(r, err(&why)),
+            Command::Accept(_, r)
+            | Command::Decline(_, r)
+            | Command::Close(_, r)
+            | Command::Timer(_, _, r) => self.reply(r, err(&why)),
+            Command::List(r) => self.reply(r, err(&why)),
+            Command::Key(_, r) => self.reply(r, err(&why)),
+            Command::Send(_, _, r) | Command::Resolve(_, r) => self.reply(r, err(&why)),
+            Command::History(_, r) => self.reply(r, err(&why)),
+            Command::Delete(_, _, r) | Command::Clear(_, r) | Command::Logout(r) => {
+                self.reply(r, err(&why))
+            }
+            Command::Forward(_, _, r) => self.reply(r, err(&why)),
+        }
+    }
+
+    fn live_chats(&self) -> usize {
+        self.chats
+            .values()
+            .filter(|c| matches!(c.chat.state, ChatState::Pending { .. } | ChatState::Active))
+            .count()
+    }
+
+    /// Erases the oldest ended chats beyond [`MAX_ENDED`] (once nothing of
+    /// theirs waits to be delivered).
+    fn prune_ended(&mut self) {
+        let mut ended: Vec<(u64, SecretId)> = self
+            .chats
+            .values()
+            .filter(|c| matches!(c.chat.state, ChatState::Cancelled | ChatState::Closed))
+            .filter(|c| !c.has_work() && !c.in_flight)
+            .map(|c| (c.record.created_ms, c.record.secret_id))
+            .collect();
+        if ended.len() <= MAX_ENDED {
+            return;
+        }
+        ended.sort();
+        for (_, id) in &ended[..ended.len() - MAX_ENDED] {
+            if self.store.delete_chat(id).is_ok() {
+                self.chats.remove(id);
+            }
+        }
+    }
+
     /// A full id or a unique prefix of at least 4 hex characters.
     fn resolve(&self, given: &str) -> Result<SecretId, SecretError> {
         let given = given.trim().to_ascii_lowercase();
@@ -643,9 +712,9 @@ impl SecretService {
     }
 
     async fn start(&mut self, target: StartTarget) -> Result<SecretInfo, SecretError> {
-        if self.chats.len() >= MAX_CHATS {
+        if self.live_chats() >= MAX_CHATS {
             return Err(SecretError::Refused(format!(
-                "this device already has {MAX_CHATS} secret chats; close and clear some first"
+                "this device already has {MAX_CHATS} pending or active secret chats; close some first"
             )));
         }
         let (device, account, addrs) = match target {
@@ -806,7 +875,19 @@ impl SecretService {
                 self.queue(id, &payload)?;
                 self.store.put_record(&self.chats[id].record)?;
             }
-            ChatState::Cancelled | ChatState::Closed => return Ok(c.info()),
+            ChatState::Cancelled | ChatState::Closed => {
+                // Closing an ended chat removes it from this device.
+                if c.has_work() || c.in_flight {
+                    return Ok(c.info());
+                }
+                let info = c.info();
+                self.store.delete_chat(id)?;
+                self.chats.remove(id);
+                return Ok(SecretInfo {
+                    state: "removed".into(),
+                    ..info
+                });
+            }
         }
         self.emit(Event::SecretClosed { secret_id: hex(id) });
         self.kick(id);
@@ -836,8 +917,9 @@ impl SecretService {
     fn send(&mut self, id: &SecretId, text: &str) -> Result<String, SecretError> {
         let c = self.chat(id)?;
         if c.outbox.len() >= MAX_OUTBOX {
+            // Checked before the message exists, so a refusal leaves nothing.
             return Err(SecretError::Refused(format!(
-                "{MAX_OUTBOX} messages are already waiting for the other device; wait until it is reachable"
+                "{MAX_OUTBOX} frames are already waiting for the other device; wait until it is reachable"
             )));
         }
         let mut mid = [0u8; 16];
@@ -855,13 +937,11 @@ impl SecretService {
     fn history(&mut self, id: &SecretId) -> Result<Vec<HistoryItem>, SecretError> {
         let now = now_ms();
         let c = self.chat(id)?;
-        if let Some(receipt) = c.chat.mark_read(now) {
-            let SecretPayload::Read { ids } = &receipt else {
-                unreachable!("mark_read returns a Read payload")
-            };
-            let ids = ids.clone();
-            for mid in &ids {
-                self.save_message(id, mid)?;
+        for receipt in c.chat.mark_read(now) {
+            if let SecretPayload::Read { ids } = &receipt {
+                for mid in ids {
+                    self.save_message(id, mid)?;
+                }
             }
             if self.chats[id].session.is_some() && self.chats[id].chat.state == ChatState::Active {
                 self.queue(id, &receipt)?;
@@ -897,8 +977,10 @@ impl SecretService {
             .iter()
             .map(|m| parse_message_id(m))
             .collect::<Result<Vec<_>, _>>()?;
-        if ids.is_empty() {
-            return Err(SecretError::BadInput("name at least one message".into()));
+        if ids.is_empty() || ids.len() > MAX_IDS {
+            return Err(SecretError::BadInput(format!(
+                "name 1 to {MAX_IDS} messages at a time (or clear the chat)"
+            )));
         }
         let c = self.chat(id)?;
         let payload = c.chat.delete(&ids)?;
@@ -938,49 +1020,67 @@ impl SecretService {
         ))
     }
 
-    /// Closes every secret chat, tells the peers that can be reached, and
-    /// erases all of them with their keys.
+    /// Closes every secret chat and erases all of them with their keys,
+    /// then tells the peers that can be reached (a pending request is
+    /// declined, an active chat closed). The erasure is on disk before
+    /// anything is sent.
     async fn logout(&mut self) -> Result<usize, SecretError> {
         let ids: Vec<SecretId> = self.chats.keys().copied().collect();
         let mut farewells = Vec::new();
         for id in &ids {
-            let c = &mut self.chats.get_mut(id).expect("listed above");
-            let (Some(peer), Some(session)) = (c.peer(), c.session.as_mut()) else {
+            let Some(c) = self.chats.get_mut(id) else {
                 continue;
             };
-            if c.chat.state != ChatState::Active {
-                continue;
-            }
-            let Ok(frames) = session.seal(&SecretPayload::Close.encode(), now_ms(), random32())
-            else {
+            let Some(peer) = c.peer() else {
                 continue;
             };
-            // Frames still waiting go first, then the farewell.
-            let mut all: Vec<SecretFrame> = c.outbox.iter().cloned().collect();
-            all.extend(frames);
-            all.truncate(MAX_FRAMES);
-            let request = SecretRequest::Frames {
-                secret_id: *id,
-                frames: all,
+            let request = match (c.chat.state, c.session.as_mut()) {
+                (ChatState::Active, Some(session)) => {
+                    let Ok(frames) =
+                        session.seal(&SecretPayload::Close.encode(), now_ms(), random32())
+                    else {
+                        continue;
+                    };
+                    // Frames still waiting go first, then the farewell.
+                    let mut all: Vec<SecretFrame> = c.outbox.iter().cloned().collect();
+                    all.extend(frames);
+                    all.truncate(MAX_FRAMES);
+                    SecretRequest::Frames {
+                        secret_id: *id,
+                        frames: all,
+                    }
+                }
+                (ChatState::Pending { .. }, _) => SecretRequest::Decline { secret_id: *id },
+                _ => continue,
             };
-            let net = self.net.clone();
-            let addrs = c.peer_addrs();
-            farewells.push(async move {
+            farewells.push((peer, c.peer_addrs(), request));
+        }
+        for id in &ids {
+            self.store.delete_chat(id)?;
+        }
+        if let Err(e) = self.store.commit() {
+            let why = format!("logout could not erase the secret chats: {e}");
+            self.failed = Some(why.clone());
+            return Err(SecretError::Store(why));
+        }
+        for id in &ids {
+            self.chats.remove(id);
+            self.emit(Event::SecretClosed { secret_id: hex(id) });
+        }
+        // The other sides learn it now if they can be reached, else when they
+        // next write (this device answers "unknown chat").
+        let net = self.net.clone();
+        futures::future::join_all(farewells.into_iter().map(|(peer, addrs, request)| {
+            let net = net.clone();
+            async move {
                 tokio::time::timeout(
                     Duration::from_secs(3),
                     net.secret_request(peer, addrs, request),
                 )
                 .await
-            });
-        }
-        // The other sides learn it now if they can be reached, else when they
-        // next write (this device answers "unknown chat").
-        futures::future::join_all(farewells).await;
-        for id in &ids {
-            self.store.delete_chat(id)?;
-            self.chats.remove(id);
-            self.emit(Event::SecretClosed { secret_id: hex(id) });
-        }
+            }
+        }))
+        .await;
         info!(chats = ids.len(), "logged out of all secret chats");
         Ok(ids.len())
     }
@@ -1017,6 +1117,11 @@ impl SecretService {
     /// sealed them.
     fn queue(&mut self, id: &SecretId, payload: &SecretPayload) -> Result<(), SecretError> {
         let c = self.chat(id)?;
+        if c.outbox.len() >= MAX_OUTBOX {
+            return Err(SecretError::Refused(format!(
+                "{MAX_OUTBOX} frames are already waiting for the other device; wait until it is reachable"
+            )));
+        }
         let session = c.session.as_mut().ok_or_else(|| {
             SecretError::Refused("the secret chat has no session (not accepted yet)".into())
         })?;
@@ -1056,6 +1161,9 @@ impl SecretService {
     }
 
     fn retry_due(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
         let now = tokio::time::Instant::now();
         let due: Vec<SecretId> = self
             .chats
@@ -1155,6 +1263,9 @@ impl SecretService {
     }
 
     fn on_delivered(&mut self, d: Delivered) {
+        if self.failed.is_some() {
+            return;
+        }
         let id = d.id;
         let Some(c) = self.chats.get_mut(&id) else {
             return; // logged out meanwhile
@@ -1179,12 +1290,18 @@ impl SecretService {
                 }
                 Ok(())
             }
+            // Only if still waiting for exactly that: the user may have
+            // withdrawn the offer while it was on its way.
             (SecretRequest::Offer { .. }, SecretResponse::Ok) => {
-                c.record.pending = None;
+                if c.record.pending == Some(Pending::Offer) {
+                    c.record.pending = None;
+                }
                 self.store.put_record(&c.record).map_err(SecretError::from)
             }
             (SecretRequest::Decline { .. }, SecretResponse::Ok | SecretResponse::Unknown) => {
-                c.record.pending = None;
+                if c.record.pending == Some(Pending::Decline) {
+                    c.record.pending = None;
+                }
                 self.store.put_record(&c.record).map_err(SecretError::from)
             }
             (SecretRequest::Accept { .. }, SecretResponse::Finish { handshake }) => {
@@ -1263,7 +1380,7 @@ impl SecretService {
         let c = self.chat(id)?;
         c.record.peer_account = Some(established.peer.account);
         c.record.peer_name = established.peer.name.clone();
-        let hh = established.session.handshake_hash();
+        let hh = established.session.short_code_key();
         c.record.fingerprint = Some(*established.session.fingerprint().as_bytes());
         c.record.sas_responder = Some(SasResponder::new(hh, random32()));
         c.record.handshake_seed = None;
@@ -1337,7 +1454,11 @@ impl SecretService {
             request,
             channel,
         } = inbound;
-        let _span = tracing::info_span!("secret", %peer).entered();
+        if self.failed.is_some() {
+            let refusal = SecretResponse::refused("this device cannot save right now");
+            self.responses.push((peer, channel, refusal));
+            return;
+        }
         let response = match request {
             SecretRequest::Offer {
                 secret_id,
@@ -1354,7 +1475,7 @@ impl SecretService {
             warn!("secret-chat request failed: {e}");
             SecretResponse::refused(&e.to_string())
         });
-        self.responses.push((channel, response));
+        self.responses.push((peer, channel, response));
     }
 
     /// The chat `id` if it exists and belongs to `peer`.
@@ -1388,7 +1509,7 @@ impl SecretService {
                 c.peer() == Some(peer) && c.chat.state == (ChatState::Pending { by_me: false })
             })
             .count();
-        if waiting >= MAX_PENDING_PER_PEER || self.chats.len() >= MAX_CHATS {
+        if waiting >= MAX_PENDING_PER_PEER || self.live_chats() >= MAX_CHATS {
             return Ok(SecretResponse::refused(
                 "too many secret chat requests waiting on this device",
             ));
@@ -1504,7 +1625,7 @@ impl SecretService {
         c.record.sas_nonce = Some(nonce);
         c.chat.activate();
         c.record.state = c.chat.state;
-        let (_, commit) = SasInitiator::start(session.handshake_hash(), nonce);
+        let (_, commit) = SasInitiator::start(session.short_code_key(), nonce);
         self.store.put_session(&id, &session.snapshot())?;
         self.chat(&id)?.session = Some(session);
         self.store.put_record(&self.chats[&id].record)?;
@@ -1557,6 +1678,13 @@ impl SecretService {
             self.metrics.rejected_frames.inc();
             return Ok(SecretResponse::Unknown);
         };
+        if c.outbox.len() >= MAX_OUTBOX {
+            // Answers to these frames could not be queued: let the peer wait
+            // until ours have drained.
+            return Ok(SecretResponse::refused(
+                "too many frames waiting to go back",
+            ));
+        }
         if c.session.is_none() {
             // Accepted here, but the answer that completes the handshake is
             // still on its way back: the frames are early, not unknown.
@@ -1712,7 +1840,7 @@ impl SecretService {
 
     fn on_short_code(&mut self, id: &SecretId, step: SasMessage) -> Result<(), SecretError> {
         let c = self.chat(id)?;
-        let Some(hh) = c.session.as_ref().map(SecretSession::handshake_hash) else {
+        let Some(hh) = c.session.as_ref().map(SecretSession::short_code_key) else {
             return Ok(());
         };
         let mut reply = None;
@@ -1765,6 +1893,9 @@ impl SecretService {
     }
 
     fn expire(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
         let now = now_ms();
         let ids: Vec<SecretId> = self.chats.keys().copied().collect();
         for id in ids {

@@ -107,6 +107,32 @@ pub struct LoadedChat {
     pub session: Option<SessionSnapshot>,
 }
 
+/// Shortens every long hex run (chat and message ids in paths) to its
+/// first 4 digits, so errors that reach the logs keep no record of ids.
+pub fn redact(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.len() >= 16 {
+            out.push_str(&run[..4]);
+            out.push('…');
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for ch in s.chars() {
+        if ch.is_ascii_hexdigit() {
+            run.push(ch);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(ch);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 pub fn space(id: &SecretId) -> String {
     format!("secret-{}", hex(id))
 }
@@ -125,9 +151,13 @@ fn frame_key(n: u64) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error(transparent)]
+    #[error("{}", redact(&.0.to_string()))]
     Erasable(#[from] ErasableError),
-    #[error("damaged secret-chat data in {space}/{key}: {error}")]
+    #[error(
+        "damaged secret-chat data in {}/{}: {error}",
+        redact(space),
+        redact(key)
+    )]
     Damaged {
         space: String,
         key: String,
@@ -283,5 +313,21 @@ impl ChatStore {
             outbox,
             session,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_chats_and_messages_by_four_digits() {
+        let e = "/d/erasable/secret-053913a547436e509380754d95a1c3f9/m-c4baa778cb9c53d4ace5a815caf16230: No space left (os error 28)";
+        assert_eq!(
+            redact(e),
+            "/d/erasable/secret-0539…/m-c4ba…: No space left (os error 28)"
+        );
+        assert_eq!(redact("o-000000000000002a"), "o-0000…");
+        assert_eq!(redact("chat"), "chat");
     }
 }

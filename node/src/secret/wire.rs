@@ -17,7 +17,7 @@ use tern_protocol::{
 pub type SecretId = [u8; 16];
 
 /// Most frames in one request.
-pub const MAX_FRAMES: usize = 64;
+pub const MAX_FRAMES: usize = 32;
 /// Longest Noise handshake message accepted.
 pub const MAX_HANDSHAKE: usize = 1024;
 /// Longest refusal reason.
@@ -80,7 +80,7 @@ impl Record for SecretRequest {
                 bad("handshake message too long")
             }
             Self::Frames { frames, .. } if frames.is_empty() || frames.len() > MAX_FRAMES => {
-                bad("a frames request carries 1 to 64 frames")
+                bad("a frames request carries 1 to 32 frames")
             }
             Self::Frames { frames, .. }
                 if frames.windows(2).any(|w| w[1].n != w[0].n.wrapping_add(1)) =>

@@ -248,8 +248,9 @@ impl SecretChat {
     }
 
     /// The user has seen the chat: unread incoming messages become read,
-    /// their countdowns start, and a receipt goes to the peer.
-    pub fn mark_read(&mut self, now_ms: u64) -> Option<SecretPayload> {
+    /// their countdowns start, and receipts go to the peer (one per
+    /// [`MAX_IDS`] messages, so none is refused for its size).
+    pub fn mark_read(&mut self, now_ms: u64) -> Vec<SecretPayload> {
         let mut ids = Vec::new();
         for m in self
             .messages
@@ -260,8 +261,9 @@ impl SecretChat {
             m.expires_at_ms = m.timer_ms.map(|t| now_ms.saturating_add(t));
             ids.push(m.id);
         }
-        ids.truncate(MAX_IDS);
-        (!ids.is_empty()).then_some(SecretPayload::Read { ids })
+        ids.chunks(MAX_IDS)
+            .map(|c| SecretPayload::Read { ids: c.to_vec() })
+            .collect()
     }
 
     pub fn delete(&mut self, ids: &[MessageId]) -> Result<SecretPayload, ChatError> {
@@ -442,8 +444,11 @@ mod tests {
         assert_eq!(b.next_expiry(), None);
 
         // B reads at t=5000; A learns of it at t=5100.
-        let receipt = b.mark_read(5_000).unwrap();
-        carry(receipt, &mut a, 5_100);
+        let receipts = b.mark_read(5_000);
+        assert_eq!(receipts.len(), 1);
+        for receipt in receipts {
+            carry(receipt, &mut a, 5_100);
+        }
         assert_eq!(b.next_expiry(), Some(7_000));
         assert_eq!(a.next_expiry(), Some(7_100));
         assert_eq!(texts(&b, 6_999), ["before the timer", "self-destructs"]);

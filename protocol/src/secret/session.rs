@@ -41,7 +41,7 @@ pub const REKEY_AFTER_MESSAGES: u32 = 100;
 /// …or after this long, whichever comes first.
 pub const REKEY_AFTER_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Largest payload one frame carries.
-pub const MAX_PAYLOAD: usize = 64 * 1024;
+pub const MAX_PAYLOAD: usize = 32 * 1024;
 const MAX_HANDSHAKE_MESSAGE: usize = 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -297,8 +297,9 @@ impl Handshake {
 #[derive(Clone, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
 pub struct SessionSnapshot {
     initiator: bool,
-    handshake_hash: [u8; 32],
-    root: [u8; 32],
+    fingerprint: [u8; 32],
+    short_code_key: [u8; 32],
+    rekey_base: [u8; 32],
     epoch: u32,
     epoch_started_ms: u64,
     messages_in_epoch: u32,
@@ -312,7 +313,7 @@ pub struct SessionSnapshot {
 }
 
 impl Record for SessionSnapshot {
-    const VERSION: u8 = 1;
+    const VERSION: u8 = 2;
     const MAX_LEN: usize = 512;
 }
 
@@ -372,11 +373,21 @@ fn aad(epoch: u32, n: u64) -> [u8; 12] {
     a
 }
 
+fn rekey_base(root: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    Zeroizing::new(blake3::derive_key("tern secret-chat rekey base v1", root))
+}
+
 /// An established secret chat between two devices.
 pub struct SecretSession {
     role: Role,
-    handshake_hash: [u8; 32],
-    root: Zeroizing<[u8; 32]>,
+    fingerprint: [u8; 32],
+    /// Binds the short-code exchange to this handshake; one-way from the
+    /// handshake hash, so it reveals no key.
+    short_code_key: [u8; 32],
+    /// What the next re-key mixes its Diffie-Hellman output into. One-way
+    /// from the epoch's root, which is dropped once the chains are derived:
+    /// a captured state cannot re-derive this epoch's earlier message keys.
+    rekey_base: Zeroizing<[u8; 32]>,
     epoch: u32,
     epoch_started_ms: u64,
     messages_in_epoch: u32,
@@ -407,10 +418,14 @@ impl SecretSession {
         hh[..len].copy_from_slice(&handshake_hash[..len]);
         let root = Zeroizing::new(blake3::derive_key("tern secret-chat root v1", &hh));
         let (send, recv) = Self::chains(role, &root, 0);
+        let fingerprint = *Fingerprint::from_handshake_hash(&hh).as_bytes();
+        let short_code_key = blake3::derive_key("tern secret-chat short code key v1", &hh);
+        hh.zeroize();
         Self {
             role,
-            handshake_hash: hh,
-            root,
+            fingerprint,
+            short_code_key,
+            rekey_base: rekey_base(&root),
             epoch: 0,
             epoch_started_ms: now_ms,
             messages_in_epoch: 0,
@@ -443,12 +458,12 @@ impl SecretSession {
 
     /// The fingerprint both people compare (key picture, emoji, hex).
     pub fn fingerprint(&self) -> Fingerprint {
-        Fingerprint::from_handshake_hash(&self.handshake_hash)
+        Fingerprint::from_bytes(self.fingerprint)
     }
 
     /// The handshake hash, for the short-code exchange.
-    pub fn handshake_hash(&self) -> [u8; 32] {
-        self.handshake_hash
+    pub fn short_code_key(&self) -> [u8; 32] {
+        self.short_code_key
     }
 
     pub fn epoch(&self) -> u32 {
@@ -476,8 +491,9 @@ impl SecretSession {
     pub fn snapshot(&self) -> SessionSnapshot {
         SessionSnapshot {
             initiator: self.role == Role::Initiator,
-            handshake_hash: self.handshake_hash,
-            root: *self.root,
+            fingerprint: self.fingerprint,
+            short_code_key: self.short_code_key,
+            rekey_base: *self.rekey_base,
             epoch: self.epoch,
             epoch_started_ms: self.epoch_started_ms,
             messages_in_epoch: self.messages_in_epoch,
@@ -503,8 +519,9 @@ impl SecretSession {
             } else {
                 Role::Responder
             },
-            handshake_hash: s.handshake_hash,
-            root: Zeroizing::new(s.root),
+            fingerprint: s.fingerprint,
+            short_code_key: s.short_code_key,
+            rekey_base: Zeroizing::new(s.rekey_base),
             epoch: s.epoch,
             epoch_started_ms: s.epoch_started_ms,
             messages_in_epoch: s.messages_in_epoch,
@@ -682,11 +699,12 @@ impl SecretSession {
         let shared = x25519_dalek::StaticSecret::from(*ours)
             .diffie_hellman(&x25519_dalek::PublicKey::from(*theirs));
         let mut h = blake3::Hasher::new_derive_key("tern secret-chat rekey root v1");
-        h.update(self.root.as_ref());
+        h.update(self.rekey_base.as_ref());
         h.update(shared.as_bytes());
-        self.root = Zeroizing::new(*h.finalize().as_bytes());
+        let root = Zeroizing::new(*h.finalize().as_bytes());
+        self.rekey_base = rekey_base(&root);
         self.epoch += 1;
-        let (send, recv) = Self::chains(self.role, &self.root, self.epoch);
+        let (send, recv) = Self::chains(self.role, &root, self.epoch);
         self.send = send;
         let old = std::mem::replace(&mut self.recv, recv);
         self.recv_previous = Some(old);
@@ -927,6 +945,49 @@ mod tests {
     }
 
     #[test]
+    fn a_state_captured_mid_epoch_does_not_open_that_epochs_earlier_frames() {
+        let (a, b) = (device(1), device(2));
+        let (mut sa, mut sb) = handshake(&a, &b, [7; 16]).unwrap();
+        let mut recorded = Vec::new();
+        for i in 0..30u8 {
+            for f in sa.seal(&[i; 40], 0, [i; 32]).unwrap() {
+                recorded.push(f.clone());
+                sb.open(&f, 0, [0; 32]).unwrap();
+            }
+        }
+        assert_eq!(sb.epoch(), 0);
+        // Everything B keeps, as it would be saved to disk, and every key
+        // that can be derived forward from it.
+        let saved =
+            SecretSession::restore(&SessionSnapshot::decode(&sb.snapshot().encode()).unwrap());
+        let mut candidates = vec![*saved.rekey_base, saved.short_code_key, saved.fingerprint];
+        for chain in [&saved.recv, &saved.send] {
+            let mut c = chain.clone();
+            for _ in 0..200 {
+                candidates.push(*c.message_key());
+                candidates.push(*c.key);
+                c.advance();
+            }
+        }
+        for root_like in [*saved.rekey_base, saved.short_code_key] {
+            let (s, r) = SecretSession::chains(Role::Responder, &root_like, 0);
+            candidates.extend([*s.message_key(), *r.message_key()]);
+        }
+        for f in &recorded {
+            for key in &candidates {
+                let opened = cipher(key).decrypt(
+                    XNonce::from_slice(&[0u8; 24]),
+                    Payload {
+                        msg: &f.ciphertext,
+                        aad: &aad(f.epoch, f.n),
+                    },
+                );
+                assert!(opened.is_err(), "a captured key opened frame {}", f.n);
+            }
+        }
+    }
+
+    #[test]
     fn crossing_re_key_offers_settle_on_one_new_key() {
         let (a, b) = (device(1), device(2));
         let (mut sa, mut sb) = handshake(&a, &b, [7; 16]).unwrap();
@@ -1001,7 +1062,7 @@ mod tests {
         assert!(sb.rekeys() >= 1);
 
         // Then captures B's whole state: root, both chains, the previous one.
-        let mut candidates: Vec<[u8; 32]> = vec![*sb.root];
+        let mut candidates: Vec<[u8; 32]> = vec![*sb.rekey_base];
         for chain in [Some(&sb.recv), Some(&sb.send), sb.recv_previous.as_ref()]
             .into_iter()
             .flatten()
