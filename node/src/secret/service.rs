@@ -5,7 +5,7 @@
 //!
 //! Delivery is reliable and ordered per chat: sealed frames wait in the
 //! chat's outbox (on disk) and go out one request at a time, at most
-//! [`MAX_FRAMES`] per request; the peer acknowledges how far it got, and the
+//! [`super::wire::MAX_FRAMES`] (or 1 MiB) per request; the peer acknowledges how far it got, and the
 //! sender resends from there. An unreachable peer is retried with backoff,
 //! and at once when it connects again.
 //!
@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 use super::{
     store::{ChatRecord, ChatStore, Pending, StoredMessage, hex},
     time::rfc3339,
-    wire::{MAX_FRAMES, SecretId, SecretRequest, SecretResponse},
+    wire::{SecretId, SecretRequest, SecretResponse, pack},
 };
 use crate::{
     events::{Event, EventBus, now_ms},
@@ -1044,7 +1044,7 @@ impl SecretService {
                     // Frames still waiting go first, then the farewell.
                     let mut all: Vec<SecretFrame> = c.outbox.iter().cloned().collect();
                     all.extend(frames);
-                    all.truncate(MAX_FRAMES);
+                    let all = pack(&all);
                     SecretRequest::Frames {
                         secret_id: *id,
                         frames: all,
@@ -1226,7 +1226,7 @@ impl SecretService {
             Some(Pending::Decline) => SecretRequest::Decline { secret_id: *id },
             None => SecretRequest::Frames {
                 secret_id: *id,
-                frames: c.outbox.iter().take(MAX_FRAMES).cloned().collect(),
+                frames: pack(&c.outbox),
             },
         };
         c.in_flight = true;

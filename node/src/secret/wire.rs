@@ -8,16 +8,17 @@
 //! so frames arrive in the order they were sealed.
 
 use serde::{Deserialize, Serialize};
-use tern_protocol::{
-    DecodeError, Record,
-    secret::{SecretFrame, session::MAX_PAYLOAD},
-};
+use tern_protocol::{DecodeError, Record, secret::SecretFrame};
 
 /// A secret chat's id: 16 random bytes chosen by the device that starts it.
 pub type SecretId = [u8; 16];
 
 /// Most frames in one request.
-pub const MAX_FRAMES: usize = 32;
+pub const MAX_FRAMES: usize = 256;
+/// Largest request: what one request may make the receiver allocate. A
+/// sender packs frames up to this (at least one fits: a frame is at most
+/// `MAX_PAYLOAD` plus a little).
+pub const MAX_REQUEST: usize = 1 << 20;
 /// Longest Noise handshake message accepted.
 pub const MAX_HANDSHAKE: usize = 1024;
 /// Longest refusal reason.
@@ -69,7 +70,7 @@ pub enum SecretResponse {
 
 impl Record for SecretRequest {
     const VERSION: u8 = 1;
-    const MAX_LEN: usize = MAX_FRAMES * (MAX_PAYLOAD + 160) + 64;
+    const MAX_LEN: usize = MAX_REQUEST;
 
     fn validate(&self) -> Result<(), DecodeError> {
         let bad = |why: &str| Err(DecodeError::Invalid(why.into()));
@@ -80,7 +81,7 @@ impl Record for SecretRequest {
                 bad("handshake message too long")
             }
             Self::Frames { frames, .. } if frames.is_empty() || frames.len() > MAX_FRAMES => {
-                bad("a frames request carries 1 to 32 frames")
+                bad("a frames request carries 1 to 256 frames")
             }
             Self::Frames { frames, .. }
                 if frames.windows(2).any(|w| w[1].n != w[0].n.wrapping_add(1)) =>
@@ -123,9 +124,26 @@ impl SecretResponse {
     }
 }
 
+/// The frames from the front of `outbox` that fit in one request.
+pub fn pack<'a>(outbox: impl IntoIterator<Item = &'a SecretFrame>) -> Vec<SecretFrame> {
+    let mut size = 64;
+    let mut out = Vec::new();
+    for f in outbox {
+        // Encoded size of a frame: its ciphertext plus varint headers.
+        let cost = f.ciphertext.len() + 32;
+        if out.len() == MAX_FRAMES || (!out.is_empty() && size + cost > MAX_REQUEST) {
+            break;
+        }
+        size += cost;
+        out.push(f.clone());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_protocol::secret::session::MAX_PAYLOAD;
 
     fn frame(n: u64) -> SecretFrame {
         SecretFrame {
@@ -158,6 +176,23 @@ mod tests {
         };
         assert!(SecretRequest::decode(&huge.encode()).is_err());
         assert!(SecretRequest::decode(&vec![1; SecretRequest::MAX_LEN + 1]).is_err());
+        // Packing never exceeds what a receiver accepts.
+        let big: Vec<SecretFrame> = (0..100)
+            .map(|n| SecretFrame {
+                epoch: 0,
+                n,
+                ciphertext: vec![1; MAX_PAYLOAD + 17],
+            })
+            .collect();
+        let packed = pack(&big);
+        assert!(!packed.is_empty() && packed.len() < big.len());
+        let r = SecretRequest::Frames {
+            secret_id: [1; 16],
+            frames: packed,
+        };
+        assert!(SecretRequest::decode(&r.encode()).is_ok());
+        let small: Vec<SecretFrame> = (0..1000).map(frame).collect();
+        assert_eq!(pack(&small).len(), MAX_FRAMES);
         let long = SecretResponse::refused(&"é".repeat(400));
         assert!(SecretResponse::decode(&long.encode()).is_ok());
     }

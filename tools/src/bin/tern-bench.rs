@@ -336,7 +336,7 @@ fn secret_handshake(tern: &Path, runs: usize) -> anyhow::Result<()> {
 
 fn secret_throughput(tern: &Path, messages: usize, concurrency: usize) -> anyhow::Result<()> {
     use tern_protocol::{Record, secret::SecretPayload};
-    let (na, nb, _ta, _tb) = connected_pair(tern)?;
+    let (na, nb, ta, _tb) = connected_pair(tern)?;
     let rt = tokio::runtime::Runtime::new()?;
     let text = "x".repeat(1024);
     let (elapsed, id) = rt.block_on(async {
@@ -414,6 +414,21 @@ fn secret_throughput(tern: &Path, messages: usize, concurrency: usize) -> anyhow
         }
     }
     let reference = messages as f64 / t0.elapsed().as_secs_f64();
+    // Second reference: how many durable 1 KiB writes per second this disk
+    // does one at a time (what a commit per message would allow).
+    let disk = tempfile::tempdir_in(ta.path())?;
+    let t0 = Instant::now();
+    for i in 0..200 {
+        use std::io::Write;
+        let mut f = std::fs::File::create(disk.path().join(format!("f{i}")))?;
+        f.write_all(&[0u8; 1024])?;
+        f.sync_all()?;
+    }
+    let fsyncs = 200.0 / t0.elapsed().as_secs_f64();
+    println!(
+        "| fsynced 1 KiB file writes, one at a time, same disk | {fsyncs:.0} writes/s | | secret msg/s ÷ this: {:.1}× |",
+        rate / fsyncs
+    );
     println!(
         "| secret messages, 1 KiB, node to node ({messages}, {concurrency} in flight; chat {}) | {rate:.0} msg/s | session seal+open in one process: {reference:.0} msg/s | {:.3}× |",
         &id[..8],
