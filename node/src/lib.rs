@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod secret;
+pub mod segments;
 pub mod store;
 pub mod testnet;

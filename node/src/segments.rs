@@ -1,0 +1,722 @@
+//! An append-only, group-committed record log whose records can be purged
+//! for real: the storage for cloud-chat logs.
+//!
+//! Neither existing store fits chat logs:
+//! - sled keeps deleted bytes in its log, so delete-for-everyone would leave
+//!   the ciphertext on disk;
+//! - the erasable store spends a file (and its syncs) per value, far too
+//!   many for 10,000 messages a second or a 1 GiB history.
+//!
+//! So a chat's log is a directory of segment files. Records are appended to
+//! the newest segment, and many appends share one `fdatasync`
+//! ([`SegmentLog::sync`]). A purge rewrites the segments that hold the purged
+//! records: a new file without their bytes is written, synced and renamed
+//! into place. The old file, still open, is then overwritten with zeros and
+//! synced before it is closed, so the purged bytes are gone from the disk
+//! (on file systems that write in place; see [`crate::erasable`]).
+//!
+//! A record on disk is `MAGIC`, the value's length (u32 LE), a 32-byte key,
+//! the value, and the first 8 bytes of BLAKE3(key ‖ value). At open, every
+//! segment is scanned. A damaged record at the end of the newest segment is
+//! an append that a crash interrupted, and is cut off. Damage anywhere else
+//! is an error.
+
+use std::{
+    collections::HashMap,
+    fs::{self, File, OpenOptions},
+    io::{self, BufReader, Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+};
+
+use crate::data_dir::create_private_dir;
+
+const MAGIC: u8 = 0xA7;
+const HEADER: usize = 1 + 4 + 32;
+const CHECK: usize = 8;
+/// Largest value stored.
+pub const MAX_VALUE: usize = 1 << 20;
+/// A segment is closed and a new one started beyond this size.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+
+pub type Key = [u8; 32];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error(
+        "{path} is damaged at byte {offset} (not at the end of the newest segment, so not an interrupted append)"
+    )]
+    Damaged { path: String, offset: u64 },
+    #[error("value of {0} bytes is larger than the {MAX_VALUE} allowed")]
+    TooLarge(usize),
+}
+
+type Result<T> = std::result::Result<T, SegmentError>;
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SegmentError + '_ {
+    move |source| SegmentError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Location {
+    segment: u32,
+    /// Offset of the record's header in its segment.
+    offset: u64,
+    len: u32,
+}
+
+struct Segment {
+    number: u32,
+    path: PathBuf,
+    bytes: u64,
+}
+
+/// One chat's log on disk.
+pub struct SegmentLog {
+    dir: PathBuf,
+    segments: Vec<Segment>,
+    index: HashMap<Key, Location>,
+    /// Keys in the order their current versions were appended.
+    order: Vec<Key>,
+    /// Segments still holding replaced versions of a key.
+    stale: HashMap<Key, Vec<u32>>,
+    active: File,
+    unsynced: bool,
+    segment_bytes: u64,
+}
+
+fn checksum(key: &Key, value: &[u8]) -> [u8; CHECK] {
+    let mut h = blake3::Hasher::new();
+    h.update(key);
+    h.update(value);
+    let mut out = [0u8; CHECK];
+    out.copy_from_slice(&h.finalize().as_bytes()[..CHECK]);
+    out
+}
+
+fn encode(key: &Key, value: &[u8], out: &mut Vec<u8>) {
+    out.push(MAGIC);
+    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+    out.extend_from_slice(&checksum(key, value));
+}
+
+fn segment_path(dir: &Path, number: u32) -> PathBuf {
+    dir.join(format!("seg-{number:08}.log"))
+}
+
+/// What reading at a position found.
+enum Read1 {
+    /// A clean end of the file.
+    End,
+    /// A damaged or partial record.
+    Damaged,
+    Record(Key, Vec<u8>),
+}
+
+/// Reads one record at the reader's position.
+fn read_record(r: &mut impl Read) -> io::Result<Read1> {
+    let mut header = [0u8; HEADER];
+    let mut got = 0;
+    while got < HEADER {
+        match r.read(&mut header[got..])? {
+            0 if got == 0 => return Ok(Read1::End),
+            0 => return Ok(Read1::Damaged),
+            n => got += n,
+        }
+    }
+    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if header[0] != MAGIC || len > MAX_VALUE {
+        return Ok(Read1::Damaged);
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&header[5..]);
+    let mut rest = vec![0u8; len + CHECK];
+    if let Err(e) = r.read_exact(&mut rest) {
+        return if e.kind() == io::ErrorKind::UnexpectedEof {
+            Ok(Read1::Damaged)
+        } else {
+            Err(e)
+        };
+    }
+    let check: [u8; CHECK] = rest[len..].try_into().unwrap_or_default();
+    rest.truncate(len);
+    if checksum(&key, &rest) != check {
+        return Ok(Read1::Damaged);
+    }
+    Ok(Read1::Record(key, rest))
+}
+
+impl SegmentLog {
+    /// Opens (or creates) the log in `dir`, cutting off an append that a
+    /// crash interrupted.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
+        Self::open_with_segment_size(dir, SEGMENT_BYTES)
+    }
+
+    /// [`Self::open`] with another segment size (tests use small ones).
+    pub fn open_with_segment_size(dir: impl Into<PathBuf>, segment_bytes: u64) -> Result<Self> {
+        let dir = dir.into();
+        create_private_dir(&dir).map_err(io_at(&dir))?;
+        let mut numbers: Vec<u32> = fs::read_dir(&dir)
+            .map_err(io_at(&dir))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|n| n.strip_prefix("seg-")?.strip_suffix(".log")?.parse().ok())
+            .collect();
+        numbers.sort_unstable();
+        if numbers.is_empty() {
+            numbers.push(0);
+        }
+        let mut log_index: HashMap<Key, Location> = HashMap::new();
+        let mut order = Vec::new();
+        let mut stale: HashMap<Key, Vec<u32>> = HashMap::new();
+        let mut segments = Vec::new();
+        let last = numbers.len() - 1;
+        for (i, &number) in numbers.iter().enumerate() {
+            let path = segment_path(&dir, number);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io_at(&path))?;
+            let mut reader = BufReader::with_capacity(1 << 20, &file);
+            let mut offset = 0u64;
+            loop {
+                match read_record(&mut reader).map_err(io_at(&path))? {
+                    Read1::End => break,
+                    Read1::Record(key, value) => {
+                        let len = value.len() as u32;
+                        let loc = Location {
+                            segment: number,
+                            offset,
+                            len,
+                        };
+                        if let Some(old) = log_index.insert(key, loc) {
+                            order.retain(|k| k != &key);
+                            stale.entry(key).or_default().push(old.segment);
+                        }
+                        order.push(key);
+                        offset += (HEADER + value.len() + CHECK) as u64;
+                    }
+                    Read1::Damaged if i == last => {
+                        tracing::warn!(path = %path.display(), offset, "cutting off an interrupted append");
+                        file.set_len(offset).map_err(io_at(&path))?;
+                        file.sync_data().map_err(io_at(&path))?;
+                        break;
+                    }
+                    Read1::Damaged => {
+                        return Err(SegmentError::Damaged {
+                            path: path.display().to_string(),
+                            offset,
+                        });
+                    }
+                }
+            }
+            segments.push(Segment {
+                number,
+                path,
+                bytes: offset,
+            });
+        }
+        let active_path = segments[last].path.clone();
+        let active = OpenOptions::new()
+            .append(true)
+            .open(&active_path)
+            .map_err(io_at(&active_path))?;
+        sync_dir(&dir);
+        Ok(Self {
+            dir,
+            segments,
+            index: log_index,
+            order,
+            stale,
+            active,
+            unsynced: false,
+            segment_bytes,
+        })
+    }
+
+    /// Appends records; they are durable after the next [`Self::sync`].
+    /// A key appended again replaces its earlier version (whose bytes stay
+    /// until that segment is next rewritten; use [`Self::purge`] to make
+    /// them go).
+    pub fn append(&mut self, records: &[(Key, &[u8])]) -> Result<()> {
+        if let Some((_, v)) = records.iter().find(|(_, v)| v.len() > MAX_VALUE) {
+            return Err(SegmentError::TooLarge(v.len()));
+        }
+        if self
+            .segments
+            .last()
+            .is_some_and(|s| s.bytes >= self.segment_bytes)
+        {
+            self.roll()?;
+        }
+        let mut buf = Vec::with_capacity(records.iter().map(|(_, v)| v.len() + 64).sum());
+        let seg = self
+            .segments
+            .last_mut()
+            .expect("a log always has a segment");
+        let mut offset = seg.bytes;
+        let mut placed = Vec::with_capacity(records.len());
+        for (key, value) in records {
+            encode(key, value, &mut buf);
+            placed.push((
+                *key,
+                Location {
+                    segment: seg.number,
+                    offset,
+                    len: value.len() as u32,
+                },
+            ));
+            offset += (HEADER + value.len() + CHECK) as u64;
+        }
+        if let Err(e) = self.active.write_all(&buf) {
+            // Leave the file as it was, so the index stays true.
+            let _ = self.active.set_len(seg.bytes);
+            return Err(io_at(&seg.path)(e));
+        }
+        seg.bytes = offset;
+        for (key, loc) in placed {
+            if let Some(old) = self.index.insert(key, loc) {
+                self.order.retain(|k| k != &key);
+                self.stale.entry(key).or_default().push(old.segment);
+            }
+            self.order.push(key);
+        }
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Makes every append so far durable: one `fdatasync` for all of them.
+    pub fn sync(&mut self) -> Result<()> {
+        if self.unsynced {
+            let path = &self.segments.last().expect("a log has a segment").path;
+            self.active.sync_data().map_err(io_at(path))?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    fn roll(&mut self) -> Result<()> {
+        self.sync()?;
+        let number = self.segments.last().map_or(0, |s| s.number + 1);
+        let path = segment_path(&self.dir, number);
+        self.active = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        sync_dir(&self.dir);
+        self.segments.push(Segment {
+            number,
+            path,
+            bytes: 0,
+        });
+        Ok(())
+    }
+
+    pub fn get(&self, key: &Key) -> Result<Option<Vec<u8>>> {
+        let Some(loc) = self.index.get(key) else {
+            return Ok(None);
+        };
+        let path = segment_path(&self.dir, loc.segment);
+        let mut f = File::open(&path).map_err(io_at(&path))?;
+        f.seek(SeekFrom::Start(loc.offset + HEADER as u64))
+            .map_err(io_at(&path))?;
+        let mut value = vec![0u8; loc.len as usize];
+        f.read_exact(&mut value).map_err(io_at(&path))?;
+        Ok(Some(value))
+    }
+
+    pub fn contains(&self, key: &Key) -> bool {
+        self.index.contains_key(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Bytes on disk, including replaced versions not yet rewritten.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+
+    /// Every current record in append order, read segment by segment with
+    /// large sequential reads (what a catching-up replica is sent).
+    pub fn scan(&self, mut f: impl FnMut(&Key, &[u8])) -> Result<()> {
+        for seg in &self.segments {
+            let file = File::open(&seg.path).map_err(io_at(&seg.path))?;
+            let mut r = BufReader::with_capacity(1 << 20, file.take(seg.bytes));
+            let mut offset = 0u64;
+            loop {
+                let (key, value) = match read_record(&mut r).map_err(io_at(&seg.path))? {
+                    Read1::End => break,
+                    Read1::Record(k, v) => (k, v),
+                    Read1::Damaged => {
+                        return Err(SegmentError::Damaged {
+                            path: seg.path.display().to_string(),
+                            offset,
+                        });
+                    }
+                };
+                let current = self
+                    .index
+                    .get(&key)
+                    .is_some_and(|l| l.segment == seg.number && l.offset == offset);
+                if current {
+                    f(&key, &value);
+                }
+                offset += (HEADER + value.len() + CHECK) as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keys in append order.
+    pub fn keys(&self) -> &[Key] {
+        &self.order
+    }
+
+    /// Purges for real: each key in `changes` is removed (`None`) or
+    /// replaced in place by a new value (`Some`, e.g. an entry without its
+    /// body). Every segment that held an old version is rewritten without
+    /// it, and the old file's bytes are overwritten with zeros. Durable
+    /// when this returns.
+    pub fn purge(&mut self, changes: &[(Key, Option<&[u8]>)]) -> Result<()> {
+        self.sync()?;
+        let wanted: HashMap<Key, Option<&[u8]>> = changes
+            .iter()
+            .filter(|(k, _)| self.index.contains_key(k))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        if let Some(v) = wanted.values().flatten().find(|v| v.len() > MAX_VALUE) {
+            return Err(SegmentError::TooLarge(v.len()));
+        }
+        // The segments holding any version of a purged key, current or replaced.
+        let mut touched: Vec<u32> = wanted
+            .keys()
+            .flat_map(|k| {
+                let current = self.index.get(k).map(|l| l.segment);
+                let old = self.stale.get(k).into_iter().flatten().copied();
+                current.into_iter().chain(old)
+            })
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        for number in touched {
+            self.rewrite(number, &wanted)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites one segment without the old versions of `wanted` keys (and
+    /// without any replaced version), if it holds any.
+    fn rewrite(&mut self, number: u32, wanted: &HashMap<Key, Option<&[u8]>>) -> Result<()> {
+        let path = segment_path(&self.dir, number);
+        let seg_bytes = self
+            .segments
+            .iter()
+            .find(|s| s.number == number)
+            .map_or(0, |s| s.bytes);
+        // Read and later zeroed through the same handle: after the rename it
+        // is the only way left to the old bytes.
+        let mut old = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        let mut r = BufReader::with_capacity(1 << 20, (&old).take(seg_bytes));
+        let mut out = Vec::new();
+        let mut moved = Vec::new();
+        let mut changed = false;
+        let mut offset = 0u64;
+        loop {
+            let (key, value) = match read_record(&mut r).map_err(io_at(&path))? {
+                Read1::End => break,
+                Read1::Record(k, v) => (k, v),
+                Read1::Damaged => {
+                    return Err(SegmentError::Damaged {
+                        path: path.display().to_string(),
+                        offset,
+                    });
+                }
+            };
+            let size = (HEADER + value.len() + CHECK) as u64;
+            let current = self
+                .index
+                .get(&key)
+                .is_some_and(|l| l.segment == number && l.offset == offset);
+            offset += size;
+            if !current {
+                changed = true; // a replaced version: drop its bytes too
+                continue;
+            }
+            let new_value = match wanted.get(&key) {
+                None => Some(value.as_slice()),
+                Some(replacement) => {
+                    changed = true;
+                    *replacement
+                }
+            };
+            if let Some(v) = new_value {
+                moved.push((key, out.len() as u64, v.len() as u32));
+                encode(&key, v, &mut out);
+            } else {
+                moved.push((key, u64::MAX, 0));
+            }
+        }
+        drop(r);
+        if !changed {
+            return Ok(());
+        }
+        let tmp = self.dir.join(format!(".seg-{number:08}.tmp"));
+        {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(io_at(&tmp))?;
+            f.write_all(&out).map_err(io_at(&tmp))?;
+            f.sync_all().map_err(io_at(&tmp))?;
+        }
+        fs::rename(&tmp, &path).map_err(io_at(&path))?;
+        sync_dir(&self.dir);
+        // The old inode is still open: overwrite what it held, then let go.
+        old.seek(SeekFrom::Start(0)).map_err(io_at(&path))?;
+        let zeros = vec![0u8; 1 << 16];
+        let mut left = seg_bytes;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            old.write_all(&zeros[..n]).map_err(io_at(&path))?;
+            left -= n as u64;
+        }
+        old.sync_all().map_err(io_at(&path))?;
+        drop(old);
+        // Replaced versions in this segment are gone with it.
+        self.stale.retain(|_, segs| {
+            segs.retain(|s| *s != number);
+            !segs.is_empty()
+        });
+        for (key, new_offset, len) in moved {
+            if new_offset == u64::MAX {
+                self.index.remove(&key);
+                self.order.retain(|k| k != &key);
+                self.stale.remove(&key);
+            } else {
+                self.index.insert(
+                    key,
+                    Location {
+                        segment: number,
+                        offset: new_offset,
+                        len,
+                    },
+                );
+            }
+        }
+        if let Some(seg) = self.segments.iter_mut().find(|s| s.number == number) {
+            seg.bytes = out.len() as u64;
+        }
+        if self.segments.last().is_some_and(|s| s.number == number) {
+            self.active = OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(io_at(&path))?;
+        }
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> Key {
+        *blake3::hash(&i.to_le_bytes()).as_bytes()
+    }
+
+    fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let bytes = fs::read(e.path()).unwrap_or_default();
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                found.push(e.path());
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn appends_survive_a_reopen_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(tmp.path()).unwrap();
+        let values: Vec<Vec<u8>> = (0..100u32)
+            .map(|i| format!("value {i}").into_bytes())
+            .collect();
+        let batch: Vec<(Key, &[u8])> = (0..100)
+            .map(|i| (key(i), values[i as usize].as_slice()))
+            .collect();
+        log.append(&batch[..50]).unwrap();
+        log.append(&batch[50..]).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let log = SegmentLog::open(tmp.path()).unwrap();
+        assert_eq!(log.len(), 100);
+        assert_eq!(log.get(&key(42)).unwrap().unwrap(), b"value 42");
+        assert_eq!(log.keys()[0], key(0));
+        let mut seen = Vec::new();
+        log.scan(|k, v| seen.push((*k, v.to_vec()))).unwrap();
+        assert_eq!(seen.len(), 100);
+        assert_eq!(seen[99], (key(99), b"value 99".to_vec()));
+        assert_eq!(log.get(&key(1000)).unwrap(), None);
+    }
+
+    #[test]
+    fn an_interrupted_append_is_cut_off_and_damage_elsewhere_is_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(tmp.path()).unwrap();
+        log.append(&[(key(1), b"whole"), (key(2), b"also whole")])
+            .unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let seg = segment_path(tmp.path(), 0);
+        let good_len = fs::metadata(&seg).unwrap().len();
+        // A crash in the middle of the next append.
+        let mut partial = Vec::new();
+        encode(&key(3), b"torn in half", &mut partial);
+        partial.truncate(partial.len() / 2);
+        OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .unwrap()
+            .write_all(&partial)
+            .unwrap();
+        let mut log = SegmentLog::open(tmp.path()).unwrap();
+        assert_eq!(log.len(), 2);
+        assert_eq!(fs::metadata(&seg).unwrap().len(), good_len);
+        // The log goes on where it was cut.
+        log.append(&[(key(4), b"after the crash")]).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        assert_eq!(SegmentLog::open(tmp.path()).unwrap().len(), 3);
+
+        // A flipped byte in a sealed (not the newest) segment is an error.
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[HEADER + 2] ^= 0xff;
+        fs::write(&seg, &bytes).unwrap();
+        fs::write(segment_path(tmp.path(), 1), b"").unwrap();
+        assert!(matches!(
+            SegmentLog::open(tmp.path()),
+            Err(SegmentError::Damaged { .. })
+        ));
+    }
+
+    #[test]
+    fn a_purge_leaves_none_of_the_bytes_on_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(tmp.path()).unwrap();
+        log.append(&[
+            (key(1), b"KEEP-ME-V1"),
+            (key(2), b"CIPHERTEXT-TO-PURGE"),
+            (key(3), b"HEADER+BODY-OF-THREE"),
+        ])
+        .unwrap();
+        // A replaced version lingers in the file until a purge rewrites it.
+        log.append(&[
+            (key(1), b"keep me, version two"),
+            (key(3), b"HEADER+BODY-V2"),
+        ])
+        .unwrap();
+        log.sync().unwrap();
+        assert_eq!(
+            files_containing(tmp.path(), b"HEADER+BODY-OF-THREE").len(),
+            1
+        );
+        let seg = segment_path(tmp.path(), 0);
+        let mut held = File::open(&seg).unwrap();
+
+        log.purge(&[(key(2), None), (key(3), Some(b"HEADER-ONLY"))])
+            .unwrap();
+        assert_eq!(log.get(&key(2)).unwrap(), None);
+        assert_eq!(log.get(&key(3)).unwrap().unwrap(), b"HEADER-ONLY");
+        assert_eq!(log.get(&key(1)).unwrap().unwrap(), b"keep me, version two");
+        for gone in [&b"CIPHERTEXT-TO-PURGE"[..], b"HEADER+BODY", b"KEEP-ME-V1"] {
+            assert!(files_containing(tmp.path(), gone).is_empty());
+        }
+        // The old file's blocks were overwritten, not just unlinked.
+        let mut old = Vec::new();
+        held.read_to_end(&mut old).unwrap();
+        assert!(!old.is_empty() && old.iter().all(|&b| b == 0));
+
+        // Appends go on after the rewrite, and all of it survives a reopen.
+        log.append(&[(key(5), b"after the purge")]).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let log = SegmentLog::open(tmp.path()).unwrap();
+        assert_eq!(log.len(), 3);
+        assert_eq!(log.get(&key(5)).unwrap().unwrap(), b"after the purge");
+        assert_eq!(log.get(&key(2)).unwrap(), None);
+    }
+
+    #[test]
+    fn many_segments_roll_purge_and_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open_with_segment_size(tmp.path(), 1024).unwrap();
+        let values: Vec<Vec<u8>> = (0..200u32)
+            .map(|i| format!("record-{i:04}-{}", "x".repeat(50)).into_bytes())
+            .collect();
+        for chunk in (0..200u32).collect::<Vec<_>>().chunks(10) {
+            let batch: Vec<(Key, &[u8])> = chunk
+                .iter()
+                .map(|&i| (key(i), values[i as usize].as_slice()))
+                .collect();
+            log.append(&batch).unwrap();
+            log.sync().unwrap();
+        }
+        assert!(log.segments.len() > 10, "{} segments", log.segments.len());
+        let purged: Vec<(Key, Option<&[u8]>)> =
+            (0..200).step_by(7).map(|i| (key(i), None)).collect();
+        log.purge(&purged).unwrap();
+        drop(log);
+        let log = SegmentLog::open_with_segment_size(tmp.path(), 1024).unwrap();
+        assert_eq!(log.len(), 200 - purged.len());
+        for i in 0..200u32 {
+            let got = log.get(&key(i)).unwrap();
+            assert_eq!(got.is_none(), i % 7 == 0, "record {i}");
+            assert_eq!(
+                files_containing(tmp.path(), format!("record-{i:04}-").as_bytes()).is_empty(),
+                i % 7 == 0
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_values_are_refused_and_change_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(tmp.path()).unwrap();
+        let big = vec![0u8; MAX_VALUE + 1];
+        assert!(matches!(
+            log.append(&[(key(1), b"fine"), (key(2), &big)]),
+            Err(SegmentError::TooLarge(_))
+        ));
+        assert!(log.is_empty());
+        assert_eq!(log.disk_bytes(), 0);
+    }
+}
