@@ -58,7 +58,7 @@ impl AccountId {
         self.to_string()[..10].to_owned()
     }
 
-    fn verifying_key(&self) -> Result<VerifyingKey, IdentityError> {
+    pub(crate) fn verifying_key(&self) -> Result<VerifyingKey, IdentityError> {
         VerifyingKey::from_bytes(&self.0).map_err(|_| IdentityError::BadPublicKey)
     }
 }
@@ -139,6 +139,12 @@ impl AccountKeypair {
 
     pub fn id(&self) -> AccountId {
         AccountId(self.0.verifying_key().to_bytes())
+    }
+
+    /// Signs `message` with the account key (domain separation is the
+    /// caller's: every signed record starts with its own domain string).
+    pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.0.sign(message).to_bytes()
     }
 
     /// Certifies `device` as a device of this account.

@@ -54,6 +54,7 @@
 //!   A device holding the account key derives everything; a linked device
 //!   without it needs [`AccountEncryptionKey::secret_bytes`] handed over.
 
+pub mod account;
 pub mod content;
 pub mod entry;
 pub mod keys;
