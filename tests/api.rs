@@ -51,6 +51,22 @@ fn every_route_needs_the_bearer_token() {
         ("POST", "/v1/connect"),
         ("GET", "/v1/events"),
         ("GET", "/metrics"),
+        ("GET", "/v1/secret"),
+        ("POST", "/v1/secret"),
+        ("POST", "/v1/secret/00000000/accept"),
+        ("POST", "/v1/secret/00000000/decline"),
+        ("POST", "/v1/secret/00000000/close"),
+        ("GET", "/v1/secret/00000000/key"),
+        ("GET", "/v1/secret/00000000/messages"),
+        ("POST", "/v1/secret/00000000/messages"),
+        ("POST", "/v1/secret/00000000/timer"),
+        ("POST", "/v1/secret/00000000/delete"),
+        ("POST", "/v1/secret/00000000/clear"),
+        ("POST", "/v1/secret/00000000/forward"),
+        ("POST", "/v1/logout"),
+        ("GET", "/v1/host"),
+        ("POST", "/v1/host/allow"),
+        ("POST", "/v1/host/deny"),
         ("GET", "/no/such/route"),
     ];
     for (method, path) in routes {
@@ -348,4 +364,50 @@ fn bad_flags_are_one_line_errors() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
     }
+}
+
+#[test]
+fn the_hosting_policy_is_set_by_command_and_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, other) = (tmp.path().join("host"), tmp.path().join("friend"));
+    init(&d, "community");
+    init(&other, "friend");
+    let friend_id = NodeProcess::start(&other, LOOPBACK).status()["account_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let node = NodeProcess::start(&d, LOOPBACK);
+    let s = tern_json(&d, &["host", "list", "--json"]);
+    assert_eq!(s["mode"], "allow-list");
+    assert_eq!(s["quota_bytes"], 1024u64 * 1024 * 1024);
+    assert!(s["allowed"].as_array().unwrap().is_empty());
+
+    let out = tern(&d, &["host", "allow", &friend_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tern(&d, &["host", "allow", "not-an-account"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("not an account id"), "{err}");
+    let s = tern_json(&d, &["host", "list", "--json"]);
+    assert_eq!(s["allowed"], serde_json::json!([friend_id]));
+
+    assert!(node.stop().success());
+    let _node = NodeProcess::start(
+        &d,
+        &[LOOPBACK, &["--host-open", "--storage-quota-mib", "5"]].concat(),
+    );
+    let s = tern_json(&d, &["host", "list", "--json"]);
+    assert_eq!(s["allowed"], serde_json::json!([friend_id]));
+    assert_eq!(s["mode"], "open");
+    assert_eq!(s["quota_bytes"], 5u64 * 1024 * 1024);
+    let out = tern(&d, &["host", "deny", &friend_id]);
+    assert!(out.status.success());
+    let s = tern_json(&d, &["host", "list", "--json"]);
+    assert!(s["allowed"].as_array().unwrap().is_empty());
+    assert_eq!(s["denied"], serde_json::json!([friend_id]));
 }

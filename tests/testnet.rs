@@ -29,6 +29,11 @@ fn five_node_testnet_is_fully_connected_and_stops_cleanly() {
     let mut others: Vec<&str> = peer_ids[1..].iter().map(String::as_str).collect();
     others.sort();
     assert_eq!(seen, others);
+    // The nodes of one testnet keep each other's chats out of the box.
+    assert_eq!(
+        tern_json(&net.node_dir(2), &["host", "list", "--json"])["mode"],
+        "open"
+    );
 
     let exit = net.interrupt();
     assert!(exit.success(), "testnet exited with {exit}");

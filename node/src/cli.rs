@@ -58,6 +58,9 @@ pub enum Command {
     Secret(crate::secret::cli::SecretCommand),
     /// Close and erase all of this device's secret chats and their keys.
     Logout,
+    /// Whom this node stores cloud chats for.
+    #[command(subcommand)]
+    Host(crate::cloud::cli::HostCommand),
     /// Stream events from the node.
     Watch(JsonFlag),
     /// Start a local testnet of N nodes on loopback.
@@ -118,6 +121,12 @@ pub struct NodeArgs {
     /// File holding the passphrase, if the keys are encrypted.
     #[arg(long, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// Store cloud chats for any account not denied (for testnets).
+    #[arg(long)]
+    pub host_open: bool,
+    /// Most MiB of other people's chats to store.
+    #[arg(long, value_name = "MIB")]
+    pub storage_quota_mib: Option<u64>,
 }
 
 impl NodeArgs {
@@ -155,6 +164,12 @@ impl NodeArgs {
         if let Some(v) = &self.name {
             c.name = v.clone();
         }
+        if self.host_open {
+            c.host_open = true;
+        }
+        if let Some(v) = self.storage_quota_mib {
+            c.storage_quota_mib = v;
+        }
         c.validate()?;
         Ok(())
     }
@@ -185,6 +200,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Secret(cmd) => crate::secret::cli::run(&dir, cmd).await,
         Command::Logout => crate::secret::cli::logout(&dir).await,
+        Command::Host(cmd) => crate::cloud::cli::run(&dir, cmd).await,
         Command::Watch(f) => watch(&dir, f.json).await,
         Command::Testnet(args) => testnet::run(args).await,
     }

@@ -50,6 +50,11 @@ pub struct Config {
     pub idle_timeout_secs: u64,
     /// Store page-cache size, in MiB.
     pub store_cache_mib: u64,
+    /// Store cloud chats for any account not denied (testnets), instead of
+    /// only for accounts allowed with `tern host allow`.
+    pub host_open: bool,
+    /// Most bytes of other people's chats this node stores, in MiB.
+    pub storage_quota_mib: u64,
 }
 
 impl Default for Config {
@@ -68,6 +73,8 @@ impl Default for Config {
             target_peers: 32,
             idle_timeout_secs: 3600,
             store_cache_mib: 8,
+            host_open: false,
+            storage_quota_mib: 1024,
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod cloud;
 pub mod config;
 pub mod data_dir;
 pub mod erasable;

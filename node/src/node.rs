@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::{
     api::{self, ApiState},
+    cloud::hosting::Hosting,
     config::Config,
     data_dir::{DataDir, read_bounded, write_atomic},
     erasable::ErasableStore,
@@ -146,9 +147,15 @@ impl Node {
             .with_context(|| format!("cannot bind the control API on {}", config.api))?;
         let api_addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let hosting = Hosting::load(
+            store.keyspace("hosting")?,
+            config.host_open,
+            config.storage_quota_mib.saturating_mul(1024 * 1024),
+        )?;
         let state = Arc::new(ApiState {
             net,
             secret,
+            hosting,
             bus,
             token,
             registry,
