@@ -51,6 +51,11 @@ impl DataDir {
     pub fn api_endpoint(&self) -> PathBuf {
         self.root.join("api.json")
     }
+    /// Cloud chats this node keeps as a storage peer.
+    pub fn replicas(&self) -> PathBuf {
+        self.root.join("replicas")
+    }
+
     /// Data that must really disappear when deleted (secret chats).
     pub fn erasable(&self) -> PathBuf {
         self.root.join("erasable")

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::{
     api::{self, ApiState},
-    cloud::hosting::Hosting,
+    cloud::{self, hosting::Hosting, replica::Replicas, service::StoreService},
     config::Config,
     data_dir::{DataDir, read_bounded, write_atomic},
     erasable::ErasableStore,
@@ -109,6 +109,7 @@ impl Node {
         let peer_id = identity.peer_id();
         let (secret_inbound, inbound_rx) =
             tokio::sync::mpsc::channel(secret::service::INBOUND_QUEUE);
+        let (store_inbound, store_rx) = tokio::sync::mpsc::channel(cloud::service::INBOUND_QUEUE);
         let (mut event_loop, net) = EventLoop::new(EventLoopParts {
             swarm,
             bus: bus.clone(),
@@ -118,6 +119,7 @@ impl Node {
             state_ks: store.keyspace("state")?,
             target_peers: config.target_peers as usize,
             secret_inbound,
+            store_inbound,
         });
         let erasable = ErasableStore::open(data_dir.erasable())
             .with_context(|| format!("cannot open {}", data_dir.erasable().display()))?;
@@ -152,6 +154,9 @@ impl Node {
             config.host_open,
             config.storage_quota_mib.saturating_mul(1024 * 1024),
         )?;
+        let replicas = Replicas::open(data_dir.replicas())
+            .with_context(|| format!("cannot open {}", data_dir.replicas().display()))?;
+        let store_service = StoreService::new(replicas, hosting.clone(), net.clone(), store_rx);
         let state = Arc::new(ApiState {
             net,
             secret,
@@ -172,6 +177,7 @@ impl Node {
         let mut tasks = vec![
             tokio::spawn(event_loop.run(shutdown_rx.clone())),
             secret_service.spawn(shutdown_rx.clone()),
+            store_service.spawn(shutdown_rx.clone()),
         ];
         let mut api_shutdown = shutdown_rx;
         tasks.push(tokio::spawn(async move {

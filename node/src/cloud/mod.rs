@@ -11,3 +11,5 @@ pub mod api;
 pub mod cli;
 pub mod hosting;
 pub mod replica;
+pub mod service;
+pub mod wire;

@@ -13,6 +13,7 @@ use tern_protocol::DeviceCertificate;
 
 use super::codec::RecordCodec;
 use crate::{
+    cloud::wire::{StoreRequest, StoreResponse},
     config::Config,
     secret::wire::{SecretRequest, SecretResponse},
 };
@@ -30,6 +31,9 @@ pub const SECRET_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/secret/1"
 
 pub type IntroduceCodec = RecordCodec<DeviceCertificate, DeviceCertificate>;
 pub type SecretCodec = RecordCodec<SecretRequest, SecretResponse>;
+/// Cloud chats: pushing entries to storage peers and syncing from them.
+pub const STORE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/store/1");
+pub type StoreCodec = RecordCodec<StoreRequest, StoreResponse>;
 
 #[derive(NetworkBehaviour)]
 pub struct TernBehaviour {
@@ -44,6 +48,7 @@ pub struct TernBehaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub introduce: request_response::Behaviour<IntroduceCodec>,
     pub secret: request_response::Behaviour<SecretCodec>,
+    pub store: request_response::Behaviour<StoreCodec>,
 }
 
 /// The relay service carries other devices' connections (for secret chats:
@@ -121,6 +126,13 @@ pub fn build_swarm(
                 ping: ping::Behaviour::default(),
                 kad,
                 mdns: mdns.into(),
+                store: request_response::Behaviour::with_codec(
+                    StoreCodec::new(rejected_frames.clone()),
+                    [(STORE_PROTOCOL, request_response::ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(30))
+                        .with_max_concurrent_streams(32),
+                ),
                 secret: request_response::Behaviour::with_codec(
                     SecretCodec::new(rejected_frames.clone()),
                     [(SECRET_PROTOCOL, request_response::ProtocolSupport::Full)],

@@ -33,6 +33,10 @@ use super::{
     peers::AddressBook,
 };
 use crate::{
+    cloud::{
+        service::InboundStore,
+        wire::{StoreRequest, StoreResponse},
+    },
     events::{Event, EventBus, now_ms},
     keys::peer_id_of,
     metrics::NodeMetrics,
@@ -48,7 +52,8 @@ const MAX_PENDING_DIALS: usize = 64;
 const REDIALS_PER_TICK: usize = 8;
 /// Most secret-chat requests of ours waiting for an answer.
 const MAX_PENDING_SECRET: usize = 1024;
-/// Most requests of one peer waiting for the secret-chat service.
+/// Most requests of one peer waiting for the secret-chat service (and, as
+/// many again, for the storage service).
 const MAX_INBOUND_SECRET_PER_PEER: usize = 8;
 
 /// A secret-chat request from a peer, for the secret-chat service; answered
@@ -119,6 +124,11 @@ pub enum Command {
         account: AccountId,
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    StoreRespond {
+        peer: PeerId,
+        channel: request_response::ResponseChannel<StoreResponse>,
+        response: StoreResponse,
+    },
 }
 
 /// A cheap, cloneable handle to the event loop.
@@ -182,6 +192,22 @@ impl NetworkHandle {
             .map_err(|_| NetError::Stopped)
     }
 
+    pub async fn store_respond(
+        &self,
+        peer: PeerId,
+        channel: request_response::ResponseChannel<StoreResponse>,
+        response: StoreResponse,
+    ) -> Result<(), NetError> {
+        self.tx
+            .send(Command::StoreRespond {
+                peer,
+                channel,
+                response,
+            })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
     /// What the node knows about `peer`, if it has met it.
     pub async fn device(&self, peer: PeerId) -> Result<Option<KnownDevice>, NetError> {
         self.call(|reply| Command::Device { peer, reply }).await
@@ -234,6 +260,8 @@ pub struct EventLoop {
         oneshot::Sender<Result<SecretResponse, String>>,
     >,
     inbound_secret: HashMap<PeerId, usize>,
+    store_inbound: mpsc::Sender<InboundStore>,
+    inbound_store: HashMap<PeerId, usize>,
 }
 
 pub struct EventLoopParts {
@@ -245,6 +273,7 @@ pub struct EventLoopParts {
     pub state_ks: Keyspace,
     pub target_peers: usize,
     pub secret_inbound: mpsc::Sender<InboundSecret>,
+    pub store_inbound: mpsc::Sender<InboundStore>,
 }
 
 impl EventLoop {
@@ -266,6 +295,8 @@ impl EventLoop {
             secret_inbound: parts.secret_inbound,
             pending_secret: HashMap::new(),
             inbound_secret: HashMap::new(),
+            store_inbound: parts.store_inbound,
+            inbound_store: HashMap::new(),
         };
         this.restore_address_book();
         (this, NetworkHandle { tx })
@@ -412,6 +443,23 @@ impl EventLoop {
             Command::DevicesOf { account, reply } => {
                 let _ = reply.send(self.book.devices_of(&account));
             }
+            Command::StoreRespond {
+                peer,
+                channel,
+                response,
+            } => {
+                if let Some(n) = self.inbound_store.get_mut(&peer) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.inbound_store.remove(&peer);
+                    }
+                }
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .store
+                    .send_response(channel, response);
+            }
         }
     }
 
@@ -435,6 +483,42 @@ impl EventLoop {
             .secret
             .send_request_with_addresses(&peer, request, addrs);
         self.pending_secret.insert(id, reply);
+    }
+
+    fn on_store(&mut self, event: request_response::Event<StoreRequest, StoreResponse>) {
+        use request_response::{Event as E, Message};
+        match event {
+            E::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let waiting = self.inbound_store.entry(peer).or_default();
+                if *waiting >= MAX_INBOUND_SECRET_PER_PEER {
+                    debug!(%peer, "too many storage requests from one peer; dropping one");
+                    return;
+                }
+                let inbound = InboundStore {
+                    peer,
+                    request,
+                    channel,
+                };
+                match self.store_inbound.try_send(inbound) {
+                    Ok(()) => *waiting += 1,
+                    Err(_) => debug!(%peer, "storage service busy; dropping a request"),
+                }
+            }
+            E::Message { .. } | E::ResponseSent { .. } => {}
+            E::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, "storage request failed: {error}");
+            }
+            E::InboundFailure { peer, error, .. } => {
+                debug!(%peer, "inbound storage request failed: {error}");
+            }
+        }
     }
 
     fn on_secret(&mut self, event: request_response::Event<SecretRequest, SecretResponse>) {
@@ -723,6 +807,7 @@ impl EventLoop {
             }
             TernBehaviourEvent::Introduce(e) => self.on_introduce(e),
             TernBehaviourEvent::Secret(e) => self.on_secret(e),
+            TernBehaviourEvent::Store(e) => self.on_store(e),
             TernBehaviourEvent::Kad(e) => {
                 self.metrics.libp2p.record(&e);
                 if let kad::Event::RoutingUpdated {

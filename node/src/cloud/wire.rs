@@ -1,0 +1,147 @@
+//! `/tern/store/1`: what members and replicas send a storage peer, and
+//! what it answers.
+
+use serde::{Deserialize, Serialize};
+use tern_protocol::{
+    DecodeError, Record,
+    cloud::{Entry, SyncRequest, SyncResponse},
+};
+
+/// Most entries in one push.
+pub const MAX_PUSH: usize = 1024;
+/// Largest push, in bytes (and so what one request may make a storage peer
+/// allocate).
+pub const MAX_PUSH_BYTES: usize = 1 << 20;
+/// Longest reason in an answer.
+pub const MAX_REASON: usize = 300;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreRequest {
+    /// Keep these entries (in order; parents first).
+    Push { entries: Vec<Entry> },
+    /// Send what I lack of this chat.
+    Sync(SyncRequest),
+}
+
+/// The fate of one pushed entry, in the order pushed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PushResult {
+    /// On disk here.
+    Stored,
+    /// Was already on disk here.
+    Duplicate,
+    /// Waiting for its parents; push them (or sync) first.
+    Missing,
+    /// The hosting policy says no; the reason says what to do.
+    Refused(String),
+    /// It does not verify; the reason says why.
+    Rejected(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreResponse {
+    Pushed {
+        results: Vec<PushResult>,
+    },
+    Synced(SyncResponse),
+    /// The whole request was refused.
+    Refused {
+        reason: String,
+    },
+}
+
+fn bounded_reason(r: &str) -> String {
+    let mut s = r.to_owned();
+    if s.len() > MAX_REASON {
+        let mut cut = MAX_REASON;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+impl PushResult {
+    pub fn refused(r: &str) -> Self {
+        Self::Refused(bounded_reason(r))
+    }
+    pub fn rejected(r: &str) -> Self {
+        Self::Rejected(bounded_reason(r))
+    }
+}
+
+impl StoreResponse {
+    pub fn refused(r: &str) -> Self {
+        Self::Refused {
+            reason: bounded_reason(r),
+        }
+    }
+}
+
+impl Record for StoreRequest {
+    const VERSION: u8 = 1;
+    const MAX_LEN: usize = MAX_PUSH_BYTES + Entry::MAX_LEN;
+
+    fn validate(&self) -> Result<(), DecodeError> {
+        match self {
+            Self::Push { entries } if entries.is_empty() || entries.len() > MAX_PUSH => Err(
+                DecodeError::Invalid(format!("a push carries 1 to {MAX_PUSH} entries")),
+            ),
+            Self::Push { entries } => {
+                for e in entries {
+                    e.header
+                        .header
+                        .check_shape()
+                        .map_err(|e| DecodeError::Invalid(e.to_string()))?;
+                }
+                Ok(())
+            }
+            Self::Sync(r) => r.validate(),
+        }
+    }
+}
+
+impl Record for StoreResponse {
+    const VERSION: u8 = 1;
+    const MAX_LEN: usize = SyncResponse::MAX_LEN + MAX_PUSH * (MAX_REASON + 4);
+
+    fn validate(&self) -> Result<(), DecodeError> {
+        let too_long = |r: &String| r.len() > MAX_REASON;
+        match self {
+            Self::Pushed { results } if results.len() > MAX_PUSH => {
+                Err(DecodeError::Invalid("too many results".into()))
+            }
+            Self::Pushed { results }
+                if results.iter().any(|r| {
+                    matches!(r, PushResult::Refused(s) | PushResult::Rejected(s) if too_long(s))
+                }) =>
+            {
+                Err(DecodeError::Invalid("reason too long".into()))
+            }
+            Self::Refused { reason } if too_long(reason) => {
+                Err(DecodeError::Invalid("reason too long".into()))
+            }
+            Self::Synced(r) => r.validate(),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_hold() {
+        assert!(StoreRequest::decode(&vec![1; StoreRequest::MAX_LEN + 1]).is_err());
+        let empty = StoreRequest::Push { entries: vec![] };
+        assert!(StoreRequest::decode(&empty.encode()).is_err());
+        let r = StoreResponse::refused(&"ü".repeat(500));
+        assert!(StoreResponse::decode(&r.encode()).is_ok());
+        let p = StoreResponse::Pushed {
+            results: vec![PushResult::refused(&"x".repeat(1000)), PushResult::Stored],
+        };
+        assert_eq!(StoreResponse::decode(&p.encode()).unwrap(), p);
+    }
+}
