@@ -465,7 +465,7 @@ impl SegmentLog {
             let new_value = match wanted.get(&key) {
                 None => Some(value.as_slice()),
                 Some(replacement) => {
-                    changed = true;
+                    changed |= *replacement != Some(value.as_slice());
                     *replacement
                 }
             };
@@ -493,22 +493,8 @@ impl SegmentLog {
         }
         fs::rename(&tmp, &path).map_err(io_at(&path))?;
         sync_dir(&self.dir);
-        // The old inode is still open: overwrite what it held, then let go.
-        old.seek(SeekFrom::Start(0)).map_err(io_at(&path))?;
-        let zeros = vec![0u8; 1 << 16];
-        let mut left = seg_bytes;
-        while left > 0 {
-            let n = left.min(zeros.len() as u64) as usize;
-            old.write_all(&zeros[..n]).map_err(io_at(&path))?;
-            left -= n as u64;
-        }
-        old.sync_all().map_err(io_at(&path))?;
-        drop(old);
-        // Replaced versions in this segment are gone with it.
-        self.stale.retain(|_, segs| {
-            segs.retain(|s| *s != number);
-            !segs.is_empty()
-        });
+        // The new file is in place: from here on the index must describe it,
+        // whatever happens to the old one.
         for (key, new_offset, len) in moved {
             if new_offset == u64::MAX {
                 self.index.remove(&key);
@@ -525,6 +511,11 @@ impl SegmentLog {
                 );
             }
         }
+        // Replaced versions in this segment are gone with it.
+        self.stale.retain(|_, segs| {
+            segs.retain(|s| *s != number);
+            !segs.is_empty()
+        });
         if let Some(seg) = self.segments.iter_mut().find(|s| s.number == number) {
             seg.bytes = out.len() as u64;
         }
@@ -534,6 +525,16 @@ impl SegmentLog {
                 .open(&path)
                 .map_err(io_at(&path))?;
         }
+        // The old inode is still open: overwrite what it held, then let go.
+        old.seek(SeekFrom::Start(0)).map_err(io_at(&path))?;
+        let zeros = vec![0u8; 1 << 16];
+        let mut left = seg_bytes;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            old.write_all(&zeros[..n]).map_err(io_at(&path))?;
+            left -= n as u64;
+        }
+        old.sync_all().map_err(io_at(&path))?;
         Ok(())
     }
 }

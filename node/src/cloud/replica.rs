@@ -20,8 +20,8 @@ use std::{
 use tern_protocol::{
     Record,
     cloud::{
-        BatchLimits, ChatId, ChatLog, ChatSummary, Entry, EntryHash, LogError, LogOutput,
-        SyncRequest, SyncResponse, sync,
+        BatchLimits, ChatId, ChatLog, ChatSummary, Entry, EntryHash, EntryKind, LogError,
+        LogOutput, SyncRequest, SyncResponse, sync,
     },
 };
 
@@ -58,6 +58,10 @@ pub struct Replicas {
     dirty: BTreeSet<ChatId>,
     /// Purges waiting for the commit: (chat, entry, header-only encoding).
     purges: Vec<(ChatId, EntryHash, Vec<u8>)>,
+    /// Bytes on disk, kept as a running total.
+    used: u64,
+    /// Set when a commit failed: memory may be ahead of the disk.
+    failed: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,22 +79,75 @@ pub enum ReplicaError {
     UnknownChat(String),
     #[error("{0}")]
     Sync(String),
+    #[error("kept chats are {0}")]
+    Failed(String),
 }
 
 fn chat_dir(root: &Path, chat: &ChatId) -> PathBuf {
     root.join(data_encoding::HEXLOWER.encode(&chat.0))
 }
 
+/// Loads one kept chat, re-verifying every entry in causal order. Purges
+/// the log finds unfinished (a crash between the commit and the rewrite)
+/// are returned so the caller finishes them.
+/// Entries whose body must be erased, each with its header-only encoding.
+type PendingPurges = Vec<(EntryHash, Vec<u8>)>;
+
+fn load_chat(chat: ChatId, dir: &Path) -> Result<(Replica, PendingPurges), ReplicaError> {
+    let name = dir.display().to_string();
+    let store = SegmentLog::open(dir)?;
+    let mut entries = Vec::with_capacity(store.len());
+    let mut damaged = None;
+    store.scan(|_, bytes| match Entry::decode(bytes) {
+        Ok(e) => entries.push(e),
+        Err(e) => damaged = Some(e.to_string()),
+    })?;
+    if let Some(why) = damaged {
+        return Err(ReplicaError::Damaged { chat: name, why });
+    }
+    // Parents before children: a child's lamport exceeds its parents'.
+    entries.sort_by_key(|e| (e.header.header.lamport, e.hash()));
+    let mut log = ChatLog::new(chat);
+    let mut purges = Vec::new();
+    for e in entries {
+        let outputs = log.insert(e).map_err(|err| ReplicaError::Damaged {
+            chat: name.clone(),
+            why: err.to_string(),
+        })?;
+        // A purge replayed here may find its target's body still on disk (a
+        // crash came between the commit and the rewrite): erase it again.
+        // Where the disk already holds the header alone, the rewrite finds
+        // nothing to change.
+        for o in outputs {
+            if let LogOutput::EraseBody { entry, .. } = o
+                && let Some(e) = log.get(&entry)
+            {
+                purges.push((entry, e.without_body().encode()));
+            }
+        }
+    }
+    Ok((Replica { log, store }, purges))
+}
+
 impl Replicas {
-    /// Loads every kept chat: each stored entry is verified again, in
-    /// causal order, as it was when it arrived.
+    /// Loads every kept chat. A chat whose files are damaged is set aside
+    /// (renamed `*.damaged`, logged) for anti-entropy to restore; it does
+    /// not stop the node.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ReplicaError> {
         let root = root.into();
-        create_private_dir(&root).map_err(|source| ReplicaError::Io {
+        let io = |source| ReplicaError::Io {
             path: root.display().to_string(),
             source,
-        })?;
-        let mut chats = HashMap::new();
+        };
+        create_private_dir(&root).map_err(io)?;
+        let mut this = Self {
+            root: root.clone(),
+            chats: HashMap::new(),
+            dirty: BTreeSet::new(),
+            purges: Vec::new(),
+            used: 0,
+            failed: None,
+        };
         let dirs = std::fs::read_dir(&root).map_err(|source| ReplicaError::Io {
             path: root.display().to_string(),
             source,
@@ -105,40 +162,28 @@ impl Replicas {
                 continue;
             };
             let chat = ChatId(id);
-            let store = SegmentLog::open(dir.path())?;
-            let mut entries = Vec::with_capacity(store.len());
-            let mut damaged = None;
-            store.scan(|_, bytes| match Entry::decode(bytes) {
-                Ok(e) => entries.push(e),
-                Err(e) => damaged = Some(e.to_string()),
-            })?;
-            if let Some(why) = damaged {
-                return Err(ReplicaError::Damaged { chat: name, why });
-            }
-            // Parents before children: lamport counts up along every chain.
-            entries.sort_by_key(|e| (e.header.header.lamport, e.hash()));
-            let mut log = ChatLog::new(chat);
-            for e in entries {
-                if let Err(err) = log.insert(e) {
-                    return Err(ReplicaError::Damaged {
-                        chat: name,
-                        why: err.to_string(),
-                    });
+            match load_chat(chat, &dir.path()) {
+                Ok((replica, purges)) => {
+                    this.chats.insert(chat, replica);
+                    this.purges
+                        .extend(purges.into_iter().map(|(h, b)| (chat, h, b)));
+                }
+                Err(e) => {
+                    tracing::error!("setting aside a damaged chat: {e}");
+                    let aside = root.join(format!("{name}.damaged"));
+                    let _ = std::fs::rename(dir.path(), aside);
                 }
             }
-            chats.insert(chat, Replica { log, store });
         }
-        Ok(Self {
-            root,
-            chats,
-            dirty: BTreeSet::new(),
-            purges: Vec::new(),
-        })
+        this.used = this.chats.values().map(|r| r.store.disk_bytes()).sum();
+        // Finish purges a crash interrupted before anything is served.
+        this.commit()?;
+        Ok(this)
     }
 
     /// Bytes of other people's chats on disk: what the quota counts.
     pub fn used_bytes(&self) -> u64 {
-        self.chats.values().map(|r| r.store.disk_bytes()).sum()
+        self.used
     }
 
     pub fn chats(&self) -> impl Iterator<Item = &ChatId> {
@@ -153,34 +198,63 @@ impl Replicas {
         self.chats.get(chat).map(|r| ChatSummary::of(&r.log))
     }
 
+    fn check(&self) -> Result<(), ReplicaError> {
+        match &self.failed {
+            Some(why) => Err(ReplicaError::Failed(why.clone())),
+            None => Ok(()),
+        }
+    }
+
     /// Verifies and appends pushed entries; nothing is durable (and
     /// nothing should be acknowledged) before [`Self::commit`].
+    ///
+    /// The hosting policy is decided once per chat, on its first entry (the
+    /// genesis) by its creator's account; after that any verified member
+    /// may write. Only new bytes count against the quota, and a purge never
+    /// does.
     pub fn accept(
         &mut self,
         policy: &HostPolicy,
         entries: Vec<Entry>,
     ) -> Result<Vec<Outcome>, ReplicaError> {
+        self.check()?;
         let mut outcomes = Vec::with_capacity(entries.len());
         for entry in entries {
-            let size = entry.encode().len() as u64;
-            if let Err(r) = policy.decide(&entry.header.author_account(), self.used_bytes(), size) {
+            let chat = entry.header.header.chat;
+            let hash = entry.hash();
+            let bytes = entry.encode();
+            let size = bytes.len() as u64;
+            let is_purge = matches!(entry.header.header.kind, EntryKind::Purge { .. });
+            let known = self.chats.contains_key(&chat);
+            if known && self.chats[&chat].log.contains(&hash) {
+                outcomes.push(Outcome::Duplicate);
+                continue;
+            }
+            let creator = if known {
+                self.chats[&chat].creator()
+            } else if matches!(entry.header.header.kind, EntryKind::Genesis { .. }) {
+                Some(entry.header.author_account())
+            } else {
+                None
+            };
+            let Some(creator) = creator else {
+                outcomes.push(Outcome::Rejected(
+                    "this node does not keep that chat: push its first entry first".into(),
+                ));
+                continue;
+            };
+            let incoming = if is_purge { 0 } else { size };
+            if let Err(r) = policy.decide(&creator, self.used, incoming) {
                 outcomes.push(Outcome::Refused(r));
                 continue;
             }
-            let chat = entry.header.header.chat;
-            if !self.chats.contains_key(&chat) {
-                let dir = chat_dir(&self.root, &chat);
-                let store = SegmentLog::open(&dir)?;
-                self.chats.insert(
-                    chat,
-                    Replica {
-                        log: ChatLog::new(chat),
-                        store,
-                    },
-                );
-            }
-            let replica = self.chats.get_mut(&chat).expect("inserted above");
-            let outputs = match replica.log.insert(entry) {
+            // A new chat gets its directory only once its genesis verifies.
+            let mut fresh = None;
+            let log = match self.chats.get_mut(&chat) {
+                Some(r) => &mut r.log,
+                None => fresh.insert(ChatLog::new(chat)),
+            };
+            let outputs = match log.insert(entry) {
                 Ok(o) => o,
                 Err(LogError::Duplicate(_)) => {
                     outcomes.push(Outcome::Duplicate);
@@ -192,39 +266,90 @@ impl Replicas {
                     continue;
                 }
             };
-            let mut outcome = Outcome::Stored;
+            if let Some(log) = fresh {
+                let store = SegmentLog::open(chat_dir(&self.root, &chat))?;
+                self.chats.insert(chat, Replica { log, store });
+            }
+            let mut outcome = Outcome::Missing(Vec::new());
             for output in outputs {
                 match output {
                     LogOutput::Persist(e) => {
-                        replica.store.append(&[(e.hash().0, &e.encode())])?;
-                        self.dirty.insert(chat);
+                        let h = e.hash();
+                        let enc = e.encode();
+                        if let Err(err) = self.append(chat, h, &enc) {
+                            outcomes.push(Outcome::Rejected(err.to_string()));
+                            return Ok(outcomes);
+                        }
+                        if h == hash {
+                            outcome = Outcome::Stored;
+                        }
                     }
                     LogOutput::EraseBody { entry, .. } => {
-                        if let Some(e) = replica.log.get(&entry) {
+                        if let Some(e) = self.chats.get(&chat).and_then(|r| r.log.get(&entry)) {
                             self.purges.push((chat, entry, e.without_body().encode()));
                         }
                     }
-                    LogOutput::Missing(parents) => outcome = Outcome::Missing(parents),
+                    LogOutput::Missing(parents) => {
+                        if outcome != Outcome::Stored {
+                            outcome = Outcome::Missing(parents);
+                        }
+                    }
                     LogOutput::Event(_) => {}
                 }
             }
             outcomes.push(outcome);
         }
-        // A chat nobody could start here leaves no directory behind.
-        self.chats.retain(|chat, r| {
-            let keep = !r.log.is_empty() || r.log.pending_count() > 0;
-            if !keep {
-                // Only an empty segment file is there: nothing was stored.
-                let _ = std::fs::remove_dir_all(chat_dir(&self.root, chat));
-            }
-            keep
-        });
         Ok(outcomes)
+    }
+
+    /// Appends one record; on failure the chat is reloaded from disk, so
+    /// memory never holds what the disk does not.
+    fn append(&mut self, chat: ChatId, hash: EntryHash, bytes: &[u8]) -> Result<(), ReplicaError> {
+        let r = self
+            .chats
+            .get_mut(&chat)
+            .expect("the caller holds this chat");
+        match r.store.append(&[(hash.0, bytes)]) {
+            Ok(()) => {
+                self.used += bytes.len() as u64 + 45;
+                self.dirty.insert(chat);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!("cannot append to a kept chat: {e}");
+                self.reload(chat)?;
+                Err(e.into())
+            }
+        }
+    }
+
+    fn reload(&mut self, chat: ChatId) -> Result<(), ReplicaError> {
+        self.chats.remove(&chat);
+        let dir = chat_dir(&self.root, &chat);
+        if dir.exists() {
+            let (replica, _) = load_chat(chat, &dir)?;
+            self.chats.insert(chat, replica);
+        }
+        self.used = self.chats.values().map(|r| r.store.disk_bytes()).sum();
+        Ok(())
     }
 
     /// Makes every accepted entry durable (one sync per touched chat), then
     /// carries out the purges (each rewrites what held the purged bytes).
+    /// If the disk fails here, memory may be ahead of it: the replicas stop
+    /// until a restart reloads them from disk.
     pub fn commit(&mut self) -> Result<(), ReplicaError> {
+        self.check()?;
+        let result = self.commit_inner();
+        if let Err(e) = &result {
+            self.failed = Some(format!(
+                "stopped after a storage failure ({e}); restart the node"
+            ));
+        }
+        result
+    }
+
+    fn commit_inner(&mut self) -> Result<(), ReplicaError> {
         for chat in std::mem::take(&mut self.dirty) {
             if let Some(r) = self.chats.get_mut(&chat) {
                 r.store.sync()?;
@@ -243,17 +368,27 @@ impl Replicas {
                 r.store.purge(&changes)?;
             }
         }
+        self.used = self.chats.values().map(|r| r.store.disk_bytes()).sum();
         Ok(())
     }
 
     /// What a member device or another replica lacks, in a bounded batch.
     pub fn serve(&self, request: &SyncRequest) -> Result<SyncResponse, ReplicaError> {
+        self.check()?;
         let r = self
             .chats
             .get(&request.chat)
             .ok_or_else(|| ReplicaError::UnknownChat(format!("{:?}", request.chat)))?;
         sync::respond(&r.log, request, BatchLimits::default())
             .map_err(|e| ReplicaError::Sync(e.to_string()))
+    }
+}
+
+impl Replica {
+    /// The account that created the chat: whose hosting agreement covers it.
+    fn creator(&self) -> Option<tern_protocol::AccountId> {
+        let g = self.log.genesis()?;
+        self.log.get(&g).map(|e| e.header.author_account())
     }
 }
 
@@ -350,14 +485,30 @@ mod tests {
         let secret = say(&mut alice, "this will be deleted", 5);
 
         let mut replicas = Replicas::open(tmp.path()).unwrap();
+        let ciphertext = secret.body.as_ref().unwrap().ciphertext.clone();
+        // A child before its parent waits in memory and is not called stored.
         let out = replicas
-            .accept(&open_policy(), vec![genesis, hello.clone(), secret.clone()])
+            .accept(&open_policy(), vec![genesis, secret.clone()])
             .unwrap();
-        assert_eq!(out, vec![Outcome::Stored, Outcome::Stored, Outcome::Stored]);
+        assert!(
+            matches!(out[..], [Outcome::Stored, Outcome::Missing(_)]),
+            "{out:?}"
+        );
+        replicas.commit().unwrap();
+        assert_eq!(files_containing(tmp.path(), &ciphertext), 0);
+        let out = replicas
+            .accept(&open_policy(), vec![hello.clone()])
+            .unwrap();
+        assert_eq!(out, vec![Outcome::Stored]);
+        assert_eq!(
+            replicas
+                .accept(&open_policy(), vec![secret.clone()])
+                .unwrap(),
+            vec![Outcome::Duplicate]
+        );
         replicas.commit().unwrap();
         // The storage peer holds ciphertext only.
         assert_eq!(files_containing(tmp.path(), b"hello bob"), 0);
-        let ciphertext = secret.body.as_ref().unwrap().ciphertext.clone();
         assert_eq!(files_containing(tmp.path(), &ciphertext), 1);
         // A replay changes nothing.
         assert_eq!(
@@ -444,12 +595,36 @@ mod tests {
         assert_eq!(replicas.used_bytes(), 0);
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
 
-        // The real one is then taken.
+        // Allowed: the chat Alice created is hosted, and then Bob, whom
+        // this node never agreed to host, may write in it as a member.
+        let alice_only = HostPolicy {
+            lists: HostLists {
+                allowed: [alice.account.id()].into(),
+                denied: Default::default(),
+            },
+            ..closed
+        };
         assert_eq!(
-            replicas.accept(&open_policy(), vec![genesis]).unwrap(),
+            replicas.accept(&alice_only, vec![genesis.clone()]).unwrap(),
             vec![Outcome::Stored]
         );
+        let mut bob = bob;
+        bob.log.insert(genesis).unwrap();
+        let reply = say(&mut bob, "hi alice", 9);
+        assert_eq!(
+            replicas.accept(&alice_only, vec![reply]).unwrap(),
+            vec![Outcome::Stored]
+        );
+        // A chat it does not keep cannot be started by a later entry.
+        let stray = say(&mut alice, "no genesis here", 10);
+        let mut other = stray.clone();
+        other.header.header.chat = ChatId([1; 16]);
+        assert!(matches!(
+            replicas.accept(&open_policy(), vec![other]).unwrap()[0],
+            Outcome::Rejected(_)
+        ));
         replicas.commit().unwrap();
         assert!(replicas.used_bytes() > 0);
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 }

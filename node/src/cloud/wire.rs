@@ -89,11 +89,13 @@ impl Record for StoreRequest {
                 DecodeError::Invalid(format!("a push carries 1 to {MAX_PUSH} entries")),
             ),
             Self::Push { entries } => {
+                // Each entry as if decoded on its own: an entry a receiver
+                // of a later sync batch would refuse is refused here.
                 for e in entries {
-                    e.header
-                        .header
-                        .check_shape()
-                        .map_err(|e| DecodeError::Invalid(e.to_string()))?;
+                    Record::validate(e)?;
+                    if e.encode().len() > Entry::MAX_LEN {
+                        return Err(DecodeError::Invalid("entry too large".into()));
+                    }
                 }
                 Ok(())
             }

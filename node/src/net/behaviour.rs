@@ -129,9 +129,11 @@ pub fn build_swarm(
                 store: request_response::Behaviour::with_codec(
                     StoreCodec::new(rejected_frames.clone()),
                     [(STORE_PROTOCOL, request_response::ProtocolSupport::Full)],
+                    // A push may be 1 MiB, read before it is looked at: few
+                    // at once per connection.
                     request_response::Config::default()
                         .with_request_timeout(Duration::from_secs(30))
-                        .with_max_concurrent_streams(32),
+                        .with_max_concurrent_streams(4),
                 ),
                 secret: request_response::Behaviour::with_codec(
                     SecretCodec::new(rejected_frames.clone()),
