@@ -205,7 +205,7 @@ impl SegmentLog {
                         order.push(key);
                         offset += (HEADER + value.len() + CHECK) as u64;
                     }
-                    Read1::Damaged if i == last => {
+                    Read1::Damaged if i == last && !valid_record_after(&path, offset) => {
                         tracing::warn!(path = %path.display(), offset, "cutting off an interrupted append");
                         file.set_len(offset).map_err(io_at(&path))?;
                         file.sync_data().map_err(io_at(&path))?;
@@ -539,6 +539,20 @@ impl SegmentLog {
     }
 }
 
+/// Whether any whole, valid record starts after `offset`: then the damage
+/// is not an interrupted append (which leaves nothing valid behind it) but
+/// lost data in the middle, and cutting the tail would drop acknowledged
+/// records.
+fn valid_record_after(path: &Path, offset: u64) -> bool {
+    let Ok(bytes) = fs::read(path) else {
+        return false;
+    };
+    let start = (offset as usize + 1).min(bytes.len());
+    (start..bytes.len())
+        .filter(|&p| bytes[p] == MAGIC)
+        .any(|p| matches!(read_record(&mut &bytes[p..]), Ok(Read1::Record(..))))
+}
+
 fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
@@ -617,6 +631,22 @@ mod tests {
         log.sync().unwrap();
         drop(log);
         assert_eq!(SegmentLog::open(tmp.path()).unwrap().len(), 3);
+
+        // A flipped byte in the middle of the newest segment, with whole
+        // records after it, is lost data, not a torn append: an error.
+        let mut log = SegmentLog::open(tmp.path()).unwrap();
+        log.append(&[(key(5), b"one more")]).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[HEADER + 1] ^= 0xff;
+        fs::write(&seg, &bytes).unwrap();
+        assert!(matches!(
+            SegmentLog::open(tmp.path()),
+            Err(SegmentError::Damaged { .. })
+        ));
+        bytes[HEADER + 1] ^= 0xff;
+        fs::write(&seg, &bytes).unwrap();
 
         // A flipped byte in a sealed (not the newest) segment is an error.
         let mut bytes = fs::read(&seg).unwrap();
