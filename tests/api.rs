@@ -65,6 +65,8 @@ fn every_route_needs_the_bearer_token() {
         ("POST", "/v1/secret/00000000/forward"),
         ("POST", "/v1/logout"),
         ("GET", "/v1/host"),
+        ("GET", "/v1/account"),
+        ("GET", "/v1/accounts/x"),
         ("POST", "/v1/host/allow"),
         ("POST", "/v1/host/deny"),
         ("GET", "/no/such/route"),
@@ -410,4 +412,48 @@ fn the_hosting_policy_is_set_by_command_and_survives_a_restart() {
     let s = tern_json(&d, &["host", "list", "--json"]);
     assert!(s["allowed"].as_array().unwrap().is_empty());
     assert_eq!(s["denied"], serde_json::json!([friend_id]));
+}
+
+/// `GET path` on a node's API, with its token; returns (status, JSON body).
+fn get_json(dir: &std::path::Path, path: &str) -> (u16, serde_json::Value) {
+    let (code, body) = http(
+        &api_addr(dir),
+        &format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
+            token(dir)
+        ),
+    );
+    let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+    (code, json)
+}
+
+#[test]
+fn devices_learn_each_others_signed_account_records_when_they_meet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    init(&da, "alice");
+    init(&db, "bob");
+    let a = NodeProcess::start(&da, LOOPBACK);
+    let b = NodeProcess::start(&db, LOOPBACK);
+    let bob_id = b.status()["account_id"].as_str().unwrap().to_owned();
+    let (code, own) = get_json(&db, "/v1/account");
+    assert_eq!(code, 200, "{own}");
+    assert_eq!(own["account_id"], bob_id.as_str());
+    assert_eq!(own["encryption_key"].as_str().unwrap().len(), 64);
+    assert_eq!(own["devices"][0][0], b.peer_id().as_str());
+
+    // Before they meet, Alice's node knows nothing of Bob's account.
+    let (code, _) = get_json(&da, &format!("/v1/accounts/{bob_id}"));
+    assert_eq!(code, 404);
+    let out = tern(&da, &["connect", &b.tcp_addr()]);
+    assert!(out.status.success());
+    let seen = poll("Bob's record at Alice's node", || {
+        let (code, v) = get_json(&da, &format!("/v1/accounts/{bob_id}"));
+        (code == 200).then_some(v)
+    });
+    assert_eq!(seen["encryption_key"], own["encryption_key"]);
+    assert_eq!(seen["devices"], own["devices"]);
+    let (code, _) = get_json(&da, "/v1/accounts/not-an-account");
+    assert_eq!(code, 400);
+    drop(a);
 }

@@ -7,7 +7,13 @@ use anyhow::Context;
 use libp2p::PeerId;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use tern_protocol::AccountId;
+use tern_protocol::{
+    AccountId,
+    cloud::{
+        AccountEncryptionKey,
+        account::{AccountRecord, AccountRecordBody},
+    },
+};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
@@ -72,6 +78,25 @@ pub fn read_token(dir: &DataDir) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// This device's account record: for now the account's devices as this
+/// device knows them (itself) and its encryption key. Signed anew at every
+/// start, with the time as its sequence number.
+fn own_account_record(identity: &keys::Identity) -> anyhow::Result<AccountRecord> {
+    let now = crate::events::now_ms();
+    AccountRecord::sign(
+        &identity.account,
+        AccountRecordBody {
+            account: identity.account_id(),
+            seq: now,
+            issued_at_ms: now,
+            encryption_key: AccountEncryptionKey::derive(&identity.account).public(),
+            devices: vec![identity.certificate.clone()],
+            storage_peers: Vec::new(),
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("cannot sign this account's record: {e}"))
+}
+
 /// `tern init` writes 64 hex characters; anything under 32 is refused.
 pub const MIN_TOKEN_LEN: usize = 32;
 
@@ -120,6 +145,7 @@ impl Node {
             target_peers: config.target_peers as usize,
             secret_inbound,
             store_inbound,
+            own_record: own_account_record(&identity)?,
         });
         let erasable = ErasableStore::open(data_dir.erasable())
             .with_context(|| format!("cannot open {}", data_dir.erasable().display()))?;

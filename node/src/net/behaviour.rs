@@ -9,7 +9,10 @@ use libp2p::{
     tcp, yamux,
 };
 use prometheus_client::registry::Registry;
-use tern_protocol::DeviceCertificate;
+use tern_protocol::{
+    DeviceCertificate,
+    cloud::account::{AccountQuery, AccountRecord},
+};
 
 use super::codec::RecordCodec;
 use crate::{
@@ -34,6 +37,10 @@ pub type SecretCodec = RecordCodec<SecretRequest, SecretResponse>;
 /// Cloud chats: pushing entries to storage peers and syncing from them.
 pub const STORE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/store/1");
 pub type StoreCodec = RecordCodec<StoreRequest, StoreResponse>;
+/// A device's signed account record (its account's devices, encryption key
+/// and storage peers), fetched right after the introduction.
+pub const ACCOUNT_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/account/1");
+pub type AccountCodec = RecordCodec<AccountQuery, AccountRecord>;
 
 #[derive(NetworkBehaviour)]
 pub struct TernBehaviour {
@@ -49,6 +56,7 @@ pub struct TernBehaviour {
     pub introduce: request_response::Behaviour<IntroduceCodec>,
     pub secret: request_response::Behaviour<SecretCodec>,
     pub store: request_response::Behaviour<StoreCodec>,
+    pub account: request_response::Behaviour<AccountCodec>,
 }
 
 /// The relay service carries other devices' connections (for secret chats:
@@ -126,6 +134,13 @@ pub fn build_swarm(
                 ping: ping::Behaviour::default(),
                 kad,
                 mdns: mdns.into(),
+                account: request_response::Behaviour::with_codec(
+                    AccountCodec::new(rejected_frames.clone()),
+                    [(ACCOUNT_PROTOCOL, request_response::ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(20))
+                        .with_max_concurrent_streams(8),
+                ),
                 store: request_response::Behaviour::with_codec(
                     StoreCodec::new(rejected_frames.clone()),
                     [(STORE_PROTOCOL, request_response::ProtocolSupport::Full)],

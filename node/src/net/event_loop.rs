@@ -24,7 +24,10 @@ use libp2p::{
     },
 };
 use serde::{Deserialize, Serialize};
-use tern_protocol::{AccountId, DeviceCertificate};
+use tern_protocol::{
+    AccountId, DeviceCertificate,
+    cloud::account::{AccountQuery, AccountRecord},
+};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
@@ -52,6 +55,8 @@ const MAX_PENDING_DIALS: usize = 64;
 const REDIALS_PER_TICK: usize = 8;
 /// Most secret-chat requests of ours waiting for an answer.
 const MAX_PENDING_SECRET: usize = 1024;
+/// Most account records kept in memory.
+const MAX_ACCOUNT_RECORDS: usize = 4096;
 /// Most requests of one peer waiting for the secret-chat service (and, as
 /// many again, for the storage service).
 const MAX_INBOUND_SECRET_PER_PEER: usize = 8;
@@ -128,6 +133,10 @@ pub enum Command {
         peer: PeerId,
         channel: request_response::ResponseChannel<StoreResponse>,
         response: StoreResponse,
+    },
+    Account {
+        account: AccountId,
+        reply: oneshot::Sender<Option<AccountRecord>>,
     },
 }
 
@@ -208,6 +217,12 @@ impl NetworkHandle {
             .map_err(|_| NetError::Stopped)
     }
 
+    /// The newest signed record of `account` this node has seen (from one
+    /// of its devices, right after meeting it).
+    pub async fn account(&self, account: AccountId) -> Result<Option<AccountRecord>, NetError> {
+        self.call(|reply| Command::Account { account, reply }).await
+    }
+
     /// What the node knows about `peer`, if it has met it.
     pub async fn device(&self, peer: PeerId) -> Result<Option<KnownDevice>, NetError> {
         self.call(|reply| Command::Device { peer, reply }).await
@@ -262,6 +277,10 @@ pub struct EventLoop {
     inbound_secret: HashMap<PeerId, usize>,
     store_inbound: mpsc::Sender<InboundStore>,
     inbound_store: HashMap<PeerId, usize>,
+    /// This device's own signed account record, served on request.
+    own_record: AccountRecord,
+    /// Account records learned from the devices met (newest per account).
+    records: HashMap<AccountId, AccountRecord>,
 }
 
 pub struct EventLoopParts {
@@ -274,6 +293,7 @@ pub struct EventLoopParts {
     pub target_peers: usize,
     pub secret_inbound: mpsc::Sender<InboundSecret>,
     pub store_inbound: mpsc::Sender<InboundStore>,
+    pub own_record: AccountRecord,
 }
 
 impl EventLoop {
@@ -297,6 +317,8 @@ impl EventLoop {
             inbound_secret: HashMap::new(),
             store_inbound: parts.store_inbound,
             inbound_store: HashMap::new(),
+            own_record: parts.own_record,
+            records: HashMap::new(),
         };
         this.restore_address_book();
         (this, NetworkHandle { tx })
@@ -443,6 +465,14 @@ impl EventLoop {
             Command::DevicesOf { account, reply } => {
                 let _ = reply.send(self.book.devices_of(&account));
             }
+            Command::Account { account, reply } => {
+                let record = if account == self.own_record.body.account {
+                    Some(self.own_record.clone())
+                } else {
+                    self.records.get(&account).cloned()
+                };
+                let _ = reply.send(record);
+            }
             Command::StoreRespond {
                 peer,
                 channel,
@@ -483,6 +513,52 @@ impl EventLoop {
             .secret
             .send_request_with_addresses(&peer, request, addrs);
         self.pending_secret.insert(id, reply);
+    }
+
+    fn on_account(&mut self, event: request_response::Event<AccountQuery, AccountRecord>) {
+        use request_response::{Event as E, Message};
+        match event {
+            E::Message { peer, message, .. } => match message {
+                Message::Request { channel, .. } => {
+                    let own = self.own_record.clone();
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .account
+                        .send_response(channel, own);
+                }
+                // The decoder checked the signature and every certificate.
+                Message::Response { response, .. } => self.on_account_record(peer, response),
+            },
+            E::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, "account record request failed: {error}");
+            }
+            E::InboundFailure { .. } | E::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Keeps a record a device sent about its own account, if it really is
+    /// about that device's account and lists that device.
+    fn on_account_record(&mut self, peer: PeerId, record: AccountRecord) {
+        let known = self.book.get(&peer).and_then(|e| e.account);
+        let lists_sender =
+            crate::keys::device_of_peer(&peer).is_some_and(|d| record.has_device(&d));
+        if known != Some(record.body.account) || !lists_sender {
+            self.metrics.rejected_frames.inc();
+            warn!(%peer, "rejected an account record that is not the sender's own");
+            return;
+        }
+        let newer = self
+            .records
+            .get(&record.body.account)
+            .is_none_or(|old| record.supersedes(old));
+        if newer
+            && (self.records.len() < MAX_ACCOUNT_RECORDS
+                || self.records.contains_key(&record.body.account))
+        {
+            debug!(account = %record.body.account.short(), "account record");
+            self.records.insert(record.body.account, record);
+        }
     }
 
     fn on_store(&mut self, event: request_response::Event<StoreRequest, StoreResponse>) {
@@ -808,6 +884,7 @@ impl EventLoop {
             TernBehaviourEvent::Introduce(e) => self.on_introduce(e),
             TernBehaviourEvent::Secret(e) => self.on_secret(e),
             TernBehaviourEvent::Store(e) => self.on_store(e),
+            TernBehaviourEvent::Account(e) => self.on_account(e),
             TernBehaviourEvent::Kad(e) => {
                 self.metrics.libp2p.record(&e);
                 if let kad::Event::RoutingUpdated {
@@ -949,6 +1026,11 @@ impl EventLoop {
                 name: cert.name,
             });
         }
+        // Now that we know whose device it is, ask for its account record.
+        self.swarm
+            .behaviour_mut()
+            .account
+            .send_request(&peer, AccountQuery);
         true
     }
 

@@ -489,8 +489,10 @@ impl SecretService {
                 Some(req) = self.inbound.recv() => self.on_inbound(req).await,
                 _ = sleep_until_ms(expiry) => self.expire(),
                 event = events.recv() => {
+                    // A device met again: what waits for it goes out now.
                     if let Ok(stamped) = event
-                        && let Event::PeerIdentified { peer_id, .. } = stamped.event
+                        && let Event::PeerIdentified { peer_id, .. }
+                        | Event::PeerConnected { peer_id, .. } = stamped.event
                     {
                         self.on_peer_back(&peer_id);
                     }

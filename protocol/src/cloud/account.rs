@@ -178,6 +178,15 @@ impl Record for AccountRecord {
     }
 }
 
+/// "Send me your account record": the request of `/tern/account/1`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountQuery;
+
+impl Record for AccountQuery {
+    const VERSION: u8 = 1;
+    const MAX_LEN: usize = 8;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
