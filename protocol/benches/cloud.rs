@@ -1,0 +1,99 @@
+//! What a storage peer spends verifying cloud-chat entries, next to the raw
+//! Ed25519 verification each entry needs, in the same run.
+//!
+//!     cargo bench -p tern-protocol --bench cloud
+
+use std::hint::black_box;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use ed25519_dalek::{Signer, SigningKey, Verifier};
+use tern_protocol::{
+    AccountKeypair, DevicePublicKey,
+    cloud::{ChatId, ChatLog, ChatMember, Draft, Entry},
+};
+
+const CHAT: ChatId = ChatId([7; 16]);
+const N: usize = 1000;
+
+fn member(seed: u8) -> (AccountKeypair, ChatMember) {
+    let account = AccountKeypair::from_secret_bytes(&[seed; 32]);
+    let key = SigningKey::from_bytes(&[seed ^ 0x33; 32]);
+    let public = DevicePublicKey::from_bytes(key.verifying_key().to_bytes()).unwrap();
+    let cert = account.certify(public, "bench", 1).unwrap();
+    let member = ChatMember::for_account(&account, key, cert).unwrap();
+    (account, member)
+}
+
+/// A chat's first N messages of 1 KiB, as a member device wrote them.
+fn history() -> Vec<Entry> {
+    let (_, mut alice) = member(1);
+    let (bob_account, bob) = member(2);
+    let mut log = ChatLog::new(CHAT);
+    let genesis = alice
+        .create(
+            CHAT,
+            &[(bob_account.id(), bob.encryption_key())],
+            vec![],
+            None,
+            [1; 32],
+        )
+        .unwrap();
+    log.insert(genesis.clone()).unwrap();
+    let mut entries = vec![genesis];
+    for i in 0..N {
+        let mut random = [0u8; 32];
+        random[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let e = alice
+            .compose(
+                &log,
+                Draft::Text {
+                    text: "x".repeat(1000),
+                    reply_to: None,
+                },
+                random,
+            )
+            .unwrap();
+        log.insert(e.clone()).unwrap();
+        entries.push(e);
+    }
+    entries
+}
+
+fn bench(c: &mut Criterion) {
+    let entries = history();
+    let mut g = c.benchmark_group("storage peer: verify 1000 entries of 1 KiB");
+    g.throughput(Throughput::Elements(N as u64));
+    g.sample_size(10);
+
+    let key = SigningKey::from_bytes(&[9; 32]);
+    let verifying = key.verifying_key();
+    let msg = vec![0u8; 200];
+    let sig = key.sign(&msg);
+    g.bench_function("reference: raw Ed25519 verify × 1000", |b| {
+        b.iter(|| {
+            for _ in 0..N {
+                verifying.verify(black_box(&msg), &sig).unwrap();
+            }
+        })
+    });
+    g.bench_function(
+        "ChatLog::insert × 1000 (signature, chain, membership, body hash)",
+        |b| {
+            b.iter_batched(
+                || entries.clone(),
+                |entries| {
+                    let mut log = ChatLog::new(CHAT);
+                    for e in entries {
+                        log.insert(e).unwrap();
+                    }
+                    log
+                },
+                BatchSize::LargeInput,
+            )
+        },
+    );
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
