@@ -80,8 +80,6 @@ pub struct SegmentLog {
     dir: PathBuf,
     segments: Vec<Segment>,
     index: HashMap<Key, Location>,
-    /// Keys in the order their current versions were appended.
-    order: Vec<Key>,
     /// Segments still holding replaced versions of a key.
     stale: HashMap<Key, Vec<u32>>,
     active: File,
@@ -173,7 +171,6 @@ impl SegmentLog {
             numbers.push(0);
         }
         let mut log_index: HashMap<Key, Location> = HashMap::new();
-        let mut order = Vec::new();
         let mut stale: HashMap<Key, Vec<u32>> = HashMap::new();
         let mut segments = Vec::new();
         let last = numbers.len() - 1;
@@ -199,10 +196,11 @@ impl SegmentLog {
                             len,
                         };
                         if let Some(old) = log_index.insert(key, loc) {
-                            order.retain(|k| k != &key);
-                            stale.entry(key).or_default().push(old.segment);
+                            let segs = stale.entry(key).or_default();
+                            if !segs.contains(&old.segment) {
+                                segs.push(old.segment);
+                            }
                         }
-                        order.push(key);
                         offset += (HEADER + value.len() + CHECK) as u64;
                     }
                     Read1::Damaged if i == last && !valid_record_after(&path, offset) => {
@@ -235,7 +233,6 @@ impl SegmentLog {
             dir,
             segments,
             index: log_index,
-            order,
             stale,
             active,
             unsynced: false,
@@ -285,10 +282,11 @@ impl SegmentLog {
         seg.bytes = offset;
         for (key, loc) in placed {
             if let Some(old) = self.index.insert(key, loc) {
-                self.order.retain(|k| k != &key);
-                self.stale.entry(key).or_default().push(old.segment);
+                let segs = self.stale.entry(key).or_default();
+                if !segs.contains(&old.segment) {
+                    segs.push(old.segment);
+                }
             }
-            self.order.push(key);
         }
         self.unsynced = true;
         Ok(())
@@ -383,9 +381,16 @@ impl SegmentLog {
         Ok(())
     }
 
-    /// Keys in append order.
-    pub fn keys(&self) -> &[Key] {
-        &self.order
+    /// Keys in append order: segments are numbered and records within one
+    /// keep their order, so (segment, offset) is the order of appending.
+    pub fn keys(&self) -> Vec<Key> {
+        let mut all: Vec<(u32, u64, Key)> = self
+            .index
+            .iter()
+            .map(|(k, l)| (l.segment, l.offset, *k))
+            .collect();
+        all.sort_unstable();
+        all.into_iter().map(|(_, _, k)| k).collect()
     }
 
     /// Purges for real: each key in `changes` is removed (`None`) or
@@ -498,7 +503,6 @@ impl SegmentLog {
         for (key, new_offset, len) in moved {
             if new_offset == u64::MAX {
                 self.index.remove(&key);
-                self.order.retain(|k| k != &key);
                 self.stale.remove(&key);
             } else {
                 self.index.insert(
