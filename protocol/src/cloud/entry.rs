@@ -16,7 +16,10 @@ use std::fmt;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use super::keys::{EncryptionPublicKey, WrappedKey, short_hex};
+use super::{
+    account::{MAX_ADDR_LEN, MAX_ADDRS, MAX_STORAGE_PEERS, StoragePeer},
+    keys::{EncryptionPublicKey, WrappedKey, short_hex},
+};
 use crate::{
     codec::{DecodeError, Record, bytes64},
     identity::{AccountId, DeviceCertificate, DevicePublicKey},
@@ -121,6 +124,10 @@ pub enum EntryKind {
     /// Delete for everyone: the bodies of these entries are erased
     /// everywhere; their headers stay so the chain still verifies.
     Purge { targets: Vec<EntryHash> },
+    /// The chat's storage set: the peers that keep the log and the write
+    /// quorum among them. The latest one among an entry's ancestors (in
+    /// display order) is in force. No body.
+    Storage { peers: Vec<StoragePeer>, quorum: u8 },
 }
 
 impl EntryKind {
@@ -132,6 +139,7 @@ impl EntryKind {
             Self::RemoveMember { .. } => "remove-member",
             Self::Rekey { .. } => "rekey",
             Self::Purge { .. } => "purge",
+            Self::Storage { .. } => "storage",
         }
     }
 
@@ -145,6 +153,36 @@ impl EntryKind {
                 | Self::Rekey { .. }
         )
     }
+
+    /// Whether applying this entry changes the state later entries are
+    /// checked against: membership, key, or storage set.
+    pub fn changes_state(&self) -> bool {
+        self.changes_membership() || matches!(self, Self::Storage { .. })
+    }
+}
+
+/// A storage set's bounds: 1 to [`MAX_STORAGE_PEERS`] distinct nodes, each
+/// with at most [`MAX_ADDRS`] addresses of at most [`MAX_ADDR_LEN`] bytes,
+/// and a quorum from 1 to the number of peers.
+pub fn check_storage_set(peers: &[StoragePeer], quorum: u8) -> Result<(), EntryError> {
+    let bad = |why| Err(EntryError::Shape(why));
+    if peers.is_empty() || peers.len() > MAX_STORAGE_PEERS {
+        return bad("a storage set has 1 to 8 peers");
+    }
+    if quorum == 0 || usize::from(quorum) > peers.len() {
+        return bad("a storage quorum is 1 to the number of peers");
+    }
+    let nodes: Vec<_> = peers.iter().map(|p| p.node).collect();
+    if has_duplicates(&nodes) {
+        return bad("a storage peer is listed twice");
+    }
+    if peers
+        .iter()
+        .any(|p| p.addrs.len() > MAX_ADDRS || p.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN))
+    {
+        return bad("a storage peer has too many or too long addresses");
+    }
+    Ok(())
 }
 
 /// Why an entry is malformed or its signature does not hold.
@@ -244,6 +282,7 @@ impl EntryHeader {
                     return bad("a purge target is named twice");
                 }
             }
+            EntryKind::Storage { peers, quorum } => check_storage_set(peers, *quorum)?,
         }
         let may_have_body = matches!(self.kind, EntryKind::Genesis { .. } | EntryKind::Message);
         if !may_have_body && self.body_hash.is_some() {
@@ -524,6 +563,34 @@ mod tests {
         assert!(with(&|h| h.lamport = 0).is_err());
         assert!(with(&|h| h.body_hash = None).is_err());
         assert!(with(&|h| h.kind = EntryKind::Purge { targets: vec![] }).is_err());
+        let peer = StoragePeer {
+            node: certificate(1, 5).device,
+            addrs: vec![],
+        };
+        let storage = |peers: Vec<StoragePeer>, quorum| EntryKind::Storage { peers, quorum };
+        assert!(
+            with(&|h| {
+                h.kind = storage(vec![peer.clone()], 1);
+                h.body_hash = None;
+            })
+            .is_ok()
+        );
+        // A Storage entry has no body, and its set is bounded.
+        assert!(with(&|h| h.kind = storage(vec![peer.clone()], 1)).is_err());
+        for (peers, quorum) in [
+            (vec![], 0),
+            (vec![peer.clone()], 0),
+            (vec![peer.clone()], 2),
+            (vec![peer.clone(), peer.clone()], 1),
+        ] {
+            assert!(
+                with(&|h| {
+                    h.kind = storage(peers.clone(), quorum);
+                    h.body_hash = None;
+                })
+                .is_err()
+            );
+        }
         assert!(
             with(&|h| {
                 h.kind = EntryKind::Rekey {

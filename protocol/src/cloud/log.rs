@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::{
+    account::StoragePeer,
     entry::{
         BodyHash, ChatId, Entry, EntryError, EntryHash, EntryKind, MAX_HEADER_LEN, SignedHeader,
     },
@@ -76,6 +77,8 @@ pub enum LogError {
     UnauthorisedPurge(EntryHash),
     #[error("a purge may only name earlier messages it has seen; {0:?} is not one")]
     BadPurgeTarget(EntryHash),
+    #[error("{0:?} may not change the chat's storage set (only members, or admins if it has any)")]
+    UnauthorisedStorage(AccountId),
     #[error("too many entries are waiting for their parents; sync in order")]
     PendingFull,
 }
@@ -185,7 +188,8 @@ enum ParentState {
     New(Vec<(u64, EntryHash)>, Membership),
 }
 
-/// A membership state, named by the membership-changing entries it folds.
+/// A membership state (with the storage set), named by the
+/// state-changing entries it folds.
 struct State {
     /// (lamport, hash), sorted: the fold order.
     changes: Vec<(u64, EntryHash)>,
@@ -197,7 +201,7 @@ struct Stored {
     /// The membership in force for this entry (from its ancestors).
     state: StateId,
     /// The membership in force for its descendants: `state`, plus this
-    /// entry if it changes membership.
+    /// entry if it changes membership or the storage set.
     after: StateId,
 }
 
@@ -507,6 +511,11 @@ impl ChatLog {
                     }
                 }
             }
+            EntryKind::Storage { .. } => {
+                if !membership.may_set_storage(&author) {
+                    return Err(LogError::UnauthorisedStorage(author));
+                }
+            }
             EntryKind::Genesis { .. } | EntryKind::Message => {}
         }
         Ok(())
@@ -550,12 +559,13 @@ impl ChatLog {
         let author = entry.header.author_account();
         let lamport = header.lamport;
         let changes_membership = header.kind.changes_membership();
+        let changes_state = header.kind.changes_state();
 
         let state = match state {
             ParentState::Known(id) => id,
             ParentState::New(key, _) => self.intern_with(key, None),
         };
-        let after = if changes_membership {
+        let after = if changes_state {
             let mut key = self.states[state].changes.clone();
             let at = key.partition_point(|c| *c < (lamport, hash));
             key.insert(at, (lamport, hash));
@@ -759,6 +769,22 @@ impl ChatLog {
     pub fn membership_for_parents(&self, parents: &[EntryHash]) -> Membership {
         let state = self.state_for_parents(parents);
         self.membership_of(&state).clone()
+    }
+
+    /// The storage peers and write quorum a new entry on top of all current
+    /// heads would see: those of the latest Storage entry, in display
+    /// order, among the ancestors. `None` before any Storage entry.
+    pub fn storage_set(&self) -> Option<(Vec<StoragePeer>, u8)> {
+        let state = self.state_for_parents(&self.heads());
+        let (peers, quorum) = self.membership_of(&state).storage_set()?;
+        Some((peers.to_vec(), quorum))
+    }
+
+    /// The storage set in force for entry `hash` (from its ancestors, so a
+    /// Storage entry's own set applies from its children on).
+    pub fn storage_set_for(&self, hash: &EntryHash) -> Option<(Vec<StoragePeer>, u8)> {
+        let (peers, quorum) = self.membership_for(hash)?.storage_set()?;
+        Some((peers.to_vec(), quorum))
     }
 
     /// AddMember entries, in arrival order.

@@ -18,10 +18,11 @@ use std::collections::{BTreeMap, HashMap};
 use ed25519_dalek::SigningKey;
 
 use super::{
+    account::StoragePeer,
     content::{Content, MAX_TEXT},
     entry::{
         ChatId, Entry, EntryHash, EntryHeader, EntryKind, KeyGrant, MAX_MEMBERS, MAX_PARENTS,
-        MAX_PURGE_TARGETS, MemberGrant,
+        MAX_PURGE_TARGETS, MemberGrant, check_storage_set,
     },
     keys::{AccountEncryptionKey, BodyContext, ChatKey, EncryptionPublicKey, KeyError},
     log::ChatLog,
@@ -54,6 +55,8 @@ pub enum MemberError {
     NotEditable,
     #[error("not allowed to delete that message for everyone")]
     NotAllowedToDelete,
+    #[error("only members, or admins if the chat has any, set its storage set")]
+    NotAllowedToSetStorage,
     #[error(transparent)]
     Membership(#[from] MembershipError),
     #[error(transparent)]
@@ -92,6 +95,13 @@ pub enum Draft {
         account: AccountId,
     },
     Rekey,
+    /// Sets the chat's storage peers and write quorum. A new chat's creator
+    /// composes this right after the genesis; only members (admins, if the
+    /// chat has any) may.
+    Storage {
+        peers: Vec<StoragePeer>,
+        quorum: u8,
+    },
 }
 
 /// A message as the user sees it.
@@ -359,6 +369,13 @@ impl ChatMember {
             Draft::Rekey => {
                 let (new_epoch, grants) = rotation_grants(&membership, None, chat, &random)?;
                 (EntryKind::Rekey { new_epoch, grants }, None)
+            }
+            Draft::Storage { peers, quorum } => {
+                check_storage_set(&peers, quorum)?;
+                if !membership.may_set_storage(&self.account) {
+                    return Err(MemberError::NotAllowedToSetStorage);
+                }
+                (EntryKind::Storage { peers, quorum }, None)
             }
         };
 

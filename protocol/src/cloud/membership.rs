@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
+    account::StoragePeer,
     entry::{EntryHash, EntryKind, KeyGrant},
     keys::EncryptionPublicKey,
 };
@@ -43,6 +44,8 @@ pub struct Membership {
     /// The entries whose keys make up the current chat key: genesis, then
     /// each rotation applied (see `ChatKey::rotate`).
     key_path: Vec<EntryHash>,
+    /// The storage set and write quorum of the latest Storage entry applied.
+    storage: Option<(Vec<StoragePeer>, u8)>,
 }
 
 impl Membership {
@@ -81,6 +84,19 @@ impl Membership {
 
     pub fn key_path(&self) -> &[EntryHash] {
         &self.key_path
+    }
+
+    /// The storage peers and write quorum in force, once a Storage entry
+    /// set them.
+    pub fn storage_set(&self) -> Option<(&[StoragePeer], u8)> {
+        self.storage
+            .as_ref()
+            .map(|(peers, quorum)| (peers.as_slice(), *quorum))
+    }
+
+    /// Who may set the storage set: a member, and with admins an admin.
+    pub fn may_set_storage(&self, author: &AccountId) -> bool {
+        self.is_member(author) && (!self.admin_managed || self.admins.contains(author))
     }
 
     fn may_manage(&self, actor: &AccountId) -> Result<(), MembershipError> {
@@ -133,7 +149,10 @@ impl Membership {
                     Err(MembershipError::NotAMember(*author))
                 }
             }
-            EntryKind::Genesis { .. } | EntryKind::Message | EntryKind::Purge { .. } => Ok(()),
+            EntryKind::Genesis { .. }
+            | EntryKind::Message
+            | EntryKind::Purge { .. }
+            | EntryKind::Storage { .. } => Ok(()),
         }
     }
 
@@ -175,11 +194,21 @@ impl Membership {
                     removed: BTreeSet::new(),
                     epoch: 0,
                     key_path: vec![hash],
+                    storage: None,
                 };
             }
             return;
         }
-        if self.key_path.is_empty() || self.authorise(author, kind).is_err() {
+        if self.key_path.is_empty() {
+            return;
+        }
+        if let EntryKind::Storage { peers, quorum } = kind {
+            if self.may_set_storage(author) {
+                self.storage = Some((peers.clone(), *quorum));
+            }
+            return;
+        }
+        if self.authorise(author, kind).is_err() {
             return;
         }
         match kind {
@@ -194,7 +223,10 @@ impl Membership {
                 self.rotate(hash);
             }
             EntryKind::Rekey { .. } => self.rotate(hash),
-            EntryKind::Genesis { .. } | EntryKind::Message | EntryKind::Purge { .. } => {}
+            EntryKind::Genesis { .. }
+            | EntryKind::Message
+            | EntryKind::Purge { .. }
+            | EntryKind::Storage { .. } => {}
         }
     }
 
@@ -321,6 +353,38 @@ mod tests {
                 Err(MembershipError::GrantsDoNotMatchMembers)
             );
         }
+    }
+
+    #[test]
+    fn storage_set_follows_the_latest_authorised_change() {
+        let peer = |seed: u8| StoragePeer {
+            node: crate::identity::DevicePublicKey::from_bytes(
+                ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+                    .verifying_key()
+                    .to_bytes(),
+            )
+            .unwrap(),
+            addrs: vec![],
+        };
+        let set = |seed: u8| EntryKind::Storage {
+            peers: vec![peer(seed)],
+            quorum: 1,
+        };
+        let mut open = genesis(vec![]);
+        assert_eq!(open.storage_set(), None);
+        open.apply(EntryHash([1; 32]), &account(2), &set(50));
+        assert_eq!(open.storage_set(), Some((&[peer(50)][..], 1)));
+        // An outsider's change does not apply.
+        open.apply(EntryHash([2; 32]), &account(9), &set(51));
+        assert_eq!(open.storage_set(), Some((&[peer(50)][..], 1)));
+
+        let mut managed = genesis(vec![account(1)]);
+        assert!(managed.may_set_storage(&account(1)));
+        assert!(!managed.may_set_storage(&account(2)));
+        managed.apply(EntryHash([3; 32]), &account(2), &set(52));
+        assert_eq!(managed.storage_set(), None);
+        managed.apply(EntryHash([4; 32]), &account(1), &set(53));
+        assert_eq!(managed.storage_set(), Some((&[peer(53)][..], 1)));
     }
 
     #[test]

@@ -49,6 +49,11 @@
 //!   peers acknowledged the entry hash. "Read" is
 //!   [`DisplayedMessage::read_by`]: [`Draft::Read`] writes a receipt for
 //!   everything the device holds.
+//! - **Storage set.** [`EntryKind::Storage`] entries carry the chat's
+//!   storage peers and write quorum, signed and replicated like membership.
+//!   A new chat's creator composes [`Draft::Storage`] right after the
+//!   genesis; [`ChatLog::storage_set`] is the set in force, and a storage
+//!   peer with no key reads it all the same.
 //! - **Keys.** A member's [`EncryptionPublicKey`] must be known to whoever
 //!   creates a chat with it or adds it (publish it in the account record).
 //!   A device holding the account key derives everything; a linked device
@@ -66,7 +71,7 @@ pub mod sync;
 pub use content::Content;
 pub use entry::{
     BodyHash, ChatId, Entry, EntryBody, EntryError, EntryHash, EntryHeader, EntryKind, KeyGrant,
-    MemberGrant, SignedHeader,
+    MemberGrant, SignedHeader, check_storage_set,
 };
 pub use keys::{
     AccountEncryptionKey, BodyContext, ChatKey, EncryptionPublicKey, KeyError, WrappedKey,

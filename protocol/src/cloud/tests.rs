@@ -6,11 +6,12 @@ use ed25519_dalek::SigningKey;
 
 use super::{
     ChatHistory, ChatId, ChatLog, ChatMember, ChatSummary, Content, Draft, Entry, EntryBody,
-    EntryHash, EntryHeader, EntryKind, LogError, LogOutput, MemberError, SyncRequest, in_sync,
-    respond,
+    EntryError, EntryHash, EntryHeader, EntryKind, LogError, LogOutput, MemberError, SyncRequest,
+    account::{MAX_ADDR_LEN, MAX_STORAGE_PEERS, StoragePeer},
+    in_sync, respond,
 };
 use crate::{
-    codec::Record,
+    codec::{DecodeError, Record},
     identity::{AccountKeypair, DeviceCertificate, DevicePublicKey},
 };
 
@@ -891,4 +892,223 @@ fn every_record_rejects_oversized_and_hostile_input() {
         1u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f,
     ];
     assert!(super::SyncResponse::decode(&hostile).is_err());
+}
+
+fn storage_peer(seed: u8) -> StoragePeer {
+    let key = SigningKey::from_bytes(&[seed; 32]);
+    StoragePeer {
+        node: DevicePublicKey::from_bytes(key.verifying_key().to_bytes()).unwrap(),
+        addrs: vec![vec![seed; 8]],
+    }
+}
+
+fn storage_draft(seeds: &[u8], quorum: u8) -> Draft {
+    Draft::Storage {
+        peers: seeds.iter().map(|s| storage_peer(*s)).collect(),
+        quorum,
+    }
+}
+
+#[test]
+fn the_storage_set_is_in_the_log_and_every_replica_agrees() {
+    let mut dice = Dice::new();
+    let mut devices = chat(true, false, &mut dice);
+    let genesis = devices[0].log.genesis().unwrap();
+    assert_eq!(devices[0].log.storage_set(), None);
+
+    // The creator sets the first storage set right after the genesis.
+    let first = devices[0].write(storage_draft(&[50, 51, 52], 2), &mut dice);
+    assert_eq!(first.header.header.parents, vec![genesis]);
+    assert!(first.body.is_none());
+    let first_set = (
+        vec![storage_peer(50), storage_peer(51), storage_peer(52)],
+        2,
+    );
+    assert_eq!(devices[0].log.storage_set(), Some(first_set.clone()));
+    // In force for what follows it, not for the entry itself.
+    assert_eq!(devices[0].log.storage_set_for(&first.hash()), None);
+    let after = devices[0].say("stored where?", &mut dice);
+    assert_eq!(
+        devices[0].log.storage_set_for(&after.hash()),
+        Some(first_set.clone())
+    );
+
+    for to in 1..3 {
+        sync_devices(&mut devices, to, 0);
+        assert_eq!(devices[to].log.storage_set(), Some(first_set.clone()));
+    }
+
+    // Bob and Carol change it concurrently: once everyone has both, the
+    // later one in display order holds on every replica.
+    let bob = devices[1].write(storage_draft(&[60], 1), &mut dice);
+    let carol = devices[2].write(storage_draft(&[70, 71], 2), &mut dice);
+    assert_eq!(bob.header.header.lamport, carol.header.header.lamport);
+    for (to, from) in [(0, 1), (0, 2), (1, 0), (2, 0)] {
+        sync_devices(&mut devices, to, from);
+    }
+    let winner = if bob.hash() > carol.hash() {
+        (vec![storage_peer(60)], 1)
+    } else {
+        (vec![storage_peer(70), storage_peer(71)], 2)
+    };
+    for device in &devices {
+        assert_eq!(device.log.storage_set(), Some(winner.clone()));
+    }
+    // Storage entries are not messages: the history is unchanged by them.
+    assert_eq!(devices[1].texts(), ["stored where?"]);
+}
+
+#[test]
+fn only_members_and_admins_change_the_storage_set() {
+    let mut dice = Dice::new();
+    let mut devices = chat(true, true, &mut dice);
+    devices[0].write(storage_draft(&[50], 1), &mut dice);
+    for to in 1..3 {
+        sync_devices(&mut devices, to, 0);
+    }
+    let set = Some((vec![storage_peer(50)], 1));
+
+    // An outsider with a valid certificate of its own account.
+    let mallory = Device::new(9, 19);
+    let outsider = hand_made(
+        &devices[1].log,
+        &mallory.key,
+        &mallory.cert,
+        EntryKind::Storage {
+            peers: vec![storage_peer(66)],
+            quorum: 1,
+        },
+        None,
+    );
+    assert_refused(
+        &mut devices[1].log,
+        outsider,
+        LogError::NotMember(mallory.member.account()),
+    );
+
+    // A member who is not an admin of an admin-managed chat.
+    assert_eq!(
+        devices[1].compose(storage_draft(&[66], 1), &mut dice),
+        Err(MemberError::NotAllowedToSetStorage)
+    );
+    let bob = devices[1].member.account();
+    let not_admin = hand_made(
+        &devices[1].log,
+        &devices[1].key,
+        &devices[1].cert,
+        EntryKind::Storage {
+            peers: vec![storage_peer(66)],
+            quorum: 1,
+        },
+        None,
+    );
+    assert_refused(
+        &mut devices[2].log,
+        not_admin,
+        LogError::UnauthorisedStorage(bob),
+    );
+    for device in &devices {
+        assert_eq!(device.log.storage_set(), set);
+    }
+
+    // The admin may.
+    devices[0].write(storage_draft(&[51, 52], 1), &mut dice);
+    sync_devices(&mut devices, 2, 0);
+    assert_eq!(
+        devices[2].log.storage_set(),
+        Some((vec![storage_peer(51), storage_peer(52)], 1))
+    );
+}
+
+#[test]
+fn storage_set_bounds_hold_at_compose_and_at_decode() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let too_many: Vec<u8> = (0..=MAX_STORAGE_PEERS as u8).map(|i| 50 + i).collect();
+    let mut long_address = storage_peer(50);
+    long_address.addrs = vec![vec![0; MAX_ADDR_LEN + 1]];
+    let cases: Vec<(Vec<StoragePeer>, u8)> = vec![
+        (vec![], 0),
+        (vec![], 1),
+        (vec![storage_peer(50), storage_peer(51)], 0),
+        (vec![storage_peer(50), storage_peer(51)], 3),
+        (vec![storage_peer(50), storage_peer(50)], 1),
+        (too_many.iter().map(|s| storage_peer(*s)).collect(), 1),
+        (vec![long_address], 1),
+    ];
+    for (peers, quorum) in cases {
+        let draft = Draft::Storage {
+            peers: peers.clone(),
+            quorum,
+        };
+        assert!(
+            matches!(
+                devices[0].compose(draft, &mut dice),
+                Err(MemberError::Malformed(EntryError::Shape(_)))
+            ),
+            "composed {} peers, quorum {quorum}",
+            peers.len()
+        );
+        let entry = hand_made(
+            &devices[0].log,
+            &devices[0].key,
+            &devices[0].cert,
+            EntryKind::Storage { peers, quorum },
+            None,
+        );
+        assert!(matches!(
+            Entry::decode(&entry.encode()),
+            Err(DecodeError::Invalid(_))
+        ));
+        let before = snapshot(&devices[1].log);
+        assert!(matches!(
+            devices[1].log.insert(entry),
+            Err(LogError::Malformed(_))
+        ));
+        assert_eq!(snapshot(&devices[1].log), before);
+    }
+
+    // The largest allowed set goes through, and a Storage entry with a
+    // body does not.
+    let most: Vec<u8> = (0..MAX_STORAGE_PEERS as u8).map(|i| 50 + i).collect();
+    let entry = devices[0].write(storage_draft(&most, MAX_STORAGE_PEERS as u8), &mut dice);
+    assert_eq!(Entry::decode(&entry.encode()).unwrap(), entry);
+    let body = devices[0].say("a body", &mut dice).body;
+    let with_body = hand_made(
+        &devices[0].log,
+        &devices[0].key,
+        &devices[0].cert,
+        EntryKind::Storage {
+            peers: vec![storage_peer(50)],
+            quorum: 1,
+        },
+        body,
+    );
+    assert!(with_body.verify_alone().is_err());
+}
+
+#[test]
+fn a_storage_peer_reads_the_storage_set_without_keys() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let before = devices[0].say("before", &mut dice);
+    devices[1].log.insert(before).unwrap();
+    let set = devices[1].write(storage_draft(&[50, 51, 52], 2), &mut dice);
+    let mut peer = ChatLog::new(CHAT);
+    pull(&mut peer, &devices[1].log);
+    assert!(peer.contains(&set.hash()));
+    assert_eq!(
+        peer.storage_set(),
+        Some((
+            vec![storage_peer(50), storage_peer(51), storage_peer(52)],
+            2
+        ))
+    );
+    assert_eq!(peer.storage_set(), devices[1].log.storage_set());
+    // Rebuilt from its own records, as after a restart.
+    let mut rebuilt = ChatLog::new(CHAT);
+    for (_, entry) in peer.in_display_order() {
+        rebuilt.insert(entry.clone()).unwrap();
+    }
+    assert_eq!(rebuilt.storage_set(), peer.storage_set());
 }
