@@ -295,5 +295,14 @@ fn a_storage_peer_hosts_only_whom_it_agreed_to_and_loses_nothing_it_acknowledged
     }
     let why = quota_hit.expect("a 1 MiB quota was never reached");
     assert!(why.contains("quota"), "{why}");
+    // Still serving: what it holds can still be synced.
+    let StoreResponse::Synced(batch) = rt.block_on(ask(
+        &mut c,
+        peer,
+        StoreRequest::Sync(SyncRequest::for_log(&ChatLog::new(CHAT))),
+    )) else {
+        panic!("the storage peer stopped serving after its quota filled");
+    };
+    assert!(!batch.entries.is_empty());
     assert!(tern(&dir, &["status", "--json"]).status.success());
 }
