@@ -362,7 +362,11 @@ fn write_unsynced(path: &Path, contents: &[u8]) -> io::Result<()> {
 /// Overwrites a file's bytes in place with zeros; the caller syncs.
 fn overwrite(path: &Path) -> io::Result<()> {
     let len = fs::metadata(path)?.len();
-    let mut f = fs::OpenOptions::new().write(true).open(path)?;
+    zero_fill(&mut fs::OpenOptions::new().write(true).open(path)?, len)
+}
+
+/// Writes `len` zeros from the file's current position; the caller syncs.
+pub(crate) fn zero_fill(f: &mut fs::File, len: u64) -> io::Result<()> {
     let zeros = vec![0u8; 64 * 1024];
     let mut left = len;
     while left > 0 {
@@ -409,13 +413,7 @@ fn wipe(path: &Path) -> io::Result<()> {
     let len = fs::metadata(path)?.len();
     {
         let mut f = fs::OpenOptions::new().write(true).open(path)?;
-        let zeros = vec![0u8; 64 * 1024];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(zeros.len() as u64) as usize;
-            f.write_all(&zeros[..n])?;
-            left -= n as u64;
-        }
+        zero_fill(&mut f, len)?;
         f.sync_all()?;
     }
     fs::remove_file(path)?;
@@ -430,31 +428,12 @@ fn wipe(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::files_containing;
     use std::io::{Read, Seek, SeekFrom};
 
     const MARKER: &[u8] = b"ZEBRA-SECRET-MARKER-0123456789";
 
     /// Every file under `dir` that contains `needle`.
-    fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-        let mut found = Vec::new();
-        let mut stack = vec![dir.to_owned()];
-        while let Some(d) = stack.pop() {
-            for e in fs::read_dir(&d).unwrap().flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else if fs::read(&p)
-                    .unwrap()
-                    .windows(needle.len())
-                    .any(|w| w == needle)
-                {
-                    found.push(p);
-                }
-            }
-        }
-        found
-    }
-
     #[test]
     fn values_round_trip_and_list_in_order() {
         let tmp = tempfile::tempdir().unwrap();

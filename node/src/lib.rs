@@ -16,4 +16,6 @@ pub mod node;
 pub mod secret;
 pub mod segments;
 pub mod store;
+#[cfg(test)]
+mod test_util;
 pub mod testnet;

@@ -531,13 +531,7 @@ impl SegmentLog {
         }
         // The old inode is still open: overwrite what it held, then let go.
         old.seek(SeekFrom::Start(0)).map_err(io_at(&path))?;
-        let zeros = vec![0u8; 1 << 16];
-        let mut left = seg_bytes;
-        while left > 0 {
-            let n = left.min(zeros.len() as u64) as usize;
-            old.write_all(&zeros[..n]).map_err(io_at(&path))?;
-            left -= n as u64;
-        }
+        crate::erasable::zero_fill(&mut old, seg_bytes).map_err(io_at(&path))?;
         old.sync_all().map_err(io_at(&path))?;
         Ok(())
     }
@@ -566,20 +560,10 @@ fn sync_dir(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::files_containing;
 
     fn key(i: u32) -> Key {
         *blake3::hash(&i.to_le_bytes()).as_bytes()
-    }
-
-    fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-        let mut found = Vec::new();
-        for e in fs::read_dir(dir).unwrap().flatten() {
-            let bytes = fs::read(e.path()).unwrap_or_default();
-            if bytes.windows(needle.len()).any(|w| w == needle) {
-                found.push(e.path());
-            }
-        }
-        found
     }
 
     #[test]

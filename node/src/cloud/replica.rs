@@ -396,6 +396,7 @@ impl Replica {
 mod tests {
     use super::*;
     use crate::cloud::hosting::HostLists;
+    use crate::test_util::files_containing;
     use ed25519_dalek::SigningKey;
     use tern_protocol::{
         AccountKeypair, DevicePublicKey,
@@ -447,25 +448,6 @@ mod tests {
         }
     }
 
-    fn files_containing(dir: &Path, needle: &[u8]) -> usize {
-        let mut n = 0;
-        let mut stack = vec![dir.to_owned()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                if e.path().is_dir() {
-                    stack.push(e.path());
-                } else if std::fs::read(e.path())
-                    .unwrap_or_default()
-                    .windows(needle.len())
-                    .any(|w| w == needle)
-                {
-                    n += 1;
-                }
-            }
-        }
-        n
-    }
-
     #[test]
     fn a_storage_peer_keeps_verified_entries_across_restarts_and_purges_for_real() {
         let tmp = tempfile::tempdir().unwrap();
@@ -495,7 +477,7 @@ mod tests {
             "{out:?}"
         );
         replicas.commit().unwrap();
-        assert_eq!(files_containing(tmp.path(), &ciphertext), 0);
+        assert_eq!(files_containing(tmp.path(), &ciphertext).len(), 0);
         let out = replicas
             .accept(&open_policy(), vec![hello.clone()])
             .unwrap();
@@ -508,8 +490,8 @@ mod tests {
         );
         replicas.commit().unwrap();
         // The storage peer holds ciphertext only.
-        assert_eq!(files_containing(tmp.path(), b"hello bob"), 0);
-        assert_eq!(files_containing(tmp.path(), &ciphertext), 1);
+        assert_eq!(files_containing(tmp.path(), b"hello bob").len(), 0);
+        assert_eq!(files_containing(tmp.path(), &ciphertext).len(), 1);
         // A replay changes nothing.
         assert_eq!(
             replicas
@@ -535,7 +517,7 @@ mod tests {
             vec![Outcome::Stored]
         );
         replicas.commit().unwrap();
-        assert_eq!(files_containing(tmp.path(), &ciphertext), 0);
+        assert_eq!(files_containing(tmp.path(), &ciphertext).len(), 0);
         drop(replicas);
 
         let replicas = Replicas::open(tmp.path()).unwrap();

@@ -289,6 +289,10 @@ fn tag(id: &SecretId) -> String {
     hex(&id[..2])
 }
 
+fn hex_ids(ids: &[MessageId]) -> Vec<String> {
+    ids.iter().map(|m| hex(&m.0)).collect()
+}
+
 fn state_name(s: ChatState) -> &'static str {
     match s {
         ChatState::Pending { .. } => "pending",
@@ -1794,7 +1798,7 @@ impl SecretService {
                     }
                     self.emit(Event::SecretRead {
                         secret_id: sid.clone(),
-                        message_ids: ids.iter().map(|m| hex(&m.0)).collect(),
+                        message_ids: hex_ids(&ids),
                     });
                 }
                 ChatEvent::Deleted(ids) => {
@@ -1803,7 +1807,7 @@ impl SecretService {
                     }
                     self.emit(Event::SecretDeleted {
                         secret_id: sid.clone(),
-                        message_ids: ids.iter().map(|m| hex(&m.0)).collect(),
+                        message_ids: hex_ids(&ids),
                     });
                 }
                 ChatEvent::Expired(ids) => {
@@ -1913,7 +1917,7 @@ impl SecretService {
                 debug!(secret = %tag(&id), count = gone.len(), "messages self-destructed");
                 self.emit(Event::SecretExpired {
                     secret_id: hex(&id),
-                    message_ids: gone.iter().map(|m| hex(&m.0)).collect(),
+                    message_ids: hex_ids(&gone),
                 });
             }
         }

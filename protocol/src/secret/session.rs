@@ -754,6 +754,37 @@ mod tests {
         Ok((done_a.session, done_b.session))
     }
 
+    /// Opens every frame waiting for `to`, in order, counting payloads and
+    /// queueing its answers for the other side.
+    fn deliver(
+        to: &mut SecretSession,
+        inbox: &mut Vec<SecretFrame>,
+        outbox: &mut Vec<SecretFrame>,
+        got: &mut usize,
+    ) {
+        for f in std::mem::take(inbox) {
+            let o = to.open(&f, 0, [1; 32]).unwrap();
+            *got += usize::from(o.payload.is_some());
+            outbox.extend(o.reply);
+        }
+    }
+
+    /// Tries every captured key on every recorded frame: none may open one.
+    fn assert_no_key_opens(candidates: &[[u8; 32]], recorded: &[SecretFrame]) {
+        for f in recorded {
+            for key in candidates {
+                let opened = cipher(key).decrypt(
+                    XNonce::from_slice(&[0u8; 24]),
+                    Payload {
+                        msg: &f.ciphertext,
+                        aad: &aad(f.epoch, f.n),
+                    },
+                );
+                assert!(opened.is_err(), "a captured key opened frame {}", f.n);
+            }
+        }
+    }
+
     /// Sends `text` from `from` to `to`, delivering every frame in order,
     /// answering re-key offers. Returns the payloads `to` received.
     fn exchange(
@@ -973,18 +1004,7 @@ mod tests {
             let (s, r) = SecretSession::chains(Role::Responder, &root_like, 0);
             candidates.extend([*s.message_key(), *r.message_key()]);
         }
-        for f in &recorded {
-            for key in &candidates {
-                let opened = cipher(key).decrypt(
-                    XNonce::from_slice(&[0u8; 24]),
-                    Payload {
-                        msg: &f.ciphertext,
-                        aad: &aad(f.epoch, f.n),
-                    },
-                );
-                assert!(opened.is_err(), "a captured key opened frame {}", f.n);
-            }
-        }
+        assert_no_key_opens(&candidates, &recorded);
     }
 
     #[test]
@@ -1007,29 +1027,13 @@ mod tests {
             );
             // Deliver in batches, as the node does, so offers cross.
             if round % 7 == 6 {
-                for f in std::mem::take(&mut to_b) {
-                    let o = sb.open(&f, 0, [1; 32]).unwrap();
-                    got_b += usize::from(o.payload.is_some());
-                    to_a.extend(o.reply);
-                }
-                for f in std::mem::take(&mut to_a) {
-                    let o = sa.open(&f, 0, [2; 32]).unwrap();
-                    got_a += usize::from(o.payload.is_some());
-                    to_b.extend(o.reply);
-                }
+                deliver(&mut sb, &mut to_b, &mut to_a, &mut got_b);
+                deliver(&mut sa, &mut to_a, &mut to_b, &mut got_a);
             }
         }
         while !to_a.is_empty() || !to_b.is_empty() {
-            for f in std::mem::take(&mut to_b) {
-                let o = sb.open(&f, 0, [1; 32]).unwrap();
-                got_b += usize::from(o.payload.is_some());
-                to_a.extend(o.reply);
-            }
-            for f in std::mem::take(&mut to_a) {
-                let o = sa.open(&f, 0, [2; 32]).unwrap();
-                got_a += usize::from(o.payload.is_some());
-                to_b.extend(o.reply);
-            }
+            deliver(&mut sb, &mut to_b, &mut to_a, &mut got_b);
+            deliver(&mut sa, &mut to_a, &mut to_b, &mut got_a);
         }
         assert_eq!((got_a, got_b), (150, 150));
         assert!(sa.rekeys() >= 2, "{} re-keys", sa.rekeys());
@@ -1073,17 +1077,6 @@ mod tests {
                 c.advance();
             }
         }
-        for f in &recorded {
-            for key in &candidates {
-                let opened = cipher(key).decrypt(
-                    XNonce::from_slice(&[0u8; 24]),
-                    Payload {
-                        msg: &f.ciphertext,
-                        aad: &aad(f.epoch, f.n),
-                    },
-                );
-                assert!(opened.is_err(), "a captured key opened frame {}", f.n);
-            }
-        }
+        assert_no_key_opens(&candidates, &recorded);
     }
 }

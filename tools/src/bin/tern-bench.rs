@@ -287,6 +287,33 @@ async fn next_event(
         .context("no event within 60 s")?
 }
 
+/// A asks B (by B's ticket) for a secret chat and B accepts; returns the
+/// chat's id once A reports it active.
+async fn open_secret_chat<S>(
+    ca: &ApiClient,
+    cb: &ApiClient,
+    ea: &mut S,
+    eb: &mut S,
+    ticket: &str,
+) -> anyhow::Result<String>
+where
+    S: futures::Stream<Item = Result<serde_json::Value, tern_node::client::ClientError>> + Unpin,
+{
+    let started: serde_json::Value = ca
+        .post("/v1/secret", &serde_json::json!({ "peer": ticket }))
+        .await?;
+    let id = started["secret_id"]
+        .as_str()
+        .context("secret_id")?
+        .to_owned();
+    next_event(eb, "secret_request", &id).await?;
+    let _: serde_json::Value = cb
+        .post(&format!("/v1/secret/{id}/accept"), &serde_json::json!({}))
+        .await?;
+    next_event(ea, "secret_accepted", &id).await?;
+    Ok(id)
+}
+
 /// The handshake's cryptography alone, both sides in one process.
 fn handshake_in_process() -> anyhow::Result<Duration> {
     let t0 = Instant::now();
@@ -309,18 +336,7 @@ fn secret_handshake(tern: &Path, runs: usize) -> anyhow::Result<()> {
             let mut ea = Box::pin(ca.events().await?);
             let mut eb = Box::pin(cb.events().await?);
             let t0 = Instant::now();
-            let started: serde_json::Value = ca
-                .post("/v1/secret", &serde_json::json!({ "peer": ticket }))
-                .await?;
-            let id = started["secret_id"]
-                .as_str()
-                .context("secret_id")?
-                .to_owned();
-            next_event(&mut eb, "secret_request", &id).await?;
-            let _: serde_json::Value = cb
-                .post(&format!("/v1/secret/{id}/accept"), &serde_json::json!({}))
-                .await?;
-            next_event(&mut ea, "secret_accepted", &id).await?;
+            open_secret_chat(&ca, &cb, &mut ea, &mut eb, &ticket).await?;
             anyhow::Ok(t0.elapsed())
         })?;
         samples.push(elapsed);
@@ -342,23 +358,10 @@ fn secret_throughput(tern: &Path, messages: usize, concurrency: usize) -> anyhow
     let (elapsed, id) = rt.block_on(async {
         let (ca, cb) = (ApiClient::new(&na.dir)?, ApiClient::new(&nb.dir)?);
         let ticket: serde_json::Value = cb.get("/v1/ticket").await?;
+        let ticket = ticket["ticket"].as_str().context("ticket")?;
         let mut ea = Box::pin(ca.events().await?);
         let mut eb = Box::pin(cb.events().await?);
-        let started: serde_json::Value = ca
-            .post(
-                "/v1/secret",
-                &serde_json::json!({ "peer": ticket["ticket"] }),
-            )
-            .await?;
-        let id = started["secret_id"]
-            .as_str()
-            .context("secret_id")?
-            .to_owned();
-        next_event(&mut eb, "secret_request", &id).await?;
-        let _: serde_json::Value = cb
-            .post(&format!("/v1/secret/{id}/accept"), &serde_json::json!({}))
-            .await?;
-        next_event(&mut ea, "secret_accepted", &id).await?;
+        let id = open_secret_chat(&ca, &cb, &mut ea, &mut eb, ticket).await?;
 
         let t0 = Instant::now();
         let path = format!("/v1/secret/{id}/messages");
