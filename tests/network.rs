@@ -174,35 +174,11 @@ fn a_relay_carries_a_connection_to_a_node_that_is_only_reachable_through_it() {
     }
     // A relay serves once it knows an address others reach it at: the
     // operator declares it with --external, as on a public server.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("/ip4/127.0.0.1/tcp/{port}");
-    let relay = NodeProcess::start(&dr, &["--listen", &addr, "--external", &addr, "--no-mdns"]);
-    assert!(
-        relay.status()["external_addrs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a == addr.as_str())
-    );
-    let circuit = format!("{}/p2p-circuit", relay.tcp_addr());
-
+    let (_relay, circuit) = start_relay(&dr);
     // B listens only through the relay: it holds a reservation there and
     // has no address of its own that A could dial.
-    let b = NodeProcess::start(&db, &["--listen", &circuit, "--no-mdns"]);
+    let b = start_behind_relay(&db, &circuit);
     let b_id = b.peer_id();
-    poll("B's relayed address to be active", || {
-        let s = b.status();
-        s["listen_addrs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a.as_str().unwrap().contains("p2p-circuit"))
-            .then_some(())
-    });
 
     let _a = NodeProcess::start(&da, LOOPBACK);
     let out = tern(&da, &["connect", &format!("{circuit}/p2p/{b_id}")]);

@@ -6,7 +6,7 @@ mod support;
 
 use std::{
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::Instant,
@@ -114,28 +114,6 @@ fn key(dir: &Path, id: &str, format: &str) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
-}
-
-/// Every file under `dir` whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(bytes) = std::fs::read(&p)
-                && bytes.windows(needle.len()).any(|w| w == needle)
-            {
-                found.push(p);
-            }
-        }
-    }
-    found
 }
 
 fn assert_nowhere(dir: &Path, needle: &str) {
@@ -531,27 +509,9 @@ fn a_relay_and_storage_peer_between_the_devices_keeps_nothing_of_the_chat() {
     for (d, n) in [(&dr, "community-server"), (&da, "alice"), (&db, "bob")] {
         init(d, n);
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("/ip4/127.0.0.1/tcp/{port}");
-    let r = NodeProcess::start(&dr, &["--listen", &addr, "--external", &addr, "--no-mdns"]);
-    poll("the relay's external address", || {
-        (!r.status()["external_addrs"].as_array().unwrap().is_empty()).then_some(())
-    });
-    let circuit = format!("{}/p2p-circuit", r.tcp_addr());
+    let (relay, circuit) = start_relay(&dr);
     // Bob is reachable only through the relay.
-    let b = NodeProcess::start(&db, &["--listen", &circuit, "--no-mdns"]);
-    poll("B's relayed address", || {
-        b.status()["listen_addrs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a.as_str().unwrap().contains("p2p-circuit"))
-            .then_some(())
-    });
+    let b = start_behind_relay(&db, &circuit);
     let _alice = NodeProcess::start(&da, LOOPBACK);
     let b_id = b.peer_id();
     let out = tern(&da, &["connect", &format!("{circuit}/p2p/{b_id}")]);
@@ -594,7 +554,7 @@ fn a_relay_and_storage_peer_between_the_devices_keeps_nothing_of_the_chat() {
     needles.push(fp.split_whitespace().collect());
     let short = String::from_utf8(key(&da, &id, "emoji")).unwrap();
     needles.push(short.trim().to_owned());
-    drop(r); // flush nothing more: what is on disk is what it kept
+    drop(relay); // flush nothing more: what is on disk is what it kept
     for n in &needles {
         assert_nowhere(&dr, n);
     }
@@ -615,69 +575,17 @@ fn outbox_frames(dir: &Path, id: &str) -> Vec<SecretFrame> {
     frames
 }
 
-/// Sends `requests` on `/tern/secret/1` from a libp2p node with `identity`
-/// to `target`; returns the answers in order.
+/// Sends `requests` on `/tern/secret/1`, one at a time, from a libp2p node
+/// with `identity` to `target`; returns the answers in order.
 async fn send_as(
     identity: libp2p::identity::Keypair,
     target: libp2p::Multiaddr,
     requests: Vec<SecretRequest>,
 ) -> Vec<Result<SecretResponse, String>> {
-    use futures::StreamExt;
-    use libp2p::{request_response, swarm::SwarmEvent};
-    let codec = tern_node::net::codec::RecordCodec::<SecretRequest, SecretResponse>::new(
-        prometheus_client::metrics::counter::Counter::default(),
-    );
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                codec,
-                [(
-                    libp2p::StreamProtocol::new("/tern/secret/1"),
-                    request_response::ProtocolSupport::Outbound,
-                )],
-                request_response::Config::default()
-                    .with_request_timeout(std::time::Duration::from_secs(60)),
-            )
-        })
-        .unwrap()
-        .build();
-    swarm.dial(target).unwrap();
-    let peer = loop {
-        match swarm.select_next_some().await {
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => break peer_id,
-            SwarmEvent::OutgoingConnectionError { error, .. } => panic!("dial failed: {error}"),
-            _ => {}
-        }
-    };
+    let (mut swarm, peer) = record_client(identity, "/tern/secret/1", target).await;
     let mut answers = Vec::new();
-    // One at a time, in order, as a real sender does.
     for r in requests {
-        swarm.behaviour_mut().send_request(&peer, r);
-        let answer = tokio::time::timeout(DEADLINE, async {
-            loop {
-                match swarm.select_next_some().await {
-                    SwarmEvent::Behaviour(request_response::Event::Message {
-                        message: request_response::Message::Response { response, .. },
-                        ..
-                    }) => return Ok(response),
-                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
-                        error,
-                        ..
-                    }) => return Err(error.to_string()),
-                    _ => {}
-                }
-            }
-        })
-        .await
-        .expect("an answer");
-        answers.push(answer);
+        answers.push(ask(&mut swarm, peer, r).await);
     }
     answers
 }

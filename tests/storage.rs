@@ -4,74 +4,26 @@
 
 mod support;
 
-use std::time::Duration;
-
 use ed25519_dalek::SigningKey;
-use futures::StreamExt;
-use libp2p::{Multiaddr, PeerId, Swarm, request_response, swarm::SwarmEvent};
+use libp2p::{Multiaddr, PeerId};
 use support::*;
-use tern_node::{
-    cloud::wire::{PushResult, StoreRequest, StoreResponse},
-    net::codec::RecordCodec,
-};
+use tern_node::cloud::wire::{PushResult, StoreRequest, StoreResponse};
 use tern_protocol::{
     AccountKeypair, DevicePublicKey,
     cloud::{ChatId, ChatLog, ChatMember, Draft, Entry, SyncRequest},
 };
 
-type Client = Swarm<request_response::Behaviour<RecordCodec<StoreRequest, StoreResponse>>>;
+type Client = RecordClient<StoreRequest, StoreResponse>;
 
 async fn client(target: Multiaddr) -> (Client, PeerId) {
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                RecordCodec::new(prometheus_client::metrics::counter::Counter::default()),
-                [(
-                    libp2p::StreamProtocol::new("/tern/store/1"),
-                    request_response::ProtocolSupport::Outbound,
-                )],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
-            )
-        })
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-        .build();
-    swarm.dial(target).unwrap();
-    let peer = loop {
-        match swarm.select_next_some().await {
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => break peer_id,
-            SwarmEvent::OutgoingConnectionError { error, .. } => panic!("dial failed: {error}"),
-            _ => {}
-        }
-    };
-    (swarm, peer)
+    let identity = libp2p::identity::Keypair::generate_ed25519();
+    record_client(identity, "/tern/store/1", target).await
 }
 
-async fn ask(swarm: &mut Client, peer: PeerId, request: StoreRequest) -> StoreResponse {
-    swarm.behaviour_mut().send_request(&peer, request);
-    tokio::time::timeout(DEADLINE, async {
-        loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::Behaviour(request_response::Event::Message {
-                    message: request_response::Message::Response { response, .. },
-                    ..
-                }) => return response,
-                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
-                    error, ..
-                }) => panic!("request failed: {error}"),
-                _ => {}
-            }
-        }
-    })
-    .await
-    .expect("an answer")
+async fn ask_store(swarm: &mut Client, peer: PeerId, request: StoreRequest) -> StoreResponse {
+    ask(swarm, peer, request)
+        .await
+        .unwrap_or_else(|e| panic!("request failed: {e}"))
 }
 
 fn push(entries: &[Entry]) -> StoreRequest {
@@ -150,26 +102,6 @@ impl Member {
     }
 }
 
-fn grep(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if std::fs::read(&p)
-                .unwrap_or_default()
-                .windows(needle.len())
-                .any(|w| w == needle)
-            {
-                found.push(p);
-            }
-        }
-    }
-    found
-}
-
 #[test]
 fn a_storage_peer_hosts_only_whom_it_agreed_to_and_loses_nothing_it_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
@@ -187,7 +119,7 @@ fn a_storage_peer_hosts_only_whom_it_agreed_to_and_loses_nothing_it_acknowledged
 
     // Not agreed to: a clear refusal, and nothing kept.
     let (mut c, peer) = rt.block_on(client(target.clone()));
-    let refused = results(rt.block_on(ask(&mut c, peer, push(&first))));
+    let refused = results(rt.block_on(ask_store(&mut c, peer, push(&first))));
     assert_eq!(refused.len(), first.len());
     match &refused[0] {
         PushResult::Refused(why) => assert!(why.contains("tern host allow"), "{why}"),
@@ -207,13 +139,13 @@ fn a_storage_peer_hosts_only_whom_it_agreed_to_and_loses_nothing_it_acknowledged
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stored = results(rt.block_on(ask(&mut c, peer, push(&first))));
+    let stored = results(rt.block_on(ask_store(&mut c, peer, push(&first))));
     assert!(
         stored.iter().all(|r| *r == PushResult::Stored),
         "{stored:?}"
     );
     // Replayed: nothing new.
-    let again = results(rt.block_on(ask(&mut c, peer, push(&first[5..8]))));
+    let again = results(rt.block_on(ask_store(&mut c, peer, push(&first[5..8]))));
     assert!(
         again.iter().all(|r| *r == PushResult::Duplicate),
         "{again:?}"
@@ -225,7 +157,7 @@ fn a_storage_peer_hosts_only_whom_it_agreed_to_and_loses_nothing_it_acknowledged
     if let Some(b) = altered.body.as_mut() {
         b.ciphertext[0] ^= 1;
     }
-    let bad = results(rt.block_on(ask(&mut c, peer, push(&[forged, altered]))));
+    let bad = results(rt.block_on(ask_store(&mut c, peer, push(&[forged, altered]))));
     assert!(
         bad.iter().all(|r| matches!(r, PushResult::Rejected(_))),
         "{bad:?}"
@@ -239,14 +171,14 @@ fn a_storage_peer_hosts_only_whom_it_agreed_to_and_loses_nothing_it_acknowledged
 
     // Storage peers hold ciphertext only.
     for i in 0..20 {
-        assert!(grep(&dir, format!("plaintext-marker-{i}").as_bytes()).is_empty());
+        assert!(files_containing(&dir, format!("plaintext-marker-{i}").as_bytes()).is_empty());
     }
 
     // Acknowledged, then SIGKILL: all of it is there after a restart.
     let more: Vec<Entry> = (0..50)
         .map(|i| fresh.say(&format!("before the kill {i}")))
         .collect();
-    let acked = results(rt.block_on(ask(&mut c, peer, push(&more))));
+    let acked = results(rt.block_on(ask_store(&mut c, peer, push(&more))));
     assert!(acked.iter().all(|r| *r == PushResult::Stored), "{acked:?}");
     drop(c);
     kill9(node.pid());
@@ -260,7 +192,7 @@ fn a_storage_peer_hosts_only_whom_it_agreed_to_and_loses_nothing_it_acknowledged
     let mut synced = ChatLog::new(CHAT);
     loop {
         let StoreResponse::Synced(batch) =
-            rt.block_on(ask(&mut c, peer, StoreRequest::Sync(request)))
+            rt.block_on(ask_store(&mut c, peer, StoreRequest::Sync(request)))
         else {
             panic!("expected a sync batch");
         };
@@ -285,7 +217,7 @@ fn a_storage_peer_hosts_only_whom_it_agreed_to_and_loses_nothing_it_acknowledged
         let big: Vec<Entry> = (0..40)
             .map(|i| fresh.say(&format!("{round}-{i}-{}", "q".repeat(3000))))
             .collect();
-        let r = results(rt.block_on(ask(&mut c, peer, push(&big))));
+        let r = results(rt.block_on(ask_store(&mut c, peer, push(&big))));
         if let Some(PushResult::Refused(why)) =
             r.iter().find(|r| matches!(r, PushResult::Refused(_)))
         {
@@ -296,7 +228,7 @@ fn a_storage_peer_hosts_only_whom_it_agreed_to_and_loses_nothing_it_acknowledged
     let why = quota_hit.expect("a 1 MiB quota was never reached");
     assert!(why.contains("quota"), "{why}");
     // Still serving: what it holds can still be synced.
-    let StoreResponse::Synced(batch) = rt.block_on(ask(
+    let StoreResponse::Synced(batch) = rt.block_on(ask_store(
         &mut c,
         peer,
         StoreRequest::Sync(SyncRequest::for_log(&ChatLog::new(CHAT))),

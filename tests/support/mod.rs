@@ -372,3 +372,144 @@ pub fn metric(dir: &std::path::Path, name: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Every file under `dir` (recursively) whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p)
+                .unwrap_or_default()
+                .windows(needle.len())
+                .any(|w| w == needle)
+            {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// Starts a relay on `dir`: a node with a fixed loopback port declared as
+/// its external address (a relay serves only with one). Returns it and its
+/// circuit address (`…/p2p/RELAY/p2p-circuit`).
+pub fn start_relay(dir: &Path) -> (NodeProcess, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("its address")
+        .port();
+    let addr = format!("/ip4/127.0.0.1/tcp/{port}");
+    let relay = NodeProcess::start(dir, &["--listen", &addr, "--external", &addr, "--no-mdns"]);
+    poll("the relay's external address", || {
+        relay.status()["external_addrs"]
+            .as_array()?
+            .iter()
+            .any(|a| a == addr.as_str())
+            .then_some(())
+    });
+    let circuit = format!("{}/p2p-circuit", relay.tcp_addr());
+    (relay, circuit)
+}
+
+/// Starts a node on `dir` that listens only through the relay at
+/// `circuit`, once its relayed address is active.
+pub fn start_behind_relay(dir: &Path, circuit: &str) -> NodeProcess {
+    let node = NodeProcess::start(dir, &["--listen", circuit, "--no-mdns"]);
+    poll("the relayed address to be active", || {
+        node.status()["listen_addrs"]
+            .as_array()?
+            .iter()
+            .any(|a| a.as_str().is_some_and(|a| a.contains("p2p-circuit")))
+            .then_some(())
+    });
+    node
+}
+
+/// A bare libp2p node that speaks one of Tern's record protocols, as a
+/// test's stand-in for another device (or an attacker).
+pub type RecordClient<Req, Resp> = libp2p::Swarm<
+    libp2p::request_response::Behaviour<tern_node::net::codec::RecordCodec<Req, Resp>>,
+>;
+
+/// Connects a [`RecordClient`] with `identity` to `target`.
+pub async fn record_client<Req, Resp>(
+    identity: libp2p::identity::Keypair,
+    protocol: &'static str,
+    target: libp2p::Multiaddr,
+) -> (RecordClient<Req, Resp>, libp2p::PeerId)
+where
+    Req: tern_protocol::Record + Send + Sync + 'static,
+    Resp: tern_protocol::Record + Send + Sync + 'static,
+{
+    use futures::StreamExt;
+    use libp2p::{request_response, swarm::SwarmEvent};
+    let codec = tern_node::net::codec::RecordCodec::new(
+        prometheus_client::metrics::counter::Counter::default(),
+    );
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .expect("tcp transport")
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                codec,
+                [(
+                    libp2p::StreamProtocol::new(protocol),
+                    request_response::ProtocolSupport::Outbound,
+                )],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
+            )
+        })
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    swarm.dial(target).expect("dial");
+    let peer = loop {
+        match swarm.select_next_some().await {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => break peer_id,
+            SwarmEvent::OutgoingConnectionError { error, .. } => panic!("dial failed: {error}"),
+            _ => {}
+        }
+    };
+    (swarm, peer)
+}
+
+/// Sends one request and waits for its answer (or its failure).
+pub async fn ask<Req, Resp>(
+    swarm: &mut RecordClient<Req, Resp>,
+    peer: libp2p::PeerId,
+    request: Req,
+) -> Result<Resp, String>
+where
+    Req: tern_protocol::Record + Send + Sync + 'static,
+    Resp: tern_protocol::Record + Send + Sync + 'static,
+{
+    use futures::StreamExt;
+    use libp2p::{request_response, swarm::SwarmEvent};
+    swarm.behaviour_mut().send_request(&peer, request);
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Response { response, .. },
+                    ..
+                }) => return Ok(response),
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                    error, ..
+                }) => return Err(error.to_string()),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("an answer within the deadline")
+}
