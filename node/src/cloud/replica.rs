@@ -424,6 +424,22 @@ mod tests {
         }
     }
 
+    /// `creator` starts the chat with `other`; returns the genesis.
+    fn create_with(creator: &mut Person, other: &Person) -> Entry {
+        let genesis = creator
+            .member
+            .create(
+                CHAT,
+                &[(other.account.id(), other.member.encryption_key())],
+                vec![],
+                None,
+                [3; 32],
+            )
+            .unwrap();
+        creator.log.insert(genesis.clone()).unwrap();
+        genesis
+    }
+
     fn say(p: &mut Person, text: &str, n: u8) -> Entry {
         let e = p
             .member
@@ -452,17 +468,7 @@ mod tests {
     fn a_storage_peer_keeps_verified_entries_across_restarts_and_purges_for_real() {
         let tmp = tempfile::tempdir().unwrap();
         let (mut alice, bob) = (person(1), person(2));
-        let genesis = alice
-            .member
-            .create(
-                CHAT,
-                &[(bob.account.id(), bob.member.encryption_key())],
-                vec![],
-                None,
-                [3; 32],
-            )
-            .unwrap();
-        alice.log.insert(genesis.clone()).unwrap();
+        let genesis = create_with(&mut alice, &bob);
         let hello = say(&mut alice, "hello bob", 4);
         let secret = say(&mut alice, "this will be deleted", 5);
 
@@ -530,17 +536,7 @@ mod tests {
     fn forged_and_unhosted_entries_are_refused_and_nothing_is_kept() {
         let tmp = tempfile::tempdir().unwrap();
         let (mut alice, bob) = (person(1), person(2));
-        let genesis = alice
-            .member
-            .create(
-                CHAT,
-                &[(bob.account.id(), bob.member.encryption_key())],
-                vec![],
-                None,
-                [3; 32],
-            )
-            .unwrap();
-        alice.log.insert(genesis.clone()).unwrap();
+        let genesis = create_with(&mut alice, &bob);
         let mut replicas = Replicas::open(tmp.path()).unwrap();
 
         // Not an account this node agreed to host.
