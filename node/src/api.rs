@@ -38,6 +38,7 @@ const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 pub struct ApiState {
     pub net: NetworkHandle,
     pub secret: SecretHandle,
+    pub cloud: crate::cloud::service::CloudHandle,
     pub hosting: crate::cloud::hosting::Hosting,
     pub bus: EventBus,
     pub token: String,
@@ -64,6 +65,7 @@ pub fn router(state: Shared) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::secret::api::routes())
         .merge(crate::cloud::api::routes())
+        .merge(crate::cloud::api::chat_routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         // Outermost: authenticate before anything else looks at the request.

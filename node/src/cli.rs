@@ -61,6 +61,9 @@ pub enum Command {
     /// Whom this node stores cloud chats for.
     #[command(subcommand)]
     Host(crate::cloud::cli::HostCommand),
+    /// Cloud chats: end-to-end encrypted, kept by storage peers, on every device.
+    #[command(subcommand)]
+    Chat(crate::cloud::cli::ChatCommand),
     /// Stream events from the node.
     Watch(JsonFlag),
     /// Start a local testnet of N nodes on loopback.
@@ -201,6 +204,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Secret(cmd) => crate::secret::cli::run(&dir, cmd).await,
         Command::Logout => crate::secret::cli::logout(&dir).await,
         Command::Host(cmd) => crate::cloud::cli::run(&dir, cmd).await,
+        Command::Chat(cmd) => crate::cloud::cli::run_chat(&dir, cmd).await,
         Command::Watch(f) => watch(&dir, f.json).await,
         Command::Testnet(args) => testnet::run(args).await,
     }

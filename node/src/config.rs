@@ -55,6 +55,10 @@ pub struct Config {
     pub host_open: bool,
     /// Most bytes of other people's chats this node stores, in MiB.
     pub storage_quota_mib: u64,
+    /// This account's chosen storage peers (peer ids, or multiaddrs ending
+    /// in `/p2p/PEER`), published in its account record: new chats keep
+    /// their messages there by default. Empty: this node itself.
+    pub storage_peers: Vec<String>,
 }
 
 impl Default for Config {
@@ -75,6 +79,7 @@ impl Default for Config {
             store_cache_mib: 8,
             host_open: false,
             storage_quota_mib: 1024,
+            storage_peers: Vec::new(),
         }
     }
 }
@@ -118,6 +123,13 @@ impl Config {
         };
         if self.name.is_empty() || self.name.len() > tern_protocol::identity::MAX_DEVICE_NAME {
             return Err(invalid("name must be 1 to 64 bytes"));
+        }
+        if self.storage_peers.len() > tern_protocol::cloud::account::MAX_STORAGE_PEERS {
+            return Err(invalid("storage_peers lists at most 8 peers"));
+        }
+        for p in &self.storage_peers {
+            crate::cloud::service::parse_storage_peer(p)
+                .map_err(|e| invalid(&format!("storage_peers: {e}")))?;
         }
         if self.max_connections == 0 {
             return Err(invalid("max_connections must be at least 1"));

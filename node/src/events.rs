@@ -71,6 +71,46 @@ pub enum Event {
     },
     /// The secret chat was closed (by either side, or by logout).
     SecretClosed { secret_id: String },
+    /// A cloud chat this account is in began (here or on another device).
+    ChatCreated { chat_id: String, by: String },
+    /// A new cloud-chat message, from this account or another.
+    ChatMessage {
+        chat_id: String,
+        message_id: String,
+        author: String,
+        text: String,
+        from_me: bool,
+        reply_to: Option<String>,
+    },
+    /// A message was edited by its author.
+    ChatEdited {
+        chat_id: String,
+        message_id: String,
+        text: String,
+    },
+    /// Messages were deleted for everyone.
+    ChatDeleted {
+        chat_id: String,
+        message_ids: Vec<String>,
+        by: String,
+    },
+    /// Another member read the chat (two checks).
+    ChatReceipt { chat_id: String, reader: String },
+    /// A message of this device reached its write quorum (one check).
+    ChatStatus {
+        chat_id: String,
+        message_id: String,
+        status: String,
+    },
+    /// A storage peer of a chat became reachable or unreachable, or came
+    /// into or out of sync.
+    ReplicaHealth {
+        chat_id: String,
+        peer_id: String,
+        reachable: bool,
+        in_sync: bool,
+        entries: u64,
+    },
     /// This subscriber fell behind and missed events.
     Lagged { missed: u64 },
 }

@@ -20,7 +20,12 @@ use zeroize::Zeroizing;
 
 use crate::{
     api::{self, ApiState},
-    cloud::{self, hosting::Hosting, replica::Replicas, service::StoreService},
+    cloud::{
+        self,
+        hosting::Hosting,
+        replica::Replicas,
+        service::{CloudParts, CloudService},
+    },
     config::Config,
     data_dir::{DataDir, read_bounded, write_atomic},
     erasable::ErasableStore,
@@ -81,8 +86,19 @@ pub fn read_token(dir: &DataDir) -> anyhow::Result<String> {
 /// This device's account record: for now the account's devices as this
 /// device knows them (itself) and its encryption key. Signed anew at every
 /// start, with the time as its sequence number.
-fn own_account_record(identity: &keys::Identity) -> anyhow::Result<AccountRecord> {
+fn own_account_record(identity: &keys::Identity, config: &Config) -> anyhow::Result<AccountRecord> {
     let now = crate::events::now_ms();
+    let mut storage_peers = config
+        .storage_peers
+        .iter()
+        .map(|p| cloud::service::parse_storage_peer(p).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if storage_peers.is_empty() {
+        storage_peers.push(tern_protocol::cloud::account::StoragePeer {
+            node: identity.certificate.device,
+            addrs: Vec::new(),
+        });
+    }
     AccountRecord::sign(
         &identity.account,
         AccountRecordBody {
@@ -91,7 +107,7 @@ fn own_account_record(identity: &keys::Identity) -> anyhow::Result<AccountRecord
             issued_at_ms: now,
             encryption_key: AccountEncryptionKey::derive(&identity.account).public(),
             devices: vec![identity.certificate.clone()],
-            storage_peers: Vec::new(),
+            storage_peers,
         },
     )
     .map_err(|e| anyhow::anyhow!("cannot sign this account's record: {e}"))
@@ -145,7 +161,7 @@ impl Node {
             target_peers: config.target_peers as usize,
             secret_inbound,
             store_inbound,
-            own_record: own_account_record(&identity)?,
+            own_record: own_account_record(&identity, &config)?,
         });
         let erasable = ErasableStore::open(data_dir.erasable())
             .with_context(|| format!("cannot open {}", data_dir.erasable().display()))?;
@@ -182,10 +198,22 @@ impl Node {
         )?;
         let replicas = Replicas::open(data_dir.replicas())
             .with_context(|| format!("cannot open {}", data_dir.replicas().display()))?;
-        let store_service = StoreService::new(replicas, hosting.clone(), net.clone(), store_rx);
+        let (cloud_service, cloud) = CloudService::new(CloudParts {
+            replicas,
+            hosting: hosting.clone(),
+            net: net.clone(),
+            bus: bus.clone(),
+            inbound: store_rx,
+            encryption: AccountEncryptionKey::derive(&identity.account),
+            signing_key: keys::device_signing_key(&identity.device)
+                .context("the device key is not an Ed25519 key")?,
+            certificate: identity.certificate.clone(),
+            hidden: store.keyspace("cloud_hidden")?,
+        })?;
         let state = Arc::new(ApiState {
             net,
             secret,
+            cloud,
             hosting,
             bus,
             token,
@@ -203,7 +231,7 @@ impl Node {
         let mut tasks = vec![
             tokio::spawn(event_loop.run(shutdown_rx.clone())),
             secret_service.spawn(shutdown_rx.clone()),
-            store_service.spawn(shutdown_rx.clone()),
+            cloud_service.spawn(shutdown_rx.clone()),
         ];
         let mut api_shutdown = shutdown_rx;
         tasks.push(tokio::spawn(async move {

@@ -56,6 +56,9 @@ impl TestnetNode {
     }
 }
 
+/// How many testnet nodes each node names as its storage peers.
+const STORAGE_PEERS: usize = 3;
+
 /// The config a testnet node gets on first start: loopback only, no mDNS
 /// (nodes are wired explicitly, and nothing is announced to the LAN).
 pub fn node_config(name: &str) -> Config {
@@ -139,13 +142,36 @@ async fn start_all(
     deadline: Instant,
     nodes: &mut Vec<TestnetNode>,
 ) -> anyhow::Result<()> {
+    // Every node first, so that each can name the others as its storage
+    // peers: a newcomer's first chat is kept by the testnet.
+    let mut made = Vec::new();
     for k in 1..=args.nodes {
         let name = format!("node-{k}");
         let dir = DataDir::new(args.dir.join(&name));
         if !dir.is_initialized() {
             init_with(&dir, node_config(&name), None)
                 .with_context(|| format!("cannot set up {}", dir.root().display()))?;
+            made.push(k - 1);
         }
+    }
+    let peers: Vec<String> = (1..=args.nodes)
+        .map(|k| {
+            let dir = DataDir::new(args.dir.join(format!("node-{k}")));
+            crate::keys::load(&dir, None).map(|i| i.peer_id().to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    for k in made {
+        let dir = DataDir::new(args.dir.join(format!("node-{}", k + 1)));
+        let mut config = Config::load(&dir.config())?;
+        // This node first, then the next ones round the ring.
+        config.storage_peers = (0..peers.len().min(STORAGE_PEERS))
+            .map(|i| peers[(k + i) % peers.len()].clone())
+            .collect();
+        config.save(&dir.config())?;
+    }
+    for k in 1..=args.nodes {
+        let name = format!("node-{k}");
+        let dir = DataDir::new(args.dir.join(&name));
         let bootstrap: Vec<String> = nodes.iter().filter_map(TestnetNode::dial_addr).collect();
         let mut child = spawn_node(exe, &dir, &bootstrap)?;
         let status = match wait_until_serving(&dir, &mut child, deadline).await {

@@ -62,6 +62,8 @@ pub struct Replicas {
     used: u64,
     /// Set when a commit failed: memory may be ahead of the disk.
     failed: Option<String>,
+    /// Entries appended since the last [`Self::take_appended`].
+    appended: Vec<(ChatId, EntryHash)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +149,7 @@ impl Replicas {
             purges: Vec::new(),
             used: 0,
             failed: None,
+            appended: Vec::new(),
         };
         let dirs = std::fs::read_dir(&root).map_err(|source| ReplicaError::Io {
             path: root.display().to_string(),
@@ -198,6 +201,22 @@ impl Replicas {
         self.chats.get(chat).map(|r| ChatSummary::of(&r.log))
     }
 
+    /// The verified log of a kept chat.
+    pub fn log(&self, chat: &ChatId) -> Option<&ChatLog> {
+        self.chats.get(chat).map(|r| &r.log)
+    }
+
+    /// Entries appended (and, after a commit, durable) since the last call,
+    /// in the order they were appended.
+    pub fn take_appended(&mut self) -> Vec<(ChatId, EntryHash)> {
+        std::mem::take(&mut self.appended)
+    }
+
+    /// Whether a failed commit stopped the kept chats.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
     fn check(&self) -> Result<(), ReplicaError> {
         match &self.failed {
             Some(why) => Err(ReplicaError::Failed(why.clone())),
@@ -211,10 +230,11 @@ impl Replicas {
     /// The hosting policy is decided once per chat, on its first entry (the
     /// genesis) by its creator's account; after that any verified member
     /// may write. Only new bytes count against the quota, and a purge never
-    /// does.
+    /// does. `policy` is `None` for this device's own chats, which it keeps
+    /// as a member whatever the hosting policy says.
     pub fn accept(
         &mut self,
-        policy: &HostPolicy,
+        policy: Option<&HostPolicy>,
         entries: Vec<Entry>,
     ) -> Result<Vec<Outcome>, ReplicaError> {
         self.check()?;
@@ -244,7 +264,9 @@ impl Replicas {
                 continue;
             };
             let incoming = if is_purge { 0 } else { size };
-            if let Err(r) = policy.decide(&creator, self.used, incoming) {
+            if let Some(policy) = policy
+                && let Err(r) = policy.decide(&creator, self.used, incoming)
+            {
                 outcomes.push(Outcome::Refused(r));
                 continue;
             }
@@ -280,6 +302,7 @@ impl Replicas {
                             outcomes.push(Outcome::Rejected(err.to_string()));
                             return Ok(outcomes);
                         }
+                        self.appended.push((chat, h));
                         if h == hash {
                             outcome = Outcome::Stored;
                         }
@@ -476,7 +499,7 @@ mod tests {
         let ciphertext = secret.body.as_ref().unwrap().ciphertext.clone();
         // A child before its parent waits in memory and is not called stored.
         let out = replicas
-            .accept(&open_policy(), vec![genesis, secret.clone()])
+            .accept(Some(&open_policy()), vec![genesis, secret.clone()])
             .unwrap();
         assert!(
             matches!(out[..], [Outcome::Stored, Outcome::Missing(_)]),
@@ -485,12 +508,12 @@ mod tests {
         replicas.commit().unwrap();
         assert_eq!(files_containing(tmp.path(), &ciphertext).len(), 0);
         let out = replicas
-            .accept(&open_policy(), vec![hello.clone()])
+            .accept(Some(&open_policy()), vec![hello.clone()])
             .unwrap();
         assert_eq!(out, vec![Outcome::Stored]);
         assert_eq!(
             replicas
-                .accept(&open_policy(), vec![secret.clone()])
+                .accept(Some(&open_policy()), vec![secret.clone()])
                 .unwrap(),
             vec![Outcome::Duplicate]
         );
@@ -501,7 +524,7 @@ mod tests {
         // A replay changes nothing.
         assert_eq!(
             replicas
-                .accept(&open_policy(), vec![hello.clone()])
+                .accept(Some(&open_policy()), vec![hello.clone()])
                 .unwrap(),
             vec![Outcome::Duplicate]
         );
@@ -519,7 +542,7 @@ mod tests {
             .unwrap();
         alice.log.insert(purge.clone()).unwrap();
         assert_eq!(
-            replicas.accept(&open_policy(), vec![purge]).unwrap(),
+            replicas.accept(Some(&open_policy()), vec![purge]).unwrap(),
             vec![Outcome::Stored]
         );
         replicas.commit().unwrap();
@@ -545,7 +568,9 @@ mod tests {
             quota_bytes: 1 << 30,
             lists: HostLists::default(),
         };
-        let out = replicas.accept(&closed, vec![genesis.clone()]).unwrap();
+        let out = replicas
+            .accept(Some(&closed), vec![genesis.clone()])
+            .unwrap();
         assert_eq!(
             out,
             vec![Outcome::Refused(Refusal::NotAllowed(alice.account.id()))]
@@ -559,7 +584,7 @@ mod tests {
             ..open_policy()
         };
         assert!(matches!(
-            replicas.accept(&tiny, vec![genesis.clone()]).unwrap()[0],
+            replicas.accept(Some(&tiny), vec![genesis.clone()]).unwrap()[0],
             Outcome::Refused(Refusal::QuotaFull { .. })
         ));
 
@@ -567,7 +592,7 @@ mod tests {
         let mut forged = genesis.clone();
         forged.header.signature[0] ^= 1;
         assert!(matches!(
-            replicas.accept(&open_policy(), vec![forged]).unwrap()[0],
+            replicas.accept(Some(&open_policy()), vec![forged]).unwrap()[0],
             Outcome::Rejected(_)
         ));
         assert_eq!(replicas.used_bytes(), 0);
@@ -583,14 +608,16 @@ mod tests {
             ..closed
         };
         assert_eq!(
-            replicas.accept(&alice_only, vec![genesis.clone()]).unwrap(),
+            replicas
+                .accept(Some(&alice_only), vec![genesis.clone()])
+                .unwrap(),
             vec![Outcome::Stored]
         );
         let mut bob = bob;
         bob.log.insert(genesis).unwrap();
         let reply = say(&mut bob, "hi alice", 9);
         assert_eq!(
-            replicas.accept(&alice_only, vec![reply]).unwrap(),
+            replicas.accept(Some(&alice_only), vec![reply]).unwrap(),
             vec![Outcome::Stored]
         );
         // A chat it does not keep cannot be started by a later entry.
@@ -598,7 +625,7 @@ mod tests {
         let mut other = stray.clone();
         other.header.header.chat = ChatId([1; 16]);
         assert!(matches!(
-            replicas.accept(&open_policy(), vec![other]).unwrap()[0],
+            replicas.accept(Some(&open_policy()), vec![other]).unwrap()[0],
             Outcome::Rejected(_)
         ));
         replicas.commit().unwrap();

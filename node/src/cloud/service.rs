@@ -1,24 +1,83 @@
-//! The storage-peer service: answers `/tern/store/1` requests from the
-//! [`Replicas`] this node keeps, on a thread of its own (its syncs never
-//! hold up the network), in batches: every request already waiting joins
-//! the batch, one commit covers all of them, and only then are they
-//! answered.
+//! The cloud-chat service: one thread that owns every chat this node keeps
+//! ([`Replicas`]), whether it keeps it as a storage peer, as a member
+//! device, or both.
+//!
+//! It works in rounds. A round takes everything waiting (requests from
+//! peers, commands from the control API, answers to its own requests),
+//! verifies and appends, commits once, and only then answers, acknowledges,
+//! emits events and sends what the round produced. Nothing is acknowledged
+//! before it is on disk.
+//!
+//! Towards other nodes it keeps one [`Link`] per peer with at most one
+//! request in flight: pushes of new entries first, then pulls, compares and
+//! notifications. A compare (`Summary`) tells what the peer holds, so the
+//! same step repairs in both directions: push what it lacks, pull what it
+//! has more of. Members and storage peers run the same compares against
+//! every other peer of a chat's storage set, every few seconds and at once
+//! when a peer connects, so replicas converge after crashes, partitions and
+//! new-replica joins without anyone asking.
+//!
+//! The write quorum is counted from what peers have said they hold: a
+//! `Stored` or `Duplicate` answer, or a summary, for the entry's author
+//! device and sequence number (an entry is only accepted after that
+//! device's previous one, so counts are contiguous).
 
-use libp2p::{PeerId, request_response::ResponseChannel};
-use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, warn};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    str::FromStr,
+    time::{Duration, Instant},
+};
+
+use ed25519_dalek::SigningKey;
+use libp2p::{Multiaddr, PeerId, request_response::ResponseChannel};
+use rand::RngCore;
+use tern_protocol::{
+    AccountId, DeviceCertificate, DevicePublicKey, Record,
+    cloud::{
+        AccountEncryptionKey, BatchLimits, ChatId, ChatLog, ChatMember, ChatSummary, Content,
+        Draft, Entry, EntryHash, EntryKind, SyncRequest, account::StoragePeer, missing_entries,
+        they_have_more,
+    },
+};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
 
 use super::{
+    ChatInfo, CloudError, MessageView, ReplicaView, SendReceipt,
     hosting::Hosting,
     replica::{Outcome, Replicas},
-    wire::{PushResult, StoreRequest, StoreResponse},
+    wire::{MAX_CHAT_LIST, MAX_PUSH, MAX_PUSH_BYTES, PushResult, StoreRequest, StoreResponse},
 };
-use crate::net::NetworkHandle;
+use crate::{
+    events::{Event, EventBus},
+    keys::{device_of_peer, peer_id_of},
+    net::NetworkHandle,
+    store::Keyspace,
+};
 
 /// Requests from peers waiting for the service.
 pub const INBOUND_QUEUE: usize = 256;
+/// Commands from the control API waiting for the service.
+const COMMAND_QUEUE: usize = 256;
 /// Most requests answered by one commit.
 const MAX_BATCH: usize = 256;
+/// Most peers this node keeps links to.
+const MAX_LINKS: usize = 1024;
+/// Most entries waiting to be pushed to one peer; beyond that the peer is
+/// compared instead (which finds the same entries from its summary).
+const MAX_LINK_QUEUE: usize = 20_000;
+/// Most chats one peer may ask this node to pull or notify at once.
+const MAX_LINK_CHATS: usize = 1024;
+/// How often each storage peer of a chat is compared with.
+const COMPARE_EVERY: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Most storage peers a chat gets by default.
+const DEFAULT_STORAGE_PEERS: usize = 5;
+/// Most messages one clear may delete.
+const MAX_CLEAR: usize = 100_000;
+
+type Reply<T> = oneshot::Sender<Result<T, CloudError>>;
 
 /// A `/tern/store/1` request from a peer, handed over by the event loop.
 pub struct InboundStore {
@@ -27,45 +86,415 @@ pub struct InboundStore {
     pub channel: ResponseChannel<StoreResponse>,
 }
 
-pub struct StoreService {
+/// A new chat's members, as their signed account records (this account's
+/// own first: its storage choices come first).
+pub struct NewChat {
+    pub with: Vec<tern_protocol::cloud::account::AccountRecord>,
+    pub title: Option<String>,
+    /// `None`: the members' chosen storage peers.
+    pub storage: Option<Vec<StoragePeer>>,
+    pub quorum: Option<u8>,
+}
+
+enum Command {
+    New(NewChat, Reply<ChatInfo>),
+    List(Reply<Vec<ChatInfo>>),
+    Send {
+        chat: String,
+        text: String,
+        reply_to: Option<String>,
+        reply: Reply<SendReceipt>,
+    },
+    Status {
+        chat: String,
+        message: String,
+        reply: Reply<SendReceipt>,
+    },
+    History {
+        chat: String,
+        limit: Option<usize>,
+        reply: Reply<Vec<MessageView>>,
+    },
+    Edit {
+        chat: String,
+        message: String,
+        text: String,
+        reply: Reply<SendReceipt>,
+    },
+    Delete {
+        chat: String,
+        messages: Vec<String>,
+        for_everyone: bool,
+        reply: Reply<usize>,
+    },
+    Clear {
+        chat: String,
+        for_everyone: bool,
+        reply: Reply<usize>,
+    },
+    Read {
+        chat: String,
+        reply: Reply<Option<SendReceipt>>,
+    },
+    Probe {
+        chat: String,
+        reply: Reply<String>,
+    },
+    Replicas {
+        chat: String,
+        reply: Reply<Vec<ReplicaView>>,
+    },
+    Storage {
+        chat: String,
+        peers: Vec<StoragePeer>,
+        quorum: Option<u8>,
+        reply: Reply<ChatInfo>,
+    },
+}
+
+/// What one of our requests to a peer was.
+#[derive(Debug)]
+enum Asked {
+    Push {
+        chat: ChatId,
+        hashes: Vec<EntryHash>,
+        /// Compare again afterwards: the push was one batch of several.
+        then_compare: bool,
+    },
+    Summary(ChatId),
+    Pull(ChatId),
+    Notify,
+    ChatsOf,
+}
+
+struct Done {
+    peer: PeerId,
+    asked: Asked,
+    result: Result<StoreResponse, String>,
+}
+
+/// This node's traffic with one peer.
+#[derive(Default)]
+struct Link {
+    addrs: Vec<Multiaddr>,
+    busy: bool,
+    /// Entries to push, per chat, in causal (lamport) order.
+    pushes: BTreeMap<ChatId, BTreeSet<(u64, EntryHash)>>,
+    queued: usize,
+    /// Chats to pull from it, compare with it, notify it about.
+    pull: BTreeSet<ChatId>,
+    compare: BTreeSet<ChatId>,
+    notify: BTreeSet<ChatId>,
+    chats_of: bool,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+    /// `None` until the first answer or failure.
+    reachable: Option<bool>,
+    last_error: Option<String>,
+}
+
+impl Link {
+    fn idle(&self) -> bool {
+        self.pushes.is_empty()
+            && self.pull.is_empty()
+            && self.compare.is_empty()
+            && self.notify.is_empty()
+            && !self.chats_of
+    }
+}
+
+/// What one peer holds of one chat, as far as this node knows.
+#[derive(Default, Clone)]
+struct View {
+    /// Entries held per author device (contiguous from seq 0).
+    counts: HashMap<DevicePublicKey, u64>,
+    entries: u64,
+    heads_hash: Option<[u8; 32]>,
+    /// When it last answered a compare.
+    seen: Option<Instant>,
+    compared: Option<Instant>,
+    refused: Option<String>,
+    in_sync: Option<bool>,
+}
+
+pub struct CloudParts {
+    pub replicas: Replicas,
+    pub hosting: Hosting,
+    pub net: NetworkHandle,
+    pub bus: EventBus,
+    pub inbound: mpsc::Receiver<InboundStore>,
+    /// The account's encryption key: what chat keys are wrapped to.
+    pub encryption: AccountEncryptionKey,
+    pub signing_key: SigningKey,
+    pub certificate: DeviceCertificate,
+    /// Messages hidden on this device only (`delete` without
+    /// `--for-everyone`).
+    pub hidden: Keyspace,
+}
+
+pub struct CloudService {
     replicas: Replicas,
     hosting: Hosting,
     net: NetworkHandle,
+    bus: EventBus,
     inbound: mpsc::Receiver<InboundStore>,
+    commands: mpsc::Receiver<Command>,
+    member: ChatMember,
+    account: AccountId,
+    device: DevicePublicKey,
+    me: PeerId,
+    hidden: Keyspace,
+    done_tx: mpsc::Sender<Done>,
+    done_rx: mpsc::Receiver<Done>,
+    links: HashMap<PeerId, Link>,
+    views: HashMap<(ChatId, PeerId), View>,
+    /// Connected peers and the account each proved.
+    connected: HashMap<PeerId, Option<AccountId>>,
+    /// This device's entries not yet at their write quorum.
+    unstored: BTreeMap<ChatId, BTreeSet<EntryHash>>,
+    /// Chats whose new entries storage peers should be told about, with
+    /// the peer that brought them (not told).
+    to_notify: BTreeMap<ChatId, BTreeSet<PeerId>>,
 }
 
-impl StoreService {
-    pub fn new(
-        replicas: Replicas,
-        hosting: Hosting,
-        net: NetworkHandle,
-        inbound: mpsc::Receiver<InboundStore>,
-    ) -> Self {
-        Self {
-            replicas,
-            hosting,
-            net,
-            inbound,
+/// The control API's handle on the service.
+#[derive(Clone)]
+pub struct CloudHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl CloudHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, CloudError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| CloudError::Stopped)?;
+        rx.await.map_err(|_| CloudError::Stopped)?
+    }
+
+    pub async fn new_chat(&self, new: NewChat) -> Result<ChatInfo, CloudError> {
+        self.call(|r| Command::New(new, r)).await
+    }
+    pub async fn list(&self) -> Result<Vec<ChatInfo>, CloudError> {
+        self.call(Command::List).await
+    }
+    pub async fn send(
+        &self,
+        chat: String,
+        text: String,
+        reply_to: Option<String>,
+    ) -> Result<SendReceipt, CloudError> {
+        self.call(|reply| Command::Send {
+            chat,
+            text,
+            reply_to,
+            reply,
+        })
+        .await
+    }
+    pub async fn status(&self, chat: String, message: String) -> Result<SendReceipt, CloudError> {
+        self.call(|reply| Command::Status {
+            chat,
+            message,
+            reply,
+        })
+        .await
+    }
+    pub async fn history(
+        &self,
+        chat: String,
+        limit: Option<usize>,
+    ) -> Result<Vec<MessageView>, CloudError> {
+        self.call(|reply| Command::History { chat, limit, reply })
+            .await
+    }
+    pub async fn edit(
+        &self,
+        chat: String,
+        message: String,
+        text: String,
+    ) -> Result<SendReceipt, CloudError> {
+        self.call(|reply| Command::Edit {
+            chat,
+            message,
+            text,
+            reply,
+        })
+        .await
+    }
+    pub async fn delete(
+        &self,
+        chat: String,
+        messages: Vec<String>,
+        for_everyone: bool,
+    ) -> Result<usize, CloudError> {
+        self.call(|reply| Command::Delete {
+            chat,
+            messages,
+            for_everyone,
+            reply,
+        })
+        .await
+    }
+    pub async fn clear(&self, chat: String, for_everyone: bool) -> Result<usize, CloudError> {
+        self.call(|reply| Command::Clear {
+            chat,
+            for_everyone,
+            reply,
+        })
+        .await
+    }
+    pub async fn read(&self, chat: String) -> Result<Option<SendReceipt>, CloudError> {
+        self.call(|reply| Command::Read { chat, reply }).await
+    }
+    /// Asks every storage peer of the chat for its summary now; returns the
+    /// chat's full id.
+    pub async fn probe(&self, chat: String) -> Result<String, CloudError> {
+        self.call(|reply| Command::Probe { chat, reply }).await
+    }
+    pub async fn replicas(&self, chat: String) -> Result<Vec<ReplicaView>, CloudError> {
+        self.call(|reply| Command::Replicas { chat, reply }).await
+    }
+    pub async fn set_storage(
+        &self,
+        chat: String,
+        peers: Vec<StoragePeer>,
+        quorum: Option<u8>,
+    ) -> Result<ChatInfo, CloudError> {
+        self.call(|reply| Command::Storage {
+            chat,
+            peers,
+            quorum,
+            reply,
+        })
+        .await
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    data_encoding::HEXLOWER.encode(bytes)
+}
+
+fn chat_hex(chat: &ChatId) -> String {
+    hex(&chat.0)
+}
+
+fn short(chat: &ChatId) -> String {
+    hex(&chat.0[..2])
+}
+
+fn random32() -> [u8; 32] {
+    let mut r = [0; 32];
+    rand::rngs::OsRng.fill_bytes(&mut r);
+    r
+}
+
+/// The majority of `n` peers.
+pub fn majority(n: usize) -> u8 {
+    (n / 2 + 1).min(u8::MAX as usize) as u8
+}
+
+/// A storage peer as the protocol names it, from a libp2p peer id.
+pub fn storage_peer(peer: &PeerId, addrs: Vec<Vec<u8>>) -> Option<StoragePeer> {
+    Some(StoragePeer {
+        node: device_of_peer(peer)?,
+        addrs,
+    })
+}
+
+/// A storage peer from a peer id or a multiaddr ending in `/p2p/PEER`.
+pub fn parse_storage_peer(s: &str) -> Result<StoragePeer, String> {
+    use libp2p::multiaddr::Protocol;
+    let s = s.trim();
+    let (peer, addrs) = if let Ok(peer) = s.parse::<PeerId>() {
+        (peer, Vec::new())
+    } else {
+        let addr: Multiaddr = s.parse().map_err(|_| {
+            format!("{s:?} is neither a peer id nor a multiaddr ending in /p2p/PEER")
+        })?;
+        let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+            return Err(format!("{s:?} does not end in /p2p/PEER"));
+        };
+        let bare: Multiaddr = addr
+            .iter()
+            .filter(|p| !matches!(p, Protocol::P2p(_)))
+            .collect();
+        (peer, vec![bare.to_vec()])
+    };
+    storage_peer(&peer, addrs).ok_or_else(|| format!("{s:?}: that peer id carries no key"))
+}
+
+fn addrs_of(peer: &StoragePeer) -> Vec<Multiaddr> {
+    peer.addrs
+        .iter()
+        .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+        .collect()
+}
+
+impl CloudService {
+    pub fn new(parts: CloudParts) -> Result<(Self, CloudHandle), CloudError> {
+        let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
+        let (done_tx, done_rx) = mpsc::channel(MAX_LINKS);
+        let device = parts.certificate.device;
+        let me = peer_id_of(&device).ok_or_else(|| CloudError::Store("bad device key".into()))?;
+        let member = ChatMember::new(parts.encryption, parts.signing_key, parts.certificate)
+            .map_err(|e| CloudError::Store(e.to_string()))?;
+        let mut this = Self {
+            replicas: parts.replicas,
+            hosting: parts.hosting,
+            net: parts.net,
+            bus: parts.bus,
+            inbound: parts.inbound,
+            commands,
+            account: member.account(),
+            member,
+            device,
+            me,
+            hidden: parts.hidden,
+            done_tx,
+            done_rx,
+            links: HashMap::new(),
+            views: HashMap::new(),
+            connected: HashMap::new(),
+            unstored: BTreeMap::new(),
+            to_notify: BTreeMap::new(),
+        };
+        // Until peers say otherwise, every entry of this device is
+        // "sending": the first compares find out what is stored.
+        let chats: Vec<ChatId> = this.replicas.chats().copied().collect();
+        for chat in chats {
+            if let Some(log) = this.replicas.log(&chat) {
+                let mine: BTreeSet<EntryHash> = log
+                    .device_entries_from(&this.device, 0)
+                    .iter()
+                    .copied()
+                    .collect();
+                if !mine.is_empty() {
+                    this.unstored.insert(chat, mine);
+                }
+            }
         }
+        Ok((this, CloudHandle { tx }))
     }
 
     /// Runs on a thread of its own until `shutdown` flips.
     pub fn spawn(self, shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         let (done_tx, done_rx) = oneshot::channel();
         let spawned = std::thread::Builder::new()
-            .name("tern-store".into())
+            .name("tern-cloud".into())
             .spawn(move || {
                 match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                 {
                     Ok(rt) => rt.block_on(self.run(shutdown)),
-                    Err(e) => warn!("cannot start the storage service: {e}"),
+                    Err(e) => warn!("cannot start the cloud-chat service: {e}"),
                 }
                 let _ = done_tx.send(());
             });
         if let Err(e) = spawned {
-            warn!("cannot start the storage thread: {e}");
+            warn!("cannot start the cloud-chat thread: {e}");
         }
         tokio::spawn(async move {
             let _ = done_rx.await;
@@ -73,72 +502,1428 @@ impl StoreService {
     }
 
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut events = self.bus.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.schedule_compares(true);
         loop {
-            let first = tokio::select! {
+            let mut round = Round::default();
+            tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                Some(r) = self.inbound.recv() => r,
-                else => break,
-            };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match self.inbound.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
+                Some(r) = self.inbound.recv() => round.inbound.push(r),
+                Some(c) = self.commands.recv() => round.commands.push(c),
+                Some(d) = self.done_rx.recv() => round.done.push(d),
+                e = events.recv() => match e {
+                    Ok(e) => self.on_event(e.event),
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.schedule_compares(true),
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = tick.tick() => self.schedule_compares(false),
+            }
+            // Everything else already waiting joins this round.
+            while round.len() < MAX_BATCH {
+                if let Ok(r) = self.inbound.try_recv() {
+                    round.inbound.push(r);
+                } else if let Ok(d) = self.done_rx.try_recv() {
+                    round.done.push(d);
+                } else if let Ok(c) = self.commands.try_recv() {
+                    round.commands.push(c);
+                } else {
+                    break;
                 }
             }
-            self.handle(batch).await;
+            if !round.is_empty() {
+                self.round(round).await;
+            }
+            self.pump();
         }
-        debug!("storage service stopped");
+        debug!("cloud-chat service stopped");
     }
 
-    async fn handle(&mut self, batch: Vec<InboundStore>) {
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::PeerIdentified {
+                peer_id,
+                account_id,
+                ..
+            } => {
+                let Ok(peer) = PeerId::from_str(&peer_id) else {
+                    return;
+                };
+                let account = AccountId::from_str(&account_id).ok();
+                self.connected.insert(peer, account);
+                self.peer_back(peer);
+                // A storage peer may keep chats of this account that this
+                // device has not seen yet (a new device, or one that was
+                // offline when a chat began).
+                if let Some(link) = self.link(peer) {
+                    link.chats_of = true;
+                }
+            }
+            Event::PeerConnected { peer_id, .. } => {
+                if let Ok(peer) = PeerId::from_str(&peer_id) {
+                    self.connected.entry(peer).or_insert(None);
+                    self.peer_back(peer);
+                }
+            }
+            Event::PeerDisconnected { peer_id } => {
+                if let Ok(peer) = PeerId::from_str(&peer_id) {
+                    self.connected.remove(&peer);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A peer (re)connected: retry at once, and compare every shared chat.
+    fn peer_back(&mut self, peer: PeerId) {
+        let chats: Vec<ChatId> = self
+            .replicas
+            .chats()
+            .copied()
+            .filter(|c| self.compare_peers(c).contains(&peer))
+            .collect();
+        if let Some(link) = self.links.get_mut(&peer) {
+            link.backoff = Duration::ZERO;
+            link.retry_at = None;
+        }
+        if !chats.is_empty()
+            && let Some(link) = self.link(peer)
+        {
+            link.compare.extend(chats);
+        }
+    }
+
+    fn link(&mut self, peer: PeerId) -> Option<&mut Link> {
+        if peer == self.me {
+            return None;
+        }
+        if !self.links.contains_key(&peer) && self.links.len() >= MAX_LINKS {
+            // Forget an idle link to make room.
+            let idle = self
+                .links
+                .iter()
+                .find(|(_, l)| l.idle() && !l.busy)
+                .map(|(p, _)| *p)?;
+            self.links.remove(&idle);
+        }
+        Some(self.links.entry(peer).or_default())
+    }
+
+    /// Whether this device's account is a member of `chat` now.
+    fn is_member(&self, chat: &ChatId) -> bool {
+        self.replicas
+            .log(chat)
+            .is_some_and(|l| l.current_membership().is_member(&self.account))
+    }
+
+    /// The chat's storage set, as peer ids with addresses, and its quorum.
+    fn storage_of(
+        &self,
+        log: &ChatLog,
+        at: Option<&EntryHash>,
+    ) -> (Vec<(PeerId, StoragePeer)>, u8) {
+        let set = match at {
+            Some(h) => log.storage_set_for(h),
+            None => log.storage_set(),
+        };
+        let Some((peers, quorum)) = set else {
+            return (Vec::new(), 1);
+        };
+        let peers = peers
+            .into_iter()
+            .filter_map(|p| Some((peer_id_of(&p.node)?, p)))
+            .collect();
+        (peers, quorum)
+    }
+
+    /// The peers this node compares `chat` with: the other storage peers,
+    /// if this node is a member or one of them.
+    fn compare_peers(&self, chat: &ChatId) -> Vec<PeerId> {
+        let Some(log) = self.replicas.log(chat) else {
+            return Vec::new();
+        };
+        let (set, _) = self.storage_of(log, None);
+        let in_set = set.iter().any(|(p, _)| *p == self.me);
+        if !in_set && !self.is_member(chat) {
+            return Vec::new();
+        }
+        set.into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| *p != self.me)
+            .collect()
+    }
+
+    /// Queues compares that are due (all of them with `now`).
+    fn schedule_compares(&mut self, now: bool) {
+        let at = Instant::now();
+        let chats: Vec<ChatId> = self.replicas.chats().copied().collect();
+        for chat in chats {
+            for peer in self.compare_peers(&chat) {
+                let due = now
+                    || self
+                        .views
+                        .get(&(chat, peer))
+                        .and_then(|v| v.compared)
+                        .is_none_or(|t| at.duration_since(t) >= COMPARE_EVERY);
+                if due {
+                    self.remember_addrs(&chat, peer);
+                    if let Some(link) = self.link(peer) {
+                        link.compare.insert(chat);
+                    }
+                    self.views.entry((chat, peer)).or_default().compared = Some(at);
+                }
+            }
+        }
+    }
+
+    /// Addresses the storage set names for `peer`, for dialling it.
+    fn remember_addrs(&mut self, chat: &ChatId, peer: PeerId) {
+        let Some(log) = self.replicas.log(chat) else {
+            return;
+        };
+        let (set, _) = self.storage_of(log, None);
+        let addrs: Vec<Multiaddr> = set
+            .iter()
+            .filter(|(p, _)| *p == peer)
+            .flat_map(|(_, s)| addrs_of(s))
+            .collect();
+        if let Some(link) = self.link(peer)
+            && !addrs.is_empty()
+        {
+            link.addrs = addrs;
+        }
+    }
+
+    // ---------------------------------------------------------------- rounds
+
+    async fn round(&mut self, round: Round) {
         let policy = self.hosting.policy().await;
-        let mut answers = Vec::with_capacity(batch.len());
+        let mut answers = Vec::new();
         for InboundStore {
             peer,
             request,
             channel,
-        } in batch
+        } in round.inbound
         {
-            let response = match request {
-                StoreRequest::Push { entries } => match self.replicas.accept(&policy, entries) {
-                    Ok(outcomes) => StoreResponse::Pushed {
-                        results: outcomes
-                            .into_iter()
-                            .map(|o| match o {
-                                Outcome::Stored => PushResult::Stored,
-                                Outcome::Duplicate => PushResult::Duplicate,
-                                Outcome::Missing(_) => PushResult::Missing,
-                                Outcome::Refused(r) => PushResult::refused(&r.to_string()),
-                                Outcome::Rejected(r) => PushResult::rejected(&r),
-                            })
-                            .collect(),
-                    },
-                    Err(e) => {
-                        warn!("cannot store pushed entries: {e}");
-                        StoreResponse::refused("this node cannot store right now")
-                    }
-                },
-                StoreRequest::Sync(req) => match self.replicas.serve(&req) {
-                    Ok(r) => StoreResponse::Synced(r),
-                    Err(e) => StoreResponse::refused(&e.to_string()),
-                },
-            };
+            let response = self.answer(peer, request, &policy);
             answers.push((peer, channel, response));
         }
+        for done in round.done {
+            self.on_done(done, &policy);
+        }
+        let mut replies = Vec::new();
+        for command in round.commands {
+            replies.push(self.command(command));
+        }
+
         // Nothing is acknowledged before it is on disk.
         let committed = self.replicas.commit();
         if let Err(e) = &committed {
-            warn!("cannot sync stored chats: {e}");
+            warn!("cannot commit cloud chats: {e}");
         }
         for (peer, channel, response) in answers {
             let response = match (&committed, response) {
                 (Ok(()), r) => r,
-                (Err(_), StoreResponse::Synced(r)) => StoreResponse::Synced(r),
+                (Err(_), r @ (StoreResponse::Synced(_) | StoreResponse::Summary(_))) => r,
                 (Err(_), _) => StoreResponse::refused("this node cannot store right now"),
             };
             let _ = self.net.store_respond(peer, channel, response).await;
         }
+        let appended = self.replicas.take_appended();
+        if committed.is_ok() {
+            self.after_commit(appended);
+        }
+        let failed = committed.err().map(|e| e.to_string());
+        for reply in replies {
+            self.finish(reply, failed.clone());
+        }
+    }
+
+    /// Answers a command once its round is on disk.
+    fn finish(&mut self, pending: Pending, failed: Option<String>) {
+        let fail = |r: Result<(), CloudError>| match (&failed, r) {
+            (Some(e), _) => Err(CloudError::Store(e.clone())),
+            (None, r) => r,
+        };
+        match pending {
+            Pending::Ready(f) => f(failed),
+            Pending::Info(r, reply) => {
+                let r = r.and_then(|c| {
+                    fail(Ok(()))?;
+                    self.info(c)
+                        .ok_or_else(|| CloudError::NoSuchChat(chat_hex(&c)))
+                });
+                let _ = reply.send(r);
+            }
+            Pending::Receipt(r, reply) => {
+                let r = r.and_then(|(c, h)| {
+                    fail(Ok(()))?;
+                    Ok(self.receipt(c, h, false))
+                });
+                let _ = reply.send(r);
+            }
+            Pending::MaybeReceipt(r, reply) => {
+                let r = r.and_then(|m| {
+                    fail(Ok(()))?;
+                    Ok(m.map(|(c, h)| self.receipt(c, h, false)))
+                });
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// What a peer's request gets.
+    fn answer(
+        &mut self,
+        peer: PeerId,
+        request: StoreRequest,
+        policy: &super::hosting::HostPolicy,
+    ) -> StoreResponse {
+        match request {
+            StoreRequest::Push { entries } => {
+                let chats: BTreeSet<ChatId> =
+                    entries.iter().map(|e| e.header.header.chat).collect();
+                // This device keeps its own chats whatever the policy says.
+                let own = chats.len() == 1 && chats.iter().all(|c| self.is_member(c));
+                match self
+                    .replicas
+                    .accept(if own { None } else { Some(policy) }, entries)
+                {
+                    Ok(outcomes) => {
+                        if outcomes.contains(&Outcome::Stored) {
+                            for chat in &chats {
+                                self.to_notify.entry(*chat).or_default().insert(peer);
+                            }
+                        }
+                        if outcomes.iter().any(|o| matches!(o, Outcome::Missing(_))) {
+                            // The pusher has what this node lacks: compare.
+                            for chat in &chats {
+                                if let Some(link) = self.link(peer) {
+                                    link.compare.insert(*chat);
+                                }
+                            }
+                        }
+                        StoreResponse::Pushed {
+                            results: outcomes
+                                .into_iter()
+                                .map(|o| match o {
+                                    Outcome::Stored => PushResult::Stored,
+                                    Outcome::Duplicate => PushResult::Duplicate,
+                                    Outcome::Missing(_) => PushResult::Missing,
+                                    Outcome::Refused(r) => PushResult::refused(&r.to_string()),
+                                    Outcome::Rejected(r) => PushResult::rejected(&r),
+                                })
+                                .collect(),
+                        }
+                    }
+                    Err(e) => {
+                        warn!("cannot store pushed entries: {e}");
+                        StoreResponse::refused("this node cannot store right now")
+                    }
+                }
+            }
+            StoreRequest::Sync(req) => match self.replicas.serve(&req) {
+                Ok(r) => StoreResponse::Synced(r),
+                Err(e) => StoreResponse::refused(&e.to_string()),
+            },
+            StoreRequest::Summary { chat } => StoreResponse::Summary(self.replicas.summary(&chat)),
+            StoreRequest::Notify { chat } => {
+                if let Some(link) = self.link(peer)
+                    && link.pull.len() < MAX_LINK_CHATS
+                {
+                    link.pull.insert(chat);
+                }
+                StoreResponse::Noted
+            }
+            StoreRequest::ChatsOf => {
+                let Some(Some(account)) = self.connected.get(&peer).copied() else {
+                    return StoreResponse::refused("this node does not know your account yet");
+                };
+                let chats = self
+                    .replicas
+                    .chats()
+                    .filter(|c| {
+                        self.replicas
+                            .log(c)
+                            .is_some_and(|l| l.current_membership().is_member(&account))
+                    })
+                    .take(MAX_CHAT_LIST)
+                    .copied()
+                    .collect();
+                StoreResponse::Chats(chats)
+            }
+        }
+    }
+
+    /// One of this node's requests came back.
+    fn on_done(&mut self, done: Done, policy: &super::hosting::HostPolicy) {
+        let Done {
+            peer,
+            asked,
+            result,
+        } = done;
+        let response = match result {
+            Ok(StoreResponse::Refused { reason }) => Err(format!("refused: {reason}")),
+            Ok(r) => Ok(r),
+            Err(e) => Err(e),
+        };
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        link.busy = false;
+        let response = match response {
+            Ok(r) => {
+                link.backoff = Duration::ZERO;
+                link.retry_at = None;
+                link.last_error = None;
+                self.set_reachable(peer, true);
+                r
+            }
+            Err(why) => {
+                debug!(%peer, ?asked, "storage request failed: {why}");
+                let unreachable = !why.starts_with("refused");
+                link.backoff = (link.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+                link.retry_at = Some(Instant::now() + link.backoff);
+                link.last_error = Some(why.clone());
+                match asked {
+                    Asked::Push { chat, .. } | Asked::Summary(chat) => {
+                        link.compare.insert(chat);
+                        if let Some(v) = self.views.get_mut(&(chat, peer)) {
+                            v.refused = Some(why);
+                        }
+                    }
+                    Asked::Pull(chat) => {
+                        link.pull.insert(chat);
+                    }
+                    Asked::Notify | Asked::ChatsOf => {}
+                }
+                if unreachable {
+                    self.set_reachable(peer, false);
+                }
+                return;
+            }
+        };
+        match (asked, response) {
+            (
+                Asked::Push {
+                    chat,
+                    hashes,
+                    then_compare,
+                },
+                StoreResponse::Pushed { results },
+            ) => {
+                let mut missing = then_compare;
+                let mut refused = None;
+                for (hash, result) in hashes.iter().zip(results) {
+                    match result {
+                        PushResult::Stored | PushResult::Duplicate => self.held(chat, peer, hash),
+                        PushResult::Missing => missing = true,
+                        PushResult::Refused(r) | PushResult::Rejected(r) => {
+                            refused = Some(r);
+                        }
+                    }
+                }
+                if let Some(r) = &refused {
+                    warn!(%peer, chat = %short(&chat), "a storage peer did not take an entry: {r}");
+                }
+                let view = self.views.entry((chat, peer)).or_default();
+                view.refused = refused;
+                if missing && let Some(link) = self.links.get_mut(&peer) {
+                    link.compare.insert(chat);
+                }
+                self.check_stored(chat);
+            }
+            (Asked::Summary(chat), StoreResponse::Summary(summary)) => {
+                self.on_summary(chat, peer, summary);
+            }
+            (Asked::Pull(chat), StoreResponse::Synced(response)) => {
+                self.on_pulled(chat, peer, response, policy);
+            }
+            (Asked::Notify, StoreResponse::Noted) => {}
+            (Asked::ChatsOf, StoreResponse::Chats(chats)) => {
+                let unknown: Vec<ChatId> = chats
+                    .into_iter()
+                    .filter(|c| self.replicas.log(c).is_none())
+                    .take(MAX_LINK_CHATS)
+                    .collect();
+                if !unknown.is_empty() {
+                    info!(%peer, chats = unknown.len(), "a storage peer keeps chats this device lacks; pulling them");
+                }
+                if let Some(link) = self.links.get_mut(&peer) {
+                    link.pull.extend(unknown);
+                }
+            }
+            (asked, response) => {
+                warn!(%peer, ?asked, "a storage peer answered with something else: {response:?}");
+            }
+        }
+    }
+
+    fn set_reachable(&mut self, peer: PeerId, reachable: bool) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        if link.reachable == Some(reachable) {
+            return;
+        }
+        link.reachable = Some(reachable);
+        let chats: Vec<ChatId> = self
+            .replicas
+            .chats()
+            .copied()
+            .filter(|c| self.compare_peers(c).contains(&peer))
+            .collect();
+        for chat in chats {
+            let view = self.views.get(&(chat, peer)).cloned().unwrap_or_default();
+            self.bus.emit(Event::ReplicaHealth {
+                chat_id: chat_hex(&chat),
+                peer_id: peer.to_string(),
+                reachable,
+                in_sync: view.in_sync.unwrap_or(false),
+                entries: view.entries,
+            });
+        }
+    }
+
+    /// `peer` holds `hash` (and so everything of its author device before it).
+    fn held(&mut self, chat: ChatId, peer: PeerId, hash: &EntryHash) {
+        let Some(entry) = self.replicas.log(&chat).and_then(|l| l.get(hash)) else {
+            return;
+        };
+        let device = entry.header.author_device();
+        let count = entry.header.header.seq + 1;
+        let view = self.views.entry((chat, peer)).or_default();
+        let c = view.counts.entry(device).or_default();
+        if *c < count {
+            view.entries += count - *c;
+            *c = count;
+        }
+    }
+
+    fn on_summary(&mut self, chat: ChatId, peer: PeerId, summary: Option<ChatSummary>) {
+        let Some(log) = self.replicas.log(&chat) else {
+            return;
+        };
+        let theirs = summary.unwrap_or_else(|| ChatSummary::of(&ChatLog::new(chat)));
+        let ours = ChatSummary::of(log);
+        let in_sync = ours.heads_hash == theirs.heads_hash;
+        let pull = they_have_more(log, &theirs);
+        // What it lacks, in one bounded batch; compare again after it.
+        let (lacking, more) = missing_entries(
+            log,
+            &theirs,
+            BatchLimits {
+                max_entries: MAX_PUSH,
+                max_bytes: MAX_PUSH_BYTES / 2,
+            },
+        );
+        let lacking: Vec<(u64, EntryHash)> = lacking
+            .iter()
+            .map(|e| (e.header.header.lamport, e.hash()))
+            .collect();
+        let view = self.views.entry((chat, peer)).or_default();
+        view.counts = theirs.devices.iter().map(|d| (d.device, d.count)).collect();
+        view.entries = theirs.entries;
+        view.heads_hash = Some(theirs.heads_hash);
+        view.seen = Some(Instant::now());
+        let was = view.in_sync.replace(in_sync);
+        if was != Some(in_sync) {
+            self.bus.emit(Event::ReplicaHealth {
+                chat_id: chat_hex(&chat),
+                peer_id: peer.to_string(),
+                reachable: true,
+                in_sync,
+                entries: theirs.entries,
+            });
+        }
+        if let Some(link) = self.links.get_mut(&peer) {
+            if pull && link.pull.len() < MAX_LINK_CHATS {
+                link.pull.insert(chat);
+            }
+            if !lacking.is_empty() {
+                let queue = link.pushes.entry(chat).or_default();
+                let before = queue.len();
+                queue.extend(lacking);
+                link.queued += queue.len() - before;
+                if more {
+                    link.compare.insert(chat);
+                }
+            }
+        }
+        self.check_stored(chat);
+    }
+
+    fn on_pulled(
+        &mut self,
+        chat: ChatId,
+        peer: PeerId,
+        response: tern_protocol::cloud::SyncResponse,
+        policy: &super::hosting::HostPolicy,
+    ) {
+        if response.chat != chat || response.entries.is_empty() {
+            return;
+        }
+        let known = self.replicas.log(&chat).is_some();
+        if !known {
+            // A chat this device does not hold yet: only if it is a member.
+            let member = response
+                .entries
+                .first()
+                .is_some_and(|e| match &e.header.header.kind {
+                    EntryKind::Genesis { members, .. } => {
+                        e.header.header.chat == chat
+                            && members.iter().any(|m| m.account == self.account)
+                    }
+                    _ => false,
+                });
+            if !member {
+                debug!(%peer, chat = %short(&chat), "not pulling a chat this account is not in");
+                return;
+            }
+        }
+        let own = !known || self.is_member(&chat);
+        let more = response.more;
+        match self
+            .replicas
+            .accept(if own { None } else { Some(policy) }, response.entries)
+        {
+            Ok(outcomes) => {
+                for o in &outcomes {
+                    if let Outcome::Rejected(why) = o {
+                        warn!(%peer, chat = %short(&chat), "rejected a pulled entry: {why}");
+                    }
+                }
+                let progressed = outcomes.contains(&Outcome::Stored);
+                if progressed {
+                    // Pulled from one storage peer: tell the others' members.
+                    self.to_notify.entry(chat).or_default().insert(peer);
+                }
+                if more
+                    && progressed
+                    && let Some(link) = self.links.get_mut(&peer)
+                {
+                    link.pull.insert(chat);
+                }
+                if let Some(link) = self.links.get_mut(&peer) {
+                    // Pushing what the peer lacks, and counting the quorum,
+                    // needs a fresh summary.
+                    link.compare.insert(chat);
+                }
+            }
+            Err(e) => warn!("cannot keep pulled entries: {e}"),
+        }
+    }
+
+    /// After a commit: events for this device's chats, notifications to
+    /// other members' devices, the write quorum.
+    fn after_commit(&mut self, appended: Vec<(ChatId, EntryHash)>) {
+        let mut chats = BTreeSet::new();
+        for (chat, hash) in appended {
+            chats.insert(chat);
+            self.announce(chat, hash);
+        }
+        for chat in chats {
+            self.check_stored(chat);
+        }
+        let to_notify = std::mem::take(&mut self.to_notify);
+        for (chat, skip) in to_notify {
+            let Some(log) = self.replicas.log(&chat) else {
+                continue;
+            };
+            let (set, _) = self.storage_of(log, None);
+            if !set.iter().any(|(p, _)| *p == self.me) {
+                continue;
+            }
+            let membership = log.current_membership();
+            let targets: Vec<PeerId> = self
+                .connected
+                .iter()
+                .filter(|(p, a)| {
+                    !skip.contains(p)
+                        && a.is_some_and(|a| membership.is_member(&a))
+                        && !set.iter().any(|(s, _)| s == *p)
+                })
+                .map(|(p, _)| *p)
+                .collect();
+            for peer in targets {
+                if let Some(link) = self.link(peer)
+                    && link.notify.len() < MAX_LINK_CHATS
+                {
+                    link.notify.insert(chat);
+                }
+            }
+        }
+    }
+
+    /// Events for one new entry of a chat this device is a member of.
+    fn announce(&mut self, chat: ChatId, hash: EntryHash) {
+        let Some(log) = self.replicas.log(&chat) else {
+            return;
+        };
+        if !log.current_membership().is_member(&self.account) {
+            return;
+        }
+        let Some(entry) = log.get(&hash) else {
+            return;
+        };
+        let author = entry.header.author_account();
+        let from_me = entry.header.author_device() == self.device;
+        let chat_id = chat_hex(&chat);
+        match &entry.header.header.kind {
+            EntryKind::Purge { targets } => {
+                self.bus.emit(Event::ChatDeleted {
+                    chat_id,
+                    message_ids: targets.iter().map(|t| hex(&t.0)).collect(),
+                    by: author.to_string(),
+                });
+            }
+            EntryKind::Message => match self.member.decrypt(log, &hash) {
+                Ok(Content::Text { text, reply_to }) => self.bus.emit(Event::ChatMessage {
+                    chat_id,
+                    message_id: hex(&hash.0),
+                    author: author.to_string(),
+                    text,
+                    from_me,
+                    reply_to: reply_to.map(|r| hex(&r.0)),
+                }),
+                Ok(Content::Edit { target, text }) => self.bus.emit(Event::ChatEdited {
+                    chat_id,
+                    message_id: hex(&target.0),
+                    text,
+                }),
+                Ok(Content::Read { .. }) if !from_me => self.bus.emit(Event::ChatReceipt {
+                    chat_id,
+                    reader: author.to_string(),
+                }),
+                _ => {}
+            },
+            EntryKind::Genesis { .. } => self.bus.emit(Event::ChatCreated {
+                chat_id,
+                by: author.to_string(),
+            }),
+            _ => {}
+        }
+    }
+
+    /// Marks this device's entries that reached their quorum as stored.
+    fn check_stored(&mut self, chat: ChatId) {
+        let Some(waiting) = self.unstored.get(&chat) else {
+            return;
+        };
+        let Some(log) = self.replicas.log(&chat) else {
+            return;
+        };
+        let mut done = Vec::new();
+        for hash in waiting {
+            let (acked, quorum, _) = self.acks(log, &chat, hash);
+            if acked >= quorum {
+                done.push(*hash);
+            }
+        }
+        if done.is_empty() {
+            return;
+        }
+        let chat_id = chat_hex(&chat);
+        for hash in &done {
+            let is_message = log
+                .get(hash)
+                .is_some_and(|e| matches!(e.header.header.kind, EntryKind::Message));
+            if is_message {
+                self.bus.emit(Event::ChatStatus {
+                    chat_id: chat_id.clone(),
+                    message_id: hex(&hash.0),
+                    status: "stored".into(),
+                });
+            }
+        }
+        if let Some(waiting) = self.unstored.get_mut(&chat) {
+            for h in done {
+                waiting.remove(&h);
+            }
+            if waiting.is_empty() {
+                self.unstored.remove(&chat);
+            }
+        }
+    }
+
+    /// Storage peers holding `hash` durably, the quorum, and the set size.
+    fn acks(&self, log: &ChatLog, chat: &ChatId, hash: &EntryHash) -> (usize, usize, usize) {
+        let Some(entry) = log.get(hash) else {
+            return (0, 1, 0);
+        };
+        let device = entry.header.author_device();
+        let seq = entry.header.header.seq;
+        let (set, quorum) = self.storage_of(log, Some(hash));
+        let acked = set
+            .iter()
+            .filter(|(p, _)| {
+                *p == self.me
+                    || self
+                        .views
+                        .get(&(*chat, *p))
+                        .and_then(|v| v.counts.get(&device))
+                        .is_some_and(|c| *c > seq)
+            })
+            .count();
+        (acked, quorum.max(1) as usize, set.len())
+    }
+
+    // ------------------------------------------------------------- requests
+
+    /// Starts the next request on every idle link.
+    fn pump(&mut self) {
+        let now = Instant::now();
+        let peers: Vec<PeerId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| !l.busy && !l.idle() && l.retry_at.is_none_or(|t| t <= now))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in peers {
+            if let Some((asked, request)) = self.next_request(peer) {
+                let link = self.links.get_mut(&peer).expect("listed above");
+                link.busy = true;
+                let addrs = link.addrs.clone();
+                let net = self.net.clone();
+                let done = self.done_tx.clone();
+                tokio::spawn(async move {
+                    let result = net
+                        .store_request(peer, addrs, request)
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = done
+                        .send(Done {
+                            peer,
+                            asked,
+                            result,
+                        })
+                        .await;
+                });
+            }
+        }
+    }
+
+    fn next_request(&mut self, peer: PeerId) -> Option<(Asked, StoreRequest)> {
+        let link = self.links.get_mut(&peer)?;
+        if let Some(chat) = link.notify.pop_first() {
+            return Some((Asked::Notify, StoreRequest::Notify { chat }));
+        }
+        while let Some(mut entry) = link.pushes.first_entry() {
+            let chat = *entry.key();
+            let Some(log) = self.replicas.log(&chat) else {
+                link.queued -= entry.get().len();
+                entry.remove();
+                continue;
+            };
+            let mut batch = Vec::new();
+            let mut hashes = Vec::new();
+            let mut bytes = 0;
+            while let Some((lamport, hash)) = entry.get_mut().pop_first() {
+                link.queued -= 1;
+                let Some(e) = log.get(&hash) else { continue };
+                let size = e.encode().len();
+                if !batch.is_empty()
+                    && (batch.len() == MAX_PUSH || bytes + size > MAX_PUSH_BYTES / 2)
+                {
+                    entry.get_mut().insert((lamport, hash));
+                    link.queued += 1;
+                    break;
+                }
+                bytes += size;
+                batch.push(e.clone());
+                hashes.push(hash);
+            }
+            let then_compare = !entry.get().is_empty() && link.compare.contains(&chat);
+            if entry.get().is_empty() {
+                entry.remove();
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            return Some((
+                Asked::Push {
+                    chat,
+                    hashes,
+                    then_compare,
+                },
+                StoreRequest::Push { entries: batch },
+            ));
+        }
+        if let Some(chat) = link.pull.pop_first() {
+            let request = match self.replicas.log(&chat) {
+                Some(log) => SyncRequest::for_log(log),
+                None => SyncRequest::for_log(&ChatLog::new(chat)),
+            };
+            return Some((Asked::Pull(chat), StoreRequest::Sync(request)));
+        }
+        if let Some(chat) = link.compare.pop_first() {
+            return Some((Asked::Summary(chat), StoreRequest::Summary { chat }));
+        }
+        if link.chats_of {
+            link.chats_of = false;
+            return Some((Asked::ChatsOf, StoreRequest::ChatsOf));
+        }
+        None
+    }
+
+    /// Queues this device's new entry for every other storage peer of its
+    /// chat.
+    fn push_out(&mut self, chat: ChatId, hash: EntryHash, extra: &[(PeerId, StoragePeer)]) {
+        let Some(log) = self.replicas.log(&chat) else {
+            return;
+        };
+        let Some(lamport) = log.lamport(&hash) else {
+            return;
+        };
+        let (mut set, _) = self.storage_of(log, None);
+        set.extend(extra.iter().cloned());
+        for (peer, sp) in set {
+            if peer == self.me {
+                continue;
+            }
+            let addrs = addrs_of(&sp);
+            let Some(link) = self.link(peer) else {
+                continue;
+            };
+            if !addrs.is_empty() {
+                link.addrs = addrs;
+            }
+            if link.queued >= MAX_LINK_QUEUE {
+                link.compare.insert(chat);
+                continue;
+            }
+            if link.pushes.entry(chat).or_default().insert((lamport, hash)) {
+                link.queued += 1;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------- commands
+
+    fn command(&mut self, command: Command) -> Pending {
+        match command {
+            Command::New(new, reply) => Pending::Info(self.new_chat(new), reply),
+            Command::List(reply) => Pending::ready(Ok(self.list()), reply),
+            Command::Send {
+                chat,
+                text,
+                reply_to,
+                reply,
+            } => {
+                let r = self.resolve_chat(&chat).and_then(|chat| {
+                    let reply_to = reply_to
+                        .map(|m| self.resolve_message(&chat, &m))
+                        .transpose()?;
+                    self.write(chat, Draft::Text { text, reply_to })
+                });
+                Pending::Receipt(r, reply)
+            }
+            Command::Status {
+                chat,
+                message,
+                reply,
+            } => {
+                let r = self.resolve_chat(&chat).and_then(|c| {
+                    let m = self.resolve_message(&c, &message)?;
+                    let log = self.replicas.log(&c).expect("resolved");
+                    let read = self
+                        .member
+                        .history(log)
+                        .messages
+                        .iter()
+                        .any(|d| d.entry == m && !d.read_by.is_empty());
+                    Ok(self.receipt(c, m, read))
+                });
+                Pending::ready(r, reply)
+            }
+            Command::History { chat, limit, reply } => Pending::ready(
+                self.resolve_chat(&chat).map(|c| self.history(c, limit)),
+                reply,
+            ),
+            Command::Edit {
+                chat,
+                message,
+                text,
+                reply,
+            } => {
+                let r = self.resolve_chat(&chat).and_then(|c| {
+                    let target = self.resolve_message(&c, &message)?;
+                    self.write(c, Draft::Edit { target, text })
+                });
+                Pending::Receipt(r, reply)
+            }
+            Command::Delete {
+                chat,
+                messages,
+                for_everyone,
+                reply,
+            } => {
+                let r = self.resolve_chat(&chat).and_then(|c| {
+                    let targets = messages
+                        .iter()
+                        .map(|m| self.resolve_message(&c, m))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    self.delete(c, targets, for_everyone)
+                });
+                Pending::ready(r, reply)
+            }
+            Command::Clear {
+                chat,
+                for_everyone,
+                reply,
+            } => {
+                let r = self.resolve_chat(&chat).and_then(|c| {
+                    let targets: Vec<EntryHash> = {
+                        let log = self.replicas.log(&c).expect("resolved");
+                        self.member
+                            .history(log)
+                            .messages
+                            .iter()
+                            .map(|m| m.entry)
+                            .take(MAX_CLEAR)
+                            .collect()
+                    };
+                    self.delete(c, targets, for_everyone)
+                });
+                Pending::ready(r, reply)
+            }
+            Command::Read { chat, reply } => {
+                let r = self.resolve_chat(&chat).and_then(|c| {
+                    let log = self.replicas.log(&c).expect("resolved");
+                    // Nothing new since this device's last receipt?
+                    let heads = log.heads();
+                    if let Some(last) = log.last_of_device(&self.device)
+                        && heads == [last]
+                        && matches!(self.member.decrypt(log, &last), Ok(Content::Read { .. }))
+                    {
+                        return Ok(None);
+                    }
+                    self.write(c, Draft::Read).map(Some)
+                });
+                Pending::MaybeReceipt(r, reply)
+            }
+            Command::Probe { chat, reply } => {
+                let r = self.resolve_chat(&chat).map(|c| {
+                    for peer in self.compare_peers(&c) {
+                        self.remember_addrs(&c, peer);
+                        if let Some(link) = self.link(peer) {
+                            link.compare.insert(c);
+                            // Try now, even if backing off.
+                            link.retry_at = None;
+                        }
+                    }
+                    chat_hex(&c)
+                });
+                Pending::ready(r, reply)
+            }
+            Command::Replicas { chat, reply } => Pending::ready(
+                self.resolve_chat(&chat).map(|c| self.replica_views(c)),
+                reply,
+            ),
+            Command::Storage {
+                chat,
+                peers,
+                quorum,
+                reply,
+            } => Pending::Info(
+                self.resolve_chat(&chat)
+                    .and_then(|c| self.set_storage(c, peers, quorum)),
+                reply,
+            ),
+        }
+    }
+
+    /// A full chat id from a full id or a unique prefix of 4 or more hex
+    /// characters, among chats this account is a member of.
+    fn resolve_chat(&self, given: &str) -> Result<ChatId, CloudError> {
+        let given = given.trim().to_ascii_lowercase();
+        if given.len() < 4 || !given.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(CloudError::BadInput(format!(
+                "{given:?} is not a chat id (4 or more hex characters)"
+            )));
+        }
+        let mut found = self
+            .replicas
+            .chats()
+            .filter(|c| chat_hex(c).starts_with(&given) && self.is_member(c));
+        match (found.next(), found.next()) {
+            (Some(c), None) => Ok(*c),
+            (Some(_), Some(_)) => Err(CloudError::Ambiguous(given)),
+            (None, _) => Err(CloudError::NoSuchChat(given)),
+        }
+    }
+
+    fn resolve_message(&self, chat: &ChatId, given: &str) -> Result<EntryHash, CloudError> {
+        let given = given.trim().to_ascii_lowercase();
+        if given.len() < 4 || !given.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(CloudError::BadInput(format!(
+                "{given:?} is not a message id (4 or more hex characters)"
+            )));
+        }
+        let log = self
+            .replicas
+            .log(chat)
+            .ok_or_else(|| CloudError::NoSuchChat(chat_hex(chat)))?;
+        let mut found = log
+            .in_display_order()
+            .filter(|(h, e)| {
+                matches!(e.header.header.kind, EntryKind::Message) && hex(&h.0).starts_with(&given)
+            })
+            .map(|(h, _)| h);
+        match (found.next(), found.next()) {
+            (Some(h), None) => Ok(h),
+            (Some(_), Some(_)) => Err(CloudError::Ambiguous(given)),
+            (None, _) => Err(CloudError::NoSuchMessage(given)),
+        }
+    }
+
+    /// Composes, keeps locally (committed with the round) and queues the
+    /// push of one entry of this device.
+    fn write(&mut self, chat: ChatId, draft: Draft) -> Result<(ChatId, EntryHash), CloudError> {
+        let log = self
+            .replicas
+            .log(&chat)
+            .ok_or_else(|| CloudError::NoSuchChat(chat_hex(&chat)))?;
+        let entry = self
+            .member
+            .compose(log, draft, random32())
+            .map_err(|e| CloudError::Refused(e.to_string()))?;
+        let hash = self.keep(entry)?;
+        self.push_out(chat, hash, &[]);
+        Ok((chat, hash))
+    }
+
+    /// Appends this device's own entry to its copy.
+    fn keep(&mut self, entry: Entry) -> Result<EntryHash, CloudError> {
+        let chat = entry.header.header.chat;
+        let hash = entry.hash();
+        let outcome = self
+            .replicas
+            .accept(None, vec![entry])
+            .map_err(|e| CloudError::Store(e.to_string()))?;
+        match outcome.first() {
+            Some(Outcome::Stored) => {
+                self.unstored.entry(chat).or_default().insert(hash);
+                Ok(hash)
+            }
+            other => Err(CloudError::Store(format!(
+                "this device's own entry was not kept: {other:?}"
+            ))),
+        }
+    }
+
+    /// Where one entry stands; `read`: another member's receipt covers it.
+    fn receipt(&self, chat: ChatId, hash: EntryHash, read: bool) -> SendReceipt {
+        let log = self.replicas.log(&chat).expect("caller resolved the chat");
+        let (acked, quorum, of) = self.acks(log, &chat, &hash);
+        let status = if acked < quorum {
+            "sending"
+        } else if read {
+            "read"
+        } else {
+            "stored"
+        };
+        let (set, _) = self.storage_of(log, Some(&hash));
+        let problems = set
+            .iter()
+            .filter(|(p, _)| *p != self.me)
+            .filter_map(|(p, _)| {
+                let why = self
+                    .views
+                    .get(&(chat, *p))
+                    .and_then(|v| v.refused.clone())
+                    .or_else(|| self.links.get(p).and_then(|l| l.last_error.clone()))?;
+                Some(format!("{p}: {why}"))
+            })
+            .collect();
+        SendReceipt {
+            chat_id: chat_hex(&chat),
+            message_id: hex(&hash.0),
+            status: status.into(),
+            acknowledged: acked,
+            quorum,
+            storage_peers: of,
+            problems,
+        }
+    }
+
+    fn history(&mut self, chat: ChatId, limit: Option<usize>) -> Vec<MessageView> {
+        let Some(log) = self.replicas.log(&chat) else {
+            return Vec::new();
+        };
+        let shown = self.member.history(log);
+        let hidden = self.hidden_in(&chat);
+        let mut out: Vec<MessageView> = shown
+            .messages
+            .into_iter()
+            .filter(|m| !hidden.contains(&m.entry))
+            .map(|m| {
+                let from_me = m.author == self.account;
+                let status = if !m.read_by.is_empty() {
+                    "read"
+                } else {
+                    let (acked, quorum, _) = self.acks(log, &chat, &m.entry);
+                    if acked >= quorum { "stored" } else { "sending" }
+                };
+                MessageView {
+                    id: hex(&m.entry.0),
+                    author: m.author.to_string(),
+                    text: m.text,
+                    status: status.into(),
+                    edited: m.edited,
+                    from_me,
+                    reply_to: m.reply_to.map(|r| hex(&r.0)),
+                    read_by: m.read_by.iter().map(ToString::to_string).collect(),
+                }
+            })
+            .collect();
+        if let Some(limit) = limit
+            && out.len() > limit
+        {
+            out.drain(..out.len() - limit);
+        }
+        out
+    }
+
+    fn hidden_in(&self, chat: &ChatId) -> HashSet<EntryHash> {
+        self.hidden
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.len() == 48 && k[..16] == chat.0)
+            .filter_map(|(k, _)| Some(EntryHash(k[16..].try_into().ok()?)))
+            .collect()
+    }
+
+    fn delete(
+        &mut self,
+        chat: ChatId,
+        targets: Vec<EntryHash>,
+        for_everyone: bool,
+    ) -> Result<usize, CloudError> {
+        let mut n = 0;
+        for target in targets {
+            if for_everyone {
+                self.write(chat, Draft::Delete { target })?;
+            } else {
+                let mut key = chat.0.to_vec();
+                key.extend_from_slice(&target.0);
+                self.hidden
+                    .insert_soon(&key, &[])
+                    .map_err(|e| CloudError::Store(e.to_string()))?;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn replica_views(&self, chat: ChatId) -> Vec<ReplicaView> {
+        let Some(log) = self.replicas.log(&chat) else {
+            return Vec::new();
+        };
+        let ours = ChatSummary::of(log);
+        let (set, _) = self.storage_of(log, None);
+        set.iter()
+            .map(|(p, _)| {
+                if *p == self.me {
+                    return ReplicaView {
+                        peer_id: p.to_string(),
+                        entries: log.len() as u64,
+                        in_sync: true,
+                        reachable: true,
+                        this_node: true,
+                        last_seen_ms: Some(0),
+                        error: None,
+                    };
+                }
+                let view = self.views.get(&(chat, *p)).cloned().unwrap_or_default();
+                let link = self.links.get(p);
+                ReplicaView {
+                    peer_id: p.to_string(),
+                    entries: view.entries,
+                    in_sync: view.heads_hash == Some(ours.heads_hash),
+                    reachable: link.and_then(|l| l.reachable).unwrap_or(false),
+                    this_node: false,
+                    last_seen_ms: view.seen.map(|t| t.elapsed().as_millis() as u64),
+                    error: view
+                        .refused
+                        .clone()
+                        .or_else(|| link.and_then(|l| l.last_error.clone())),
+                }
+            })
+            .collect()
+    }
+
+    fn list(&mut self) -> Vec<ChatInfo> {
+        let chats: Vec<ChatId> = self
+            .replicas
+            .chats()
+            .copied()
+            .filter(|c| self.is_member(c))
+            .collect();
+        let mut out: Vec<ChatInfo> = chats.into_iter().filter_map(|c| self.info(c)).collect();
+        out.sort_by(|a, b| a.chat_id.cmp(&b.chat_id));
+        out
+    }
+
+    fn info(&mut self, chat: ChatId) -> Option<ChatInfo> {
+        let log = self.replicas.log(&chat)?;
+        let history = self.member.history(log);
+        let (set, quorum) = self.storage_of(log, None);
+        let mut members: Vec<String> = log
+            .current_membership()
+            .members()
+            .map(|(a, _)| a.to_string())
+            .collect();
+        members.sort();
+        Some(ChatInfo {
+            chat_id: chat_hex(&chat),
+            title: history.title,
+            members,
+            messages: history.messages.len(),
+            entries: log.len(),
+            storage: set.iter().map(|(p, _)| p.to_string()).collect(),
+            quorum,
+        })
+    }
+
+    fn new_chat(&mut self, new: NewChat) -> Result<ChatId, CloudError> {
+        let NewChat {
+            with,
+            title,
+            storage,
+            quorum,
+        } = new;
+        if with.is_empty() {
+            return Err(CloudError::BadInput(
+                "a chat needs at least one other account (--with)".into(),
+            ));
+        }
+        let others: Vec<_> = with
+            .iter()
+            .filter(|r| r.body.account != self.account)
+            .map(|r| (r.body.account, r.body.encryption_key))
+            .collect();
+        if others.is_empty() {
+            return Err(CloudError::BadInput(
+                "a chat needs at least one account other than this one".into(),
+            ));
+        }
+        let peers = match storage {
+            Some(p) => p,
+            None => {
+                // The members' choices, this account's first.
+                let mut peers: Vec<StoragePeer> = Vec::new();
+                for p in with.iter().flat_map(|r| {
+                    if r.body.storage_peers.is_empty() {
+                        r.body
+                            .devices
+                            .iter()
+                            .map(|d| StoragePeer {
+                                node: d.device,
+                                addrs: Vec::new(),
+                            })
+                            .collect::<Vec<_>>()
+                    } else {
+                        r.body.storage_peers.clone()
+                    }
+                }) {
+                    if !peers.iter().any(|q| q.node == p.node) {
+                        peers.push(p);
+                    }
+                }
+                peers.truncate(DEFAULT_STORAGE_PEERS);
+                peers
+            }
+        };
+        let quorum = quorum.unwrap_or_else(|| majority(peers.len()));
+        tern_protocol::cloud::check_storage_set(&peers, quorum)
+            .map_err(|e| CloudError::BadInput(format!("storage set: {e}")))?;
+        let chat = {
+            let mut id = [0; 16];
+            rand::rngs::OsRng.fill_bytes(&mut id);
+            ChatId(id)
+        };
+        let genesis = self
+            .member
+            .create(chat, &others, Vec::new(), title.as_deref(), random32())
+            .map_err(|e| CloudError::BadInput(e.to_string()))?;
+        let genesis_hash = self.keep(genesis)?;
+        let log = self.replicas.log(&chat).expect("just kept");
+        let entry = self
+            .member
+            .compose(log, Draft::Storage { peers, quorum }, random32())
+            .map_err(|e| CloudError::BadInput(e.to_string()))?;
+        let storage_hash = self.keep(entry)?;
+        self.push_out(chat, genesis_hash, &[]);
+        self.push_out(chat, storage_hash, &[]);
+        info!(chat = %short(&chat), "new cloud chat");
+        Ok(chat)
+    }
+
+    fn set_storage(
+        &mut self,
+        chat: ChatId,
+        peers: Vec<StoragePeer>,
+        quorum: Option<u8>,
+    ) -> Result<ChatId, CloudError> {
+        let quorum = quorum.unwrap_or_else(|| majority(peers.len()));
+        tern_protocol::cloud::check_storage_set(&peers, quorum)
+            .map_err(|e| CloudError::BadInput(format!("storage set: {e}")))?;
+        let log = self.replicas.log(&chat).expect("resolved");
+        let (old, _) = self.storage_of(log, None);
+        let (_, hash) = self.write(chat, Draft::Storage { peers, quorum })?;
+        // The old set learns of the change too, and new peers get the
+        // whole log from the compares that follow.
+        self.push_out(chat, hash, &old);
+        for peer in self.compare_peers(&chat) {
+            self.remember_addrs(&chat, peer);
+            if let Some(link) = self.link(peer) {
+                link.compare.insert(chat);
+            }
+        }
+        Ok(chat)
+    }
+}
+
+/// Work taken in one round.
+#[derive(Default)]
+struct Round {
+    inbound: Vec<InboundStore>,
+    commands: Vec<Command>,
+    done: Vec<Done>,
+}
+
+impl Round {
+    fn len(&self) -> usize {
+        self.inbound.len() + self.commands.len() + self.done.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A command's answer, held until the round's commit.
+enum Pending {
+    /// Computed already; only a failed commit changes it.
+    Ready(Box<dyn FnOnce(Option<String>) + Send>),
+    Info(Result<ChatId, CloudError>, Reply<ChatInfo>),
+    Receipt(Result<(ChatId, EntryHash), CloudError>, Reply<SendReceipt>),
+    MaybeReceipt(
+        Result<Option<(ChatId, EntryHash)>, CloudError>,
+        Reply<Option<SendReceipt>>,
+    ),
+}
+
+impl Pending {
+    fn ready<T: Send + 'static>(r: Result<T, CloudError>, reply: Reply<T>) -> Self {
+        Self::Ready(Box::new(move |failed| {
+            let r = match (failed, r) {
+                (Some(e), Ok(_)) => Err(CloudError::Store(e)),
+                (_, r) => r,
+            };
+            let _ = reply.send(r);
+        }))
     }
 }

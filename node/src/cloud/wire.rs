@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use tern_protocol::{
     DecodeError, Record,
-    cloud::{Entry, SyncRequest, SyncResponse},
+    cloud::{ChatId, ChatSummary, Entry, SyncRequest, SyncResponse},
 };
 
 /// Most entries in one push.
@@ -14,6 +14,8 @@ pub const MAX_PUSH: usize = 1024;
 pub const MAX_PUSH_BYTES: usize = 1 << 20;
 /// Longest reason in an answer.
 pub const MAX_REASON: usize = 300;
+/// Most chat ids in one `Chats` answer.
+pub const MAX_CHAT_LIST: usize = 4096;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StoreRequest {
@@ -21,6 +23,14 @@ pub enum StoreRequest {
     Push { entries: Vec<Entry> },
     /// Send what I lack of this chat.
     Sync(SyncRequest),
+    /// What do you hold of this chat? (Answered with `Summary`.)
+    Summary { chat: ChatId },
+    /// A storage peer tells a member device that this chat has new entries;
+    /// the device pulls them with `Sync`.
+    Notify { chat: ChatId },
+    /// Which chats do you keep that my account (the one the connection
+    /// proved) is a member of? A new device finds its chats this way.
+    ChatsOf,
 }
 
 /// The fate of one pushed entry, in the order pushed.
@@ -44,6 +54,10 @@ pub enum StoreResponse {
         results: Vec<PushResult>,
     },
     Synced(SyncResponse),
+    /// `None`: this node does not keep that chat.
+    Summary(Option<ChatSummary>),
+    Noted,
+    Chats(Vec<ChatId>),
     /// The whole request was refused.
     Refused {
         reason: String,
@@ -100,6 +114,7 @@ impl Record for StoreRequest {
                 Ok(())
             }
             Self::Sync(r) => r.validate(),
+            Self::Summary { .. } | Self::Notify { .. } | Self::ChatsOf => Ok(()),
         }
     }
 }
@@ -125,6 +140,10 @@ impl Record for StoreResponse {
                 Err(DecodeError::Invalid("reason too long".into()))
             }
             Self::Synced(r) => r.validate(),
+            Self::Summary(Some(s)) => s.validate(),
+            Self::Chats(c) if c.len() > MAX_CHAT_LIST => {
+                Err(DecodeError::Invalid("too many chats".into()))
+            }
             _ => Ok(()),
         }
     }

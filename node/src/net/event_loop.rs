@@ -138,6 +138,12 @@ pub enum Command {
         account: AccountId,
         reply: oneshot::Sender<Option<AccountRecord>>,
     },
+    StoreRequest {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: StoreRequest,
+        reply: oneshot::Sender<Result<StoreResponse, String>>,
+    },
 }
 
 /// A cheap, cloneable handle to the event loop.
@@ -217,6 +223,24 @@ impl NetworkHandle {
             .map_err(|_| NetError::Stopped)
     }
 
+    /// Sends a `/tern/store/1` request to `peer` (dialling it, also at
+    /// `addrs`, if needed) and waits for its answer.
+    pub async fn store_request(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: StoreRequest,
+    ) -> Result<StoreResponse, NetError> {
+        self.call(|reply| Command::StoreRequest {
+            peer,
+            addrs,
+            request,
+            reply,
+        })
+        .await?
+        .map_err(NetError::Dial)
+    }
+
     /// The newest signed record of `account` this node has seen (from one
     /// of its devices, right after meeting it).
     pub async fn account(&self, account: AccountId) -> Result<Option<AccountRecord>, NetError> {
@@ -277,6 +301,10 @@ pub struct EventLoop {
     inbound_secret: HashMap<PeerId, usize>,
     store_inbound: mpsc::Sender<InboundStore>,
     inbound_store: HashMap<PeerId, usize>,
+    pending_store: HashMap<
+        request_response::OutboundRequestId,
+        oneshot::Sender<Result<StoreResponse, String>>,
+    >,
     /// This device's own signed account record, served on request.
     own_record: AccountRecord,
     /// Account records learned from the devices met (newest per account).
@@ -317,6 +345,7 @@ impl EventLoop {
             inbound_secret: HashMap::new(),
             store_inbound: parts.store_inbound,
             inbound_store: HashMap::new(),
+            pending_store: HashMap::new(),
             own_record: parts.own_record,
             records: HashMap::new(),
         };
@@ -473,6 +502,26 @@ impl EventLoop {
                 };
                 let _ = reply.send(record);
             }
+            Command::StoreRequest {
+                peer,
+                mut addrs,
+                request,
+                reply,
+            } => {
+                if self.pending_store.len() >= MAX_PENDING_SECRET {
+                    let _ = reply.send(Err("too many storage requests in flight".into()));
+                    return;
+                }
+                if let Some(e) = self.book.get(&peer) {
+                    addrs.extend(e.addrs.iter().cloned());
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .store
+                    .send_request_with_addresses(&peer, request, addrs);
+                self.pending_store.insert(id, reply);
+            }
             Command::StoreRespond {
                 peer,
                 channel,
@@ -587,9 +636,29 @@ impl EventLoop {
                     Err(_) => debug!(%peer, "storage service busy; dropping a request"),
                 }
             }
-            E::Message { .. } | E::ResponseSent { .. } => {}
-            E::OutboundFailure { peer, error, .. } => {
+            E::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.pending_store.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            E::ResponseSent { .. } => {}
+            E::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 debug!(%peer, "storage request failed: {error}");
+                if let Some(reply) = self.pending_store.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
             }
             E::InboundFailure { peer, error, .. } => {
                 debug!(%peer, "inbound storage request failed: {error}");
