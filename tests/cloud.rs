@@ -1,0 +1,434 @@
+//! Cloud chats between real nodes: two members on nodes 1 and 2, storage
+//! peers 1-3 with a write quorum of 2. Histories, statuses, crashes,
+//! catch-up, lost quorum, and what is left on disk after a delete.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use support::*;
+use tern_node::{client::ApiClient, data_dir::DataDir};
+
+/// Three nodes that store for each other (as in a testnet), all connected.
+struct Three {
+    _tmp: tempfile::TempDir,
+    dirs: Vec<PathBuf>,
+    nodes: Vec<Option<NodeProcess>>,
+    rt: tokio::runtime::Runtime,
+}
+
+const OPEN: &[&str] = &["--host-open"];
+
+impl Three {
+    fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = (1..=3).map(|k| tmp.path().join(format!("n{k}"))).collect();
+        for (k, d) in dirs.iter().enumerate() {
+            init(d, &format!("node-{}", k + 1));
+        }
+        let nodes = dirs
+            .iter()
+            .map(|d| Some(NodeProcess::start(d, &[LOOPBACK, OPEN].concat())))
+            .collect();
+        let t = Self {
+            _tmp: tmp,
+            dirs,
+            nodes,
+            rt: tokio::runtime::Runtime::new().unwrap(),
+        };
+        for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+            let addr = t.node(b).tcp_addr();
+            let out = tern(&t.dirs[a], &["connect", &addr]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        t
+    }
+
+    fn node(&self, k: usize) -> &NodeProcess {
+        self.nodes[k].as_ref().expect("node is running")
+    }
+
+    fn dir(&self, k: usize) -> &Path {
+        &self.dirs[k]
+    }
+
+    fn kill(&mut self, k: usize) {
+        if let Some(n) = self.nodes[k].take() {
+            kill9(n.pid());
+        }
+    }
+
+    fn restart(&mut self, k: usize) {
+        assert!(self.nodes[k].is_none());
+        self.nodes[k] = Some(NodeProcess::start(
+            &self.dirs[k],
+            &[LOOPBACK, OPEN].concat(),
+        ));
+    }
+
+    fn account(&self, k: usize) -> String {
+        self.node(k).status()["account_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn get(&self, k: usize, path: &str) -> Result<Value, String> {
+        let c = ApiClient::new(&DataDir::new(self.dir(k))).map_err(|e| e.to_string())?;
+        self.rt
+            .block_on(c.get::<Value>(path))
+            .map_err(|e| e.to_string())
+    }
+
+    /// A chat between the accounts of nodes 1 and 2, stored on all three
+    /// with a quorum of 2, known to both members.
+    fn chat(&self) -> String {
+        let bob = self.account(1);
+        poll("node 1 to learn node 2's account record", || {
+            self.get(0, &format!("/v1/accounts/{bob}")).ok()
+        });
+        let peers: Vec<String> = (0..3).map(|k| self.node(k).peer_id()).collect();
+        let out = tern_json(
+            self.dir(0),
+            &[
+                "chat",
+                "new",
+                "--with",
+                &bob,
+                "--title",
+                "three nodes",
+                "--storage",
+                &peers.join(","),
+                "--quorum",
+                "2",
+                "--json",
+            ],
+        );
+        assert_eq!(out["quorum"], 2);
+        assert_eq!(out["storage"].as_array().unwrap().len(), 3);
+        let chat = out["chat_id"].as_str().unwrap().to_owned();
+        poll("node 2 to have the chat", || {
+            self.get(1, "/v1/chats")
+                .ok()?
+                .as_array()?
+                .iter()
+                .any(|c| c["chat_id"] == chat.as_str())
+                .then_some(())
+        });
+        chat
+    }
+
+    fn history(&self, k: usize, chat: &str) -> Vec<Value> {
+        self.get(k, &format!("/v1/chats/{chat}/messages"))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    fn replicas(&self, k: usize, chat: &str) -> Vec<Value> {
+        self.get(k, &format!("/v1/chats/{chat}/replicas"))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// Polls until node `k` reports every storage peer reachable and in sync.
+    fn wait_all_in_sync(&self, k: usize, chat: &str) -> Vec<Value> {
+        poll(
+            &format!("all replicas in sync, seen from node {}", k + 1),
+            || {
+                let r = self.replicas(k, chat);
+                r.iter()
+                    .all(|v| v["in_sync"] == true && v["reachable"] == true)
+                    .then_some(r)
+            },
+        )
+    }
+}
+
+/// Sends `n` messages from node `k` on threads of its own; returns the
+/// receipts.
+fn send_many(dir: PathBuf, chat: String, prefix: &'static str, n: usize) -> Vec<Value> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = ApiClient::new(&DataDir::new(&dir)).unwrap();
+    rt.block_on(async {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let r: Value = c
+                .post(
+                    &format!("/v1/chats/{chat}/messages"),
+                    &json!({ "text": format!("{prefix} {i}") }),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("send {prefix} {i}: {e}"));
+            out.push(r);
+        }
+        out
+    })
+}
+
+fn ids_and_texts(h: &[Value]) -> Vec<(String, String, String)> {
+    h.iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_owned(),
+                m["author"].as_str().unwrap().to_owned(),
+                m["text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn two_members_interleave_a_thousand_messages_each_and_see_stored_then_read() {
+    let t = Three::start();
+    let chat = t.chat();
+    let (a, b) = (t.dir(0).to_owned(), t.dir(1).to_owned());
+    let (ca, cb) = (chat.clone(), chat.clone());
+    let alice = std::thread::spawn(move || send_many(a, ca, "from alice", 1000));
+    let bob = std::thread::spawn(move || send_many(b, cb, "from bob", 1000));
+    let receipts: Vec<Value> = [alice.join().unwrap(), bob.join().unwrap()].concat();
+    // Every send answered `stored`: a quorum of storage peers had it on disk.
+    for r in &receipts {
+        assert_eq!(r["status"], "stored", "{r}");
+        assert!(r["acknowledged"].as_u64().unwrap() >= 2, "{r}");
+    }
+
+    // Both sides end with the same complete history, in the same order.
+    let (h1, h2) = poll("both histories complete and identical", || {
+        let (h1, h2) = (t.history(0, &chat), t.history(1, &chat));
+        (h1.len() == 2000 && ids_and_texts(&h1) == ids_and_texts(&h2)).then_some((h1, h2))
+    });
+    for prefix in ["from alice", "from bob"] {
+        for i in 0..1000 {
+            let text = format!("{prefix} {i}");
+            assert!(
+                h1.iter().any(|m| m["text"] == text.as_str()),
+                "{text} missing"
+            );
+        }
+    }
+    // Each side's own messages keep their order.
+    let mine: Vec<&str> = h1
+        .iter()
+        .filter(|m| m["from_me"] == true)
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..1000).map(|i| format!("from alice {i}")).collect();
+    assert_eq!(mine, expected);
+    assert!(h1.iter().all(|m| m["status"] != "read"));
+    assert!(h2.iter().all(|m| m["status"] != "read"));
+
+    // Bob reads: Alice's messages turn `read` (two checks) on her side.
+    let out = tern(t.dir(1), &["chat", "read", &chat]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    poll("alice's messages to show read", || {
+        let h = t.history(0, &chat);
+        h.iter()
+            .filter(|m| m["from_me"] == true)
+            .all(|m| m["status"] == "read")
+            .then_some(())
+    });
+    // Bob's own messages are not read until Alice reads.
+    let h = t.history(1, &chat);
+    assert!(
+        h.iter()
+            .filter(|m| m["from_me"] == true)
+            .all(|m| m["status"] == "stored"),
+        "bob's messages read before alice read"
+    );
+    let out = tern(t.dir(0), &["chat", "read", &chat]);
+    assert!(out.status.success());
+    poll("bob's messages to show read", || {
+        t.history(1, &chat)
+            .iter()
+            .filter(|m| m["from_me"] == true)
+            .all(|m| m["status"] == "read")
+            .then_some(())
+    });
+}
+
+#[test]
+fn a_storage_peer_killed_after_acknowledging_loses_nothing_and_resyncs_by_itself() {
+    let mut t = Three::start();
+    let chat = t.chat();
+    let receipts = send_many(t.dir(0).to_owned(), chat.clone(), "before", 100);
+    let last = receipts.last().unwrap()["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Wait until node 3 itself acknowledged the last one, then kill it.
+    poll("node 3 to acknowledge the last message", || {
+        let r = t
+            .get(0, &format!("/v1/chats/{chat}/messages/{last}"))
+            .ok()?;
+        (r["acknowledged"] == 3).then_some(())
+    });
+    t.kill(2);
+    // Node 3 misses these.
+    send_many(t.dir(1).to_owned(), chat.clone(), "while down", 50);
+    t.restart(2);
+
+    // Without any command, every replica reports in sync.
+    let seen = t.wait_all_in_sync(0, &chat);
+    let entries: Vec<u64> = seen
+        .iter()
+        .map(|v| v["entries"].as_u64().unwrap())
+        .collect();
+    assert!(entries.windows(2).all(|w| w[0] == w[1]), "{entries:?}");
+    // 1 genesis + 1 storage entry + 150 messages.
+    assert_eq!(entries[0], 152);
+    t.wait_all_in_sync(1, &chat);
+    // Node 3's own restart recovered everything it had acknowledged: no
+    // message is missing anywhere.
+    let h = t.history(1, &chat);
+    assert_eq!(h.len(), 150);
+    for i in 0..100 {
+        assert!(
+            h.iter()
+                .any(|m| m["text"] == format!("before {i}").as_str())
+        );
+    }
+}
+
+#[test]
+fn a_peer_that_was_down_catches_up_and_without_quorum_sending_says_so() {
+    let mut t = Three::start();
+    let chat = t.chat();
+    t.kill(2);
+    // Two of three still make the quorum.
+    let receipts = send_many(t.dir(0).to_owned(), chat.clone(), "node 3 is down", 500);
+    assert!(receipts.iter().all(|r| r["status"] == "stored"));
+    t.restart(2);
+    let seen = t.wait_all_in_sync(0, &chat);
+    assert!(seen.iter().all(|v| v["entries"] == 502), "{seen:?}");
+
+    // Two of three down: the message is kept here and reported as not yet
+    // stored, with the reason.
+    t.kill(1);
+    t.kill(2);
+    let out = tern(t.dir(0), &["chat", "send", &chat, "alone"]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("quorum not reached"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sending"));
+    let h = t.history(0, &chat);
+    let alone = h.iter().find(|m| m["text"] == "alone").unwrap();
+    assert_eq!(alone["status"], "sending");
+    let id = alone["id"].as_str().unwrap().to_owned();
+
+    // They come back: it is pushed again and stored, and nothing
+    // acknowledged is lost.
+    t.restart(1);
+    t.restart(2);
+    poll("the lone message to be stored", || {
+        let r = t.get(0, &format!("/v1/chats/{chat}/messages/{id}")).ok()?;
+        (r["status"] == "stored").then_some(())
+    });
+    let h2 = poll("node 2 to have every message", || {
+        let h = t.history(1, &chat);
+        (h.len() == 501).then_some(h)
+    });
+    assert_eq!(ids_and_texts(&h2), ids_and_texts(&t.history(0, &chat)));
+    t.wait_all_in_sync(0, &chat);
+}
+
+/// The bytes of one entry's encrypted body, as a storage peer serves it.
+fn ciphertext_of(t: &Three, k: usize, chat: &str, message: &str) -> Vec<u8> {
+    use tern_node::cloud::wire::{StoreRequest, StoreResponse};
+    use tern_protocol::cloud::{ChatId, ChatLog, SyncRequest};
+    let id: [u8; 16] = data_encoding::HEXLOWER
+        .decode(chat.as_bytes())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let target: libp2p::Multiaddr = t.node(k).tcp_addr().parse().unwrap();
+    t.rt.block_on(async {
+        let identity = libp2p::identity::Keypair::generate_ed25519();
+        let (mut c, peer) =
+            record_client::<StoreRequest, StoreResponse>(identity, "/tern/store/1", target).await;
+        let mut log = ChatLog::new(ChatId(id));
+        loop {
+            let r = ask(&mut c, peer, StoreRequest::Sync(SyncRequest::for_log(&log)))
+                .await
+                .unwrap();
+            let StoreResponse::Synced(batch) = r else {
+                panic!("expected a sync batch, got {r:?}");
+            };
+            for e in batch.entries {
+                if data_encoding::HEXLOWER.encode(&e.hash().0) == message {
+                    return e.body.expect("a message has a body").ciphertext;
+                }
+                log.insert(e).unwrap();
+            }
+            assert!(batch.more, "message {message} not on node {}", k + 1);
+        }
+    })
+}
+
+#[test]
+fn storage_peers_hold_no_plaintext_and_a_deleted_message_is_gone_from_every_disk() {
+    let t = Three::start();
+    let chat = t.chat();
+    let receipts = send_many(t.dir(0).to_owned(), chat.clone(), "plaintext-marker", 20);
+    let victim = receipts[7]["message_id"].as_str().unwrap().to_owned();
+    poll("node 2 to have every message", || {
+        (t.history(1, &chat).len() == 20).then_some(())
+    });
+    for k in 0..3 {
+        for i in 0..20 {
+            let found = files_containing(t.dir(k), format!("plaintext-marker {i}").as_bytes());
+            assert!(found.is_empty(), "plaintext on disk: {found:?}");
+        }
+    }
+    let ciphertext = ciphertext_of(&t, 2, &chat, &victim);
+    assert!(ciphertext.len() >= 32);
+    let needle = &ciphertext[..32];
+    for k in 0..3 {
+        assert!(
+            !files_containing(t.dir(k), needle).is_empty(),
+            "the entry should be on node {} before the delete",
+            k + 1
+        );
+    }
+
+    // Bob (the other member of a two-person chat) deletes it for everyone.
+    let out = tern(
+        t.dir(1),
+        &["chat", "delete", &chat, &victim[..12], "--for-everyone"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    poll(
+        "the ciphertext to be gone from every data directory",
+        || {
+            (0..3)
+                .all(|k| files_containing(t.dir(k), needle).is_empty())
+                .then_some(())
+        },
+    );
+    // No mark in the history, on either side.
+    for k in 0..2 {
+        let h = poll("the delete to reach both members", || {
+            let h = t.history(k, &chat);
+            (h.len() == 19).then_some(h)
+        });
+        assert!(h.iter().all(|m| m["id"] != victim.as_str()));
+        assert!(h.iter().all(|m| m["text"] != "plaintext-marker 7"));
+    }
+    t.wait_all_in_sync(0, &chat);
+}
