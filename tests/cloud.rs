@@ -22,6 +22,11 @@ const OPEN: &[&str] = &["--host-open"];
 
 impl Three {
     fn start() -> Self {
+        Self::start_with(&[OPEN, OPEN, OPEN])
+    }
+
+    /// Three nodes with their own extra flags each.
+    fn start_with(flags: &[&[&str]; 3]) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dirs: Vec<PathBuf> = (1..=3).map(|k| tmp.path().join(format!("n{k}"))).collect();
         for (k, d) in dirs.iter().enumerate() {
@@ -29,7 +34,8 @@ impl Three {
         }
         let nodes = dirs
             .iter()
-            .map(|d| Some(NodeProcess::start(d, &[LOOPBACK, OPEN].concat())))
+            .zip(flags)
+            .map(|(d, f)| Some(NodeProcess::start(d, &[LOOPBACK, f].concat())))
             .collect();
         let t = Self {
             _tmp: tmp,
@@ -88,11 +94,15 @@ impl Three {
     /// A chat between the accounts of nodes 1 and 2, stored on all three
     /// with a quorum of 2, known to both members.
     fn chat(&self) -> String {
+        self.chat_on(&[0, 1, 2], 2)
+    }
+
+    fn chat_on(&self, storage: &[usize], quorum: u8) -> String {
         let bob = self.account(1);
         poll("node 1 to learn node 2's account record", || {
             self.get(0, &format!("/v1/accounts/{bob}")).ok()
         });
-        let peers: Vec<String> = (0..3).map(|k| self.node(k).peer_id()).collect();
+        let peers: Vec<String> = storage.iter().map(|k| self.node(*k).peer_id()).collect();
         let out = tern_json(
             self.dir(0),
             &[
@@ -105,12 +115,12 @@ impl Three {
                 "--storage",
                 &peers.join(","),
                 "--quorum",
-                "2",
+                &quorum.to_string(),
                 "--json",
             ],
         );
-        assert_eq!(out["quorum"], 2);
-        assert_eq!(out["storage"].as_array().unwrap().len(), 3);
+        assert_eq!(out["quorum"], quorum);
+        assert_eq!(out["storage"].as_array().unwrap().len(), storage.len());
         let chat = out["chat_id"].as_str().unwrap().to_owned();
         poll("node 2 to have the chat", || {
             self.get(1, "/v1/chats")
@@ -430,5 +440,90 @@ fn storage_peers_hold_no_plaintext_and_a_deleted_message_is_gone_from_every_disk
         assert!(h.iter().all(|m| m["id"] != victim.as_str()));
         assert!(h.iter().all(|m| m["text"] != "plaintext-marker 7"));
     }
+    t.wait_all_in_sync(0, &chat);
+}
+
+#[test]
+fn every_change_reaches_the_event_stream() {
+    let mut t = Three::start();
+    let chat = t.chat();
+    let (w1, w2) = (Watcher::start(t.dir(0)), Watcher::start(t.dir(1)));
+    let chat_is = |e: &Value| e["chat_id"] == chat.as_str();
+
+    let sent = send_many(t.dir(0).to_owned(), chat.clone(), "watched", 1);
+    let id = sent[0]["message_id"].as_str().unwrap().to_owned();
+    let m = w2.next_where("chat_message", |e| {
+        e["type"] == "chat_message" && chat_is(e)
+    });
+    assert_eq!(m["text"], "watched 0");
+    assert_eq!(m["message_id"], id.as_str());
+    assert_eq!(m["from_me"], false);
+    w1.next_where("chat_status stored", |e| {
+        e["type"] == "chat_status" && e["message_id"] == id.as_str() && e["status"] == "stored"
+    });
+
+    let out = tern(t.dir(0), &["chat", "edit", &chat, &id, "watched, edited"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e = w2.next_where("chat_edited", |e| e["type"] == "chat_edited" && chat_is(e));
+    assert_eq!(e["message_id"], id.as_str());
+    assert_eq!(e["text"], "watched, edited");
+    let h = t.history(1, &chat);
+    assert_eq!(h[0]["text"], "watched, edited");
+    assert_eq!(h[0]["edited"], true);
+
+    assert!(tern(t.dir(1), &["chat", "read", &chat]).status.success());
+    let r = w1.next_where("chat_receipt", |e| {
+        e["type"] == "chat_receipt" && chat_is(e)
+    });
+    assert_eq!(r["reader"], t.account(1).as_str());
+
+    let out = tern(t.dir(0), &["chat", "delete", &chat, &id, "--for-everyone"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = w2.next_where("chat_deleted", |e| {
+        e["type"] == "chat_deleted" && chat_is(e)
+    });
+    assert_eq!(d["message_ids"][0], id.as_str());
+
+    // A storage peer goes away: replica health says so.
+    let gone = t.node(2).peer_id();
+    t.kill(2);
+    w1.next_where("replica_health unreachable", |e| {
+        e["type"] == "replica_health" && e["peer_id"] == gone.as_str() && e["reachable"] == false
+    });
+    t.restart(2);
+    w1.next_where("replica_health back", |e| {
+        e["type"] == "replica_health" && e["peer_id"] == gone.as_str() && e["reachable"] == true
+    });
+}
+
+#[test]
+fn a_storage_peer_that_did_not_agree_refuses_clearly_until_its_operator_allows() {
+    // Node 3 stores only for accounts its operator allows.
+    let t = Three::start_with(&[OPEN, OPEN, &[]]);
+    let chat = t.chat_on(&[0, 2], 2);
+    let out = tern(t.dir(0), &["chat", "send", &chat, "needs both"]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("quorum not reached"), "{stderr}");
+    assert!(
+        stderr.contains("tern host allow"),
+        "the refusal should say what to do: {stderr}"
+    );
+    assert_eq!(t.history(0, &chat)[0]["status"], "sending");
+
+    // The operator agrees: without anyone resending, it is stored.
+    let out = tern(t.dir(2), &["host", "allow", &t.account(0)]);
+    assert!(out.status.success());
+    poll("the message to be stored once allowed", || {
+        (t.history(0, &chat)[0]["status"] == "stored").then_some(())
+    });
     t.wait_all_in_sync(0, &chat);
 }

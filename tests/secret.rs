@@ -4,13 +4,7 @@
 
 mod support;
 
-use std::{
-    io::{BufRead, BufReader},
-    path::Path,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::Instant,
-};
+use std::path::Path;
 
 use serde_json::Value;
 use support::*;
@@ -119,58 +113,6 @@ fn key(dir: &Path, id: &str, format: &str) -> Vec<u8> {
 fn assert_nowhere(dir: &Path, needle: &str) {
     let found = files_containing(dir, needle.as_bytes());
     assert!(found.is_empty(), "{needle:?} found in {found:?}");
-}
-
-/// `tern watch --json` on a node, its events collected in the background.
-struct Watcher {
-    child: Child,
-    events: mpsc::Receiver<Value>,
-}
-
-impl Watcher {
-    fn start(dir: &Path) -> Self {
-        let mut child = Command::new(tern_bin())
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["watch", "--json"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && tx.send(v).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        let w = Self { child, events };
-        w.next_where("the subscription", |e| e["type"] == "subscribed");
-        w
-    }
-
-    fn next_where(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let start = Instant::now();
-        loop {
-            let left = DEADLINE.saturating_sub(start.elapsed());
-            match self.events.recv_timeout(left) {
-                Ok(e) if f(&e) => return e,
-                Ok(_) => {}
-                Err(_) => panic!("no {what} event within {DEADLINE:?}"),
-            }
-        }
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Milliseconds since the Unix epoch of an RFC 3339 UTC time as the node

@@ -513,3 +513,55 @@ where
     .await
     .expect("an answer within the deadline")
 }
+
+/// `tern watch --json` on a node, its events collected in the background.
+pub struct Watcher {
+    child: Child,
+    events: mpsc::Receiver<Value>,
+}
+
+impl Watcher {
+    pub fn start(dir: &Path) -> Self {
+        let mut child = Command::new(tern_bin())
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["watch", "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let w = Self { child, events };
+        w.next_where("the subscription", |e| e["type"] == "subscribed");
+        w
+    }
+
+    pub fn next_where(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let left = DEADLINE.saturating_sub(start.elapsed());
+            match self.events.recv_timeout(left) {
+                Ok(e) if f(&e) => return e,
+                Ok(_) => {}
+                Err(_) => panic!("no {what} event within {DEADLINE:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -258,9 +258,9 @@ impl Replicas {
                 None
             };
             let Some(creator) = creator else {
-                outcomes.push(Outcome::Rejected(
-                    "this node does not keep that chat: push its first entry first".into(),
-                ));
+                // Not kept here (yet): the pusher should start from the
+                // genesis, which is where the hosting policy answers.
+                outcomes.push(Outcome::Missing(entry.header.header.parents.clone()));
                 continue;
             };
             let incoming = if is_purge { 0 } else { size };
@@ -620,14 +620,16 @@ mod tests {
             replicas.accept(Some(&alice_only), vec![reply]).unwrap(),
             vec![Outcome::Stored]
         );
-        // A chat it does not keep cannot be started by a later entry.
+        // A chat it does not keep cannot be started by a later entry: the
+        // pusher is told to start from the genesis, and nothing is kept.
         let stray = say(&mut alice, "no genesis here", 10);
         let mut other = stray.clone();
         other.header.header.chat = ChatId([1; 16]);
         assert!(matches!(
             replicas.accept(Some(&open_policy()), vec![other]).unwrap()[0],
-            Outcome::Rejected(_)
+            Outcome::Missing(_)
         ));
+        assert!(replicas.log(&ChatId([1; 16])).is_none());
         replicas.commit().unwrap();
         assert!(replicas.used_bytes() > 0);
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);

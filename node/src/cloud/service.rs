@@ -929,7 +929,11 @@ impl CloudService {
                     warn!(%peer, chat = %short(&chat), "a storage peer did not take an entry: {r}");
                 }
                 let view = self.views.entry((chat, peer)).or_default();
-                view.refused = refused;
+                if refused.is_some() {
+                    view.refused = refused;
+                } else if view.counts.values().any(|c| *c > 0) {
+                    view.refused = None;
+                }
                 if missing && let Some(link) = self.links.get_mut(&peer) {
                     link.compare.insert(chat);
                 }
@@ -1606,6 +1610,9 @@ impl CloudService {
         match outcome.first() {
             Some(Outcome::Stored) => {
                 self.unstored.entry(chat).or_default().insert(hash);
+                // Where this node is a storage peer too, it tells the other
+                // members' devices itself.
+                self.to_notify.entry(chat).or_default();
                 Ok(hash)
             }
             other => Err(CloudError::Store(format!(
