@@ -69,6 +69,17 @@ fn every_route_needs_the_bearer_token() {
         ("GET", "/v1/accounts/x"),
         ("POST", "/v1/host/allow"),
         ("POST", "/v1/host/deny"),
+        ("GET", "/v1/chats"),
+        ("POST", "/v1/chats"),
+        ("GET", "/v1/chats/00000000/messages"),
+        ("POST", "/v1/chats/00000000/messages"),
+        ("GET", "/v1/chats/00000000/messages/00000000"),
+        ("POST", "/v1/chats/00000000/messages/00000000/edit"),
+        ("POST", "/v1/chats/00000000/delete"),
+        ("POST", "/v1/chats/00000000/clear"),
+        ("POST", "/v1/chats/00000000/read"),
+        ("GET", "/v1/chats/00000000/replicas"),
+        ("POST", "/v1/chats/00000000/storage"),
         ("GET", "/no/such/route"),
     ];
     for (method, path) in routes {

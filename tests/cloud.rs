@@ -527,3 +527,75 @@ fn a_storage_peer_that_did_not_agree_refuses_clearly_until_its_operator_allows()
     });
     t.wait_all_in_sync(0, &chat);
 }
+
+#[test]
+fn a_new_storage_peer_catches_up_and_clear_for_everyone_empties_every_copy() {
+    let t = Three::start();
+    // Kept by nodes 1 and 2 only, at first.
+    let chat = t.chat_on(&[0, 1], 2);
+    send_many(t.dir(0).to_owned(), chat.clone(), "early", 150);
+    send_many(t.dir(1).to_owned(), chat.clone(), "reply", 50);
+    assert!(files_containing(&t.dir(2).join("replicas"), chat.as_bytes()).is_empty());
+
+    // Node 3 joins the storage set: it gets the whole log without anyone
+    // pushing it by hand.
+    let peers: Vec<String> = (0..3).map(|k| t.node(k).peer_id()).collect();
+    let out = tern(
+        t.dir(1),
+        &[
+            "chat",
+            "storage",
+            &chat,
+            "--set",
+            &peers.join(","),
+            "--quorum",
+            "2",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = t.wait_all_in_sync(0, &chat);
+    assert_eq!(seen.len(), 3);
+    // genesis, two storage entries, 200 messages.
+    assert!(seen.iter().all(|v| v["entries"] == 203), "{seen:?}");
+    assert_eq!(
+        t.get(0, "/v1/chats").unwrap()[0]["storage"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // Clear for everyone: no message left on any device, the log still
+    // verifies, and the replicas agree.
+    let ciphertext = ciphertext_of(&t, 2, &chat, t.history(0, &chat)[3]["id"].as_str().unwrap());
+    let out = tern(t.dir(0), &["chat", "clear", &chat, "--for-everyone"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for k in 0..2 {
+        poll("every message gone", || {
+            t.history(k, &chat).is_empty().then_some(())
+        });
+    }
+    t.wait_all_in_sync(0, &chat);
+    poll(
+        "the cleared ciphertext to be gone from every data directory",
+        || {
+            (0..3)
+                .all(|k| files_containing(t.dir(k), &ciphertext).is_empty())
+                .then_some(())
+        },
+    );
+    // The chat itself goes on.
+    let r = send_many(t.dir(1).to_owned(), chat.clone(), "after the clear", 1);
+    assert_eq!(r[0]["status"], "stored");
+    poll("the new message on node 1", || {
+        (t.history(0, &chat).len() == 1).then_some(())
+    });
+}
