@@ -150,6 +150,7 @@ enum Command {
         quorum: Option<u8>,
         reply: Reply<ChatInfo>,
     },
+    RekeyAll(Reply<usize>),
 }
 
 /// What one of our requests to a peer was.
@@ -251,7 +252,8 @@ pub struct CloudService {
     /// Connected peers and the account each proved.
     connected: HashMap<PeerId, Option<AccountId>>,
     /// This device's entries not yet at their write quorum.
-    unstored: BTreeMap<ChatId, BTreeSet<EntryHash>>,
+    /// By sequence number: a peer holding one holds all before it.
+    unstored: BTreeMap<ChatId, BTreeMap<u64, EntryHash>>,
     /// Chats whose new entries storage peers should be told about, with
     /// the peer that brought them (not told).
     to_notify: BTreeMap<ChatId, BTreeSet<PeerId>>,
@@ -355,6 +357,11 @@ impl CloudHandle {
     }
     pub async fn replicas(&self, chat: String) -> Result<Vec<ReplicaView>, CloudError> {
         self.call(|reply| Command::Replicas { chat, reply }).await
+    }
+    /// A new chat key in every chat of this account (after a device is
+    /// revoked); returns how many chats.
+    pub async fn rekey_all(&self) -> Result<usize, CloudError> {
+        self.call(Command::RekeyAll).await
     }
     pub async fn set_storage(
         &self,
@@ -465,10 +472,11 @@ impl CloudService {
         let chats: Vec<ChatId> = this.replicas.chats().copied().collect();
         for chat in chats {
             if let Some(log) = this.replicas.log(&chat) {
-                let mine: BTreeSet<EntryHash> = log
+                let mine: BTreeMap<u64, EntryHash> = log
                     .device_entries_from(&this.device, 0)
                     .iter()
-                    .copied()
+                    .enumerate()
+                    .map(|(seq, h)| (seq as u64, *h))
                     .collect();
                 if !mine.is_empty() {
                     this.unstored.insert(chat, mine);
@@ -624,8 +632,10 @@ impl CloudService {
         log: &ChatLog,
         at: Option<&EntryHash>,
     ) -> (Vec<(PeerId, StoragePeer)>, u8) {
+        // The genesis comes before any storage entry: it is kept where the
+        // chat is.
         let set = match at {
-            Some(h) => log.storage_set_for(h),
+            Some(h) => log.storage_set_for(h).or_else(|| log.storage_set()),
             None => log.storage_set(),
         };
         let Some((peers, quorum)) = set else {
@@ -1219,18 +1229,22 @@ impl CloudService {
         let Some(log) = self.replicas.log(&chat) else {
             return;
         };
+        // Oldest first; the first one short of its quorum ends the scan
+        // (unless the storage set changed in between, later ones cannot be
+        // held more widely).
         let mut done = Vec::new();
-        for hash in waiting {
+        for (seq, hash) in waiting {
             let (acked, quorum, _) = self.acks(log, &chat, hash);
-            if acked >= quorum {
-                done.push(*hash);
+            if acked < quorum {
+                break;
             }
+            done.push((*seq, *hash));
         }
         if done.is_empty() {
             return;
         }
         let chat_id = chat_hex(&chat);
-        for hash in &done {
+        for (_, hash) in &done {
             let is_message = log
                 .get(hash)
                 .is_some_and(|e| matches!(e.header.header.kind, EntryKind::Message));
@@ -1243,8 +1257,8 @@ impl CloudService {
             }
         }
         if let Some(waiting) = self.unstored.get_mut(&chat) {
-            for h in done {
-                waiting.remove(&h);
+            for (seq, _) in done {
+                waiting.remove(&seq);
             }
             if waiting.is_empty() {
                 self.unstored.remove(&chat);
@@ -1522,6 +1536,20 @@ impl CloudService {
                 });
                 Pending::ready(r, reply)
             }
+            Command::RekeyAll(reply) => {
+                let chats: Vec<ChatId> = self
+                    .replicas
+                    .chats()
+                    .copied()
+                    .filter(|c| self.is_member(c))
+                    .collect();
+                let r = chats
+                    .into_iter()
+                    .map(|c| self.write(c, Draft::Rekey))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|v| v.len());
+                Pending::ready(r, reply)
+            }
             Command::Replicas { chat, reply } => Pending::ready(
                 self.resolve_chat(&chat).map(|c| self.replica_views(c)),
                 reply,
@@ -1609,7 +1637,12 @@ impl CloudService {
             .map_err(|e| CloudError::Store(e.to_string()))?;
         match outcome.first() {
             Some(Outcome::Stored) => {
-                self.unstored.entry(chat).or_default().insert(hash);
+                let seq = self
+                    .replicas
+                    .log(&chat)
+                    .and_then(|l| l.get(&hash))
+                    .map_or(0, |e| e.header.header.seq);
+                self.unstored.entry(chat).or_default().insert(seq, hash);
                 // Where this node is a storage peer too, it tells the other
                 // members' devices itself.
                 self.to_notify.entry(chat).or_default();
