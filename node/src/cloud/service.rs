@@ -523,7 +523,7 @@ impl CloudService {
                 Some(c) = self.commands.recv() => round.commands.push(c),
                 Some(d) = self.done_rx.recv() => round.done.push(d),
                 e = events.recv() => match e {
-                    Ok(e) => self.on_event(e.event),
+                    Ok(e) => self.on_event(e.event).await,
                     Err(broadcast::error::RecvError::Lagged(_)) => self.schedule_compares(true),
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
@@ -549,30 +549,31 @@ impl CloudService {
         debug!("cloud-chat service stopped");
     }
 
-    fn on_event(&mut self, event: Event) {
+    async fn on_event(&mut self, event: Event) {
         match event {
+            // A device met for the first time.
             Event::PeerIdentified {
                 peer_id,
                 account_id,
                 ..
             } => {
-                let Ok(peer) = PeerId::from_str(&peer_id) else {
-                    return;
-                };
-                let account = AccountId::from_str(&account_id).ok();
-                self.connected.insert(peer, account);
-                self.peer_back(peer);
-                // A storage peer may keep chats of this account that this
-                // device has not seen yet (a new device, or one that was
-                // offline when a chat began).
-                if let Some(link) = self.link(peer) {
-                    link.chats_of = true;
+                if let (Ok(peer), Ok(account)) =
+                    (PeerId::from_str(&peer_id), AccountId::from_str(&account_id))
+                {
+                    self.met(peer, account);
                 }
             }
             Event::PeerConnected { peer_id, .. } => {
-                if let Ok(peer) = PeerId::from_str(&peer_id) {
-                    self.connected.entry(peer).or_insert(None);
-                    self.peer_back(peer);
+                let Ok(peer) = PeerId::from_str(&peer_id) else {
+                    return;
+                };
+                self.connected.entry(peer).or_insert(None);
+                self.peer_back(peer);
+                // A device met before: its account is known already.
+                if let Ok(Some(known)) = self.net.device(peer).await
+                    && let Some(account) = known.account
+                {
+                    self.met(peer, account);
                 }
             }
             Event::PeerDisconnected { peer_id } => {
@@ -581,6 +582,21 @@ impl CloudService {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// `peer` is connected and proved `account`.
+    fn met(&mut self, peer: PeerId, account: AccountId) {
+        let first = self.connected.insert(peer, Some(account)) != Some(Some(account));
+        if !first {
+            return;
+        }
+        self.peer_back(peer);
+        // A storage peer may keep chats of this account that this device
+        // has not seen yet (a new device, or one that was offline when a
+        // chat began).
+        if let Some(link) = self.link(peer) {
+            link.chats_of = true;
         }
     }
 
