@@ -20,6 +20,8 @@ use libp2p::{Multiaddr, identify, noise, ping, swarm::SwarmEvent, tcp, yamux};
 use tern_node::{api::StatusResponse, client::ApiClient, data_dir::DataDir};
 use tern_tools::stats::{ms, percentile};
 
+mod cloud;
+
 #[derive(Parser)]
 #[command(about = "End-to-end benchmarks over real tern processes")]
 struct Args {
@@ -57,7 +59,43 @@ enum Bench {
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
     },
-    /// Everything above.
+    /// Cloud chat, 3 nodes storing with a write quorum of 2: from send on
+    /// node 1's API until the answer says `stored`, one after another.
+    CloudSend {
+        #[arg(long, default_value_t = 500)]
+        sends: usize,
+        /// Text bytes per message.
+        #[arg(long, default_value_t = 1024)]
+        bytes: usize,
+    },
+    /// Cloud-chat messages per second through node 1's API (`wait_ms: 0`),
+    /// 3 nodes storing with a write quorum of 2, until the last is stored.
+    CloudThroughput {
+        #[arg(long, default_value_t = 20_000)]
+        messages: usize,
+        /// API requests in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1024)]
+        bytes: usize,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 900)]
+        limit_secs: u64,
+    },
+    /// A new storage peer joins a chat whose log one peer holds, timed
+    /// until it holds the whole log.
+    CloudCatchup {
+        /// Size of the log, MiB (encoded entries).
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Text bytes per message.
+        #[arg(long, default_value_t = 1024)]
+        text_bytes: usize,
+        /// Give up after this many seconds of catching up.
+        #[arg(long, default_value_t = 1800)]
+        limit_secs: u64,
+    },
+    /// Everything above but the cloud benchmarks (`cloud-*` run alone).
     All,
 }
 
@@ -96,12 +134,18 @@ fn init(tern: &Path, dir: &Path, name: &str) -> anyhow::Result<()> {
 /// Starts a node and returns it with the time from spawn to its first
 /// "listening on" log line (read from its stderr as it is written).
 fn start_node(tern: &Path, dir: &Path) -> anyhow::Result<(Node, Duration)> {
+    start_node_with(tern, dir, &[])
+}
+
+/// [`start_node`] with extra `tern node` flags.
+fn start_node_with(tern: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<(Node, Duration)> {
     let t0 = Instant::now();
     let mut child = Command::new(tern)
         .arg("--data-dir")
         .arg(dir)
         .arg("node")
         .args(LOOPBACK)
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -603,6 +647,24 @@ fn main() -> anyhow::Result<()> {
             messages,
             concurrency,
         } => secret_throughput(&tern, messages, concurrency)?,
+        Bench::CloudSend { sends, bytes } => cloud::cloud_send(&tern, sends, bytes)?,
+        Bench::CloudThroughput {
+            messages,
+            concurrency,
+            bytes,
+            limit_secs,
+        } => cloud::cloud_throughput(
+            &tern,
+            messages,
+            concurrency,
+            bytes,
+            Duration::from_secs(limit_secs),
+        )?,
+        Bench::CloudCatchup {
+            mib,
+            text_bytes,
+            limit_secs,
+        } => cloud::cloud_catchup(&tern, mib, text_bytes, Duration::from_secs(limit_secs))?,
         Bench::All => {
             cold_start(&tern, args.runs)?;
             connect(&tern, args.runs)?;
