@@ -271,3 +271,63 @@ fn wrong_used_and_unreachable_codes_fail_clearly_and_change_nothing() {
     );
     assert_eq!(err.lines().count(), 1, "one line: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guesses_on_the_wire_are_refused_and_burn_the_code() {
+    use tern_protocol::link::{LinkRefusal, LinkRequest, LinkResponse};
+    let tmp = tempfile::tempdir().unwrap();
+    let a_dir = tmp.path().join("a");
+    let node = tokio::task::spawn_blocking({
+        let a_dir = a_dir.clone();
+        move || {
+            init(&a_dir, "laptop");
+            NodeProcess::start(&a_dir, LOOPBACK)
+        }
+    })
+    .await
+    .unwrap();
+    let code: LinkCode = link_code(&a_dir).parse().unwrap();
+    let target = node.tcp_addr().parse().unwrap();
+    let identity = libp2p::identity::Keypair::generate_ed25519();
+    let (mut swarm, peer) =
+        record_client::<LinkRequest, LinkResponse>(identity, "/tern/link/1", target).await;
+
+    // Another code id: unknown, and the real code is untouched.
+    let other = LinkRequest::Hello {
+        code: [0; 8],
+        nonce: [1; 32],
+    };
+    assert_eq!(
+        ask(&mut swarm, peer, other).await,
+        Ok(LinkResponse::Refused(LinkRefusal::Unknown))
+    );
+    // A proof sent without asking for a challenge is a guess: refused, and
+    // it uses the code up.
+    let guess = LinkRequest::Proof {
+        code: code.id,
+        mac: [7; 32],
+        name: "mallory".into(),
+    };
+    assert_eq!(
+        ask(&mut swarm, peer, guess.clone()).await,
+        Ok(LinkResponse::Refused(LinkRefusal::WrongProof))
+    );
+    assert_eq!(
+        ask(&mut swarm, peer, guess).await,
+        Ok(LinkResponse::Refused(LinkRefusal::Used))
+    );
+    let (ok, err) = tokio::task::spawn_blocking({
+        let dir = tmp.path().join("b");
+        let code = code.to_string();
+        move || init_linked(&dir, &code, "phone")
+    })
+    .await
+    .unwrap();
+    assert!(!ok && err.contains("already used"), "{err}");
+    assert_eq!(
+        tokio::task::spawn_blocking(move || devices(&a_dir))
+            .await
+            .unwrap(),
+        vec![entry("laptop", true, false)]
+    );
+}
