@@ -137,12 +137,12 @@ pub enum Command {
         channel: request_response::ResponseChannel<StoreResponse>,
         response: StoreResponse,
     },
+    /// Link codes and the account's device list (`event_loop/link.rs`).
+    Devices(DevicesCommand),
     Account {
         account: AccountId,
         reply: oneshot::Sender<Option<AccountRecord>>,
     },
-    /// Link codes and the account's device list (`event_loop/link.rs`).
-    Devices(DevicesCommand),
 }
 
 /// A cheap, cloneable handle to the event loop.
