@@ -599,3 +599,70 @@ fn a_new_storage_peer_catches_up_and_clear_for_everyone_empties_every_copy() {
         (t.history(0, &chat).len() == 1).then_some(())
     });
 }
+
+#[test]
+fn a_device_linked_after_a_thousand_messages_gets_the_full_history_with_the_other_device_offline() {
+    let mut t = Three::start();
+    let chat = t.chat();
+    let (a, b) = (t.dir(0).to_owned(), t.dir(1).to_owned());
+    let (ca, cb) = (chat.clone(), chat.clone());
+    let alice = std::thread::spawn(move || send_many(a, ca, "alice", 600));
+    let bob = std::thread::spawn(move || send_many(b, cb, "bob", 400));
+    alice.join().unwrap();
+    bob.join().unwrap();
+
+    // Alice links a laptop to her account, then her first device goes
+    // offline.
+    let alice_account = t.account(0);
+    let out = tern(t.dir(0), &["device", "link"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let laptop_dir = t.dir(0).parent().unwrap().join("laptop");
+    let out = tern(
+        &laptop_dir,
+        &["init", "--link", &code, "--name", "alice-laptop"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.kill(0);
+    let laptop = NodeProcess::start(&laptop_dir, LOOPBACK);
+    assert_eq!(laptop.status()["account_id"], alice_account.as_str());
+
+    // From the storage peers alone, the laptop finds the chat and pulls all
+    // of it.
+    let reference = ids_and_texts(&t.history(1, &chat));
+    assert_eq!(reference.len(), 1000);
+    let c = ApiClient::new(&DataDir::new(&laptop_dir)).unwrap();
+    let history = poll("the laptop to have the full history", || {
+        let h: Value =
+            t.rt.block_on(c.get(&format!("/v1/chats/{chat}/messages")))
+                .ok()?;
+        let h = h.as_array()?.clone();
+        (h.len() == 1000).then_some(h)
+    });
+    assert_eq!(ids_and_texts(&history), reference);
+    // Alice's messages are hers on the laptop too.
+    assert_eq!(history.iter().filter(|m| m["from_me"] == true).count(), 600);
+
+    // And it writes as Alice: Bob sees it.
+    let r: Value =
+        t.rt.block_on(c.post(
+            &format!("/v1/chats/{chat}/messages"),
+            &json!({ "text": "from the laptop" }),
+        ))
+        .unwrap();
+    assert_eq!(r["status"], "stored", "{r}");
+    poll("bob to see the laptop's message", || {
+        t.history(1, &chat)
+            .iter()
+            .any(|m| m["text"] == "from the laptop")
+            .then_some(())
+    });
+}

@@ -62,6 +62,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/ticket", get(ticket))
         .route("/v1/connect", post(connect))
         .route("/v1/events", get(events))
+        .merge(crate::devices::api::routes())
         .route("/metrics", get(metrics))
         .merge(crate::secret::api::routes())
         .merge(crate::cloud::api::routes())

@@ -68,6 +68,9 @@ pub enum Command {
     Watch(JsonFlag),
     /// Start a local testnet of N nodes on loopback.
     Testnet(testnet::TestnetArgs),
+    /// This account's devices: link a new one, list, revoke.
+    #[command(subcommand)]
+    Device(crate::devices::cli::DeviceCommand),
 }
 
 #[derive(Args, Debug)]
@@ -85,6 +88,10 @@ pub struct InitArgs {
     /// Encrypt the private keys at rest with the passphrase in this file.
     #[arg(long, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// Make this data directory a new device of an existing account, with a
+    /// code from `tern device link` on one of its devices.
+    #[arg(long, value_name = "CODE")]
+    pub link: Option<String>,
 }
 
 /// `tern node` flags; each overrides the same setting in config.toml.
@@ -185,6 +192,9 @@ pub fn data_dir(cli: &Cli) -> DataDir {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let dir = data_dir(&cli);
     match cli.command {
+        Command::Init(args) if args.link.is_some() => {
+            crate::devices::cli::init_linked(&dir, args).await
+        }
         Command::Init(args) => init(&dir, args),
         Command::Node(args) => run_node(dir, args).await,
         Command::Status(f) => status(&dir, f.json).await,
@@ -207,10 +217,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(cmd) => crate::cloud::cli::run_chat(&dir, cmd).await,
         Command::Watch(f) => watch(&dir, f.json).await,
         Command::Testnet(args) => testnet::run(args).await,
+        Command::Device(cmd) => crate::devices::cli::run(&dir, cmd).await,
     }
 }
 
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().chars().take(64).collect::<String>())
@@ -244,12 +255,25 @@ pub fn init_with(
     config: Config,
     passphrase: Option<&[u8]>,
 ) -> anyhow::Result<keys::Identity> {
+    init_with_identity(dir, config, passphrase, |dir, config, passphrase| {
+        Ok(keys::create(dir, &config.name, passphrase)?)
+    })
+}
+
+/// [`init_with`], with `make` writing the keys; on any failure every file
+/// `tern init` creates is removed again.
+pub fn init_with_identity(
+    dir: &DataDir,
+    config: Config,
+    passphrase: Option<&[u8]>,
+    make: impl FnOnce(&DataDir, &Config, Option<&[u8]>) -> anyhow::Result<keys::Identity>,
+) -> anyhow::Result<keys::Identity> {
     config.validate()?;
     if dir.is_initialized() {
         // Checked here too, so the clean-up below never touches an existing identity.
         return Err(keys::KeyError::AlreadyInitialized(dir.root().display().to_string()).into());
     }
-    let made = init_files(dir, config, passphrase);
+    let made = init_files(dir, config, passphrase, make);
     if made.is_err() {
         // Leave nothing half-made: a later `tern init` must be able to start over.
         for f in dir.init_files() {
@@ -263,8 +287,9 @@ fn init_files(
     dir: &DataDir,
     config: Config,
     passphrase: Option<&[u8]>,
+    make: impl FnOnce(&DataDir, &Config, Option<&[u8]>) -> anyhow::Result<keys::Identity>,
 ) -> anyhow::Result<keys::Identity> {
-    let identity = keys::create(dir, &config.name, passphrase)?;
+    let identity = make(dir, &config, passphrase)?;
     let mut token = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut token);
     create_private(

@@ -100,15 +100,10 @@ pub fn create(dir: &DataDir, name: &str, passphrase: Option<&[u8]>) -> Result<Id
             dir.root().display().to_string(),
         ));
     }
-    crate::data_dir::create_private_dir(dir.root()).map_err(io_err(dir.root()))?;
-
-    let mut rng = rand::rngs::OsRng;
     let mut account_secret = Zeroizing::new([0u8; 32]);
-    rng.fill_bytes(account_secret.as_mut());
+    rand::rngs::OsRng.fill_bytes(account_secret.as_mut());
     let account = AccountKeypair::from_secret_bytes(&account_secret);
     let device = identity::Keypair::generate_ed25519();
-    let device_secret = device_secret_bytes(&device)?;
-
     let device_pub = device_public_key(&device.public()).ok_or_else(|| KeyError::Damaged {
         path: "device key".into(),
         why: "not an Ed25519 key".into(),
@@ -120,16 +115,55 @@ pub fn create(dir: &DataDir, name: &str, passphrase: Option<&[u8]>) -> Result<Id
                 path: "device certificate".into(),
                 why: e.to_string(),
             })?;
-
-    write_key(&dir.account_key(), &account_secret, passphrase)?;
-    write_key(&dir.device_key(), &device_secret, passphrase)?;
-    create_private(&dir.device_cert(), &certificate.encode())
-        .map_err(io_err(&dir.device_cert()))?;
-    Ok(Identity {
+    let identity = Identity {
         account,
         device,
         certificate,
-    })
+    };
+    write_identity(dir, &identity, passphrase)?;
+    Ok(identity)
+}
+
+/// `tern init --link`: writes an identity whose account key and
+/// certificate came from another device of the account.
+pub fn create_linked(
+    dir: &DataDir,
+    identity: Identity,
+    passphrase: Option<&[u8]>,
+) -> Result<Identity, KeyError> {
+    if dir.is_initialized() {
+        return Err(KeyError::AlreadyInitialized(
+            dir.root().display().to_string(),
+        ));
+    }
+    let matches = identity.certificate.account == identity.account.id()
+        && device_public_key(&identity.device.public()) == Some(identity.certificate.device)
+        && identity.certificate.verify().is_ok();
+    if !matches {
+        return Err(KeyError::Damaged {
+            path: "device certificate".into(),
+            why: "the certificate received does not match this device's keys".into(),
+        });
+    }
+    write_identity(dir, &identity, passphrase)?;
+    Ok(identity)
+}
+
+fn write_identity(
+    dir: &DataDir,
+    identity: &Identity,
+    passphrase: Option<&[u8]>,
+) -> Result<(), KeyError> {
+    crate::data_dir::create_private_dir(dir.root()).map_err(io_err(dir.root()))?;
+    let device_secret = device_secret_bytes(&identity.device)?;
+    write_key(
+        &dir.account_key(),
+        &identity.account.secret_bytes(),
+        passphrase,
+    )?;
+    write_key(&dir.device_key(), &device_secret, passphrase)?;
+    create_private(&dir.device_cert(), &identity.certificate.encode())
+        .map_err(io_err(&dir.device_cert()))
 }
 
 /// Loads the identity written by [`create`].
@@ -275,6 +309,42 @@ mod tests {
         assert_eq!(made.peer_id(), loaded.peer_id());
         assert_eq!(made.account_id(), loaded.account_id());
         assert_eq!(loaded.certificate.name, "laptop");
+    }
+
+    #[test]
+    fn a_linked_identity_is_written_like_a_new_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        let account = AccountKeypair::from_secret_bytes(&[3; 32]);
+        let device = identity::Keypair::generate_ed25519();
+        let pk = device_public_key(&device.public()).unwrap();
+        let cert = account.certify(pk, "phone", 1).unwrap();
+        // A certificate for another device is refused, and nothing is written.
+        let other = identity::Keypair::generate_ed25519();
+        let wrong = Identity {
+            account: AccountKeypair::from_secret_bytes(&[3; 32]),
+            device: other,
+            certificate: cert.clone(),
+        };
+        assert!(matches!(
+            create_linked(&dir, wrong, None),
+            Err(KeyError::Damaged { .. })
+        ));
+        assert!(!dir.is_initialized());
+        let made = create_linked(
+            &dir,
+            Identity {
+                account,
+                device,
+                certificate: cert,
+            },
+            Some(b"pw"),
+        )
+        .unwrap();
+        let loaded = load(&dir, Some(b"pw")).unwrap();
+        assert_eq!(loaded.account_id(), made.account_id());
+        assert_eq!(loaded.peer_id(), made.peer_id());
+        assert_eq!(loaded.certificate.name, "phone");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod client;
 pub mod cloud;
 pub mod config;
 pub mod data_dir;
+pub mod devices;
 pub mod erasable;
 pub mod events;
 pub mod keys;

@@ -8,7 +8,7 @@ use libp2p::PeerId;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tern_protocol::{
-    AccountId,
+    AccountId, AccountKeypair,
     cloud::{
         AccountEncryptionKey,
         account::{AccountRecord, AccountRecordBody},
@@ -28,6 +28,7 @@ use crate::{
     },
     config::Config,
     data_dir::{DataDir, read_bounded, write_atomic},
+    devices::AccountDevices,
     erasable::ErasableStore,
     events::EventBus,
     keys,
@@ -151,8 +152,14 @@ impl Node {
         let (secret_inbound, inbound_rx) =
             tokio::sync::mpsc::channel(secret::service::INBOUND_QUEUE);
         let (store_inbound, store_rx) = tokio::sync::mpsc::channel(cloud::service::INBOUND_QUEUE);
+        let devices = AccountDevices::open(
+            store.keyspace(crate::devices::KEYSPACE)?,
+            AccountKeypair::from_secret_bytes(&identity.account.secret_bytes()),
+            identity.certificate.clone(),
+        )?;
         let (mut event_loop, net) = EventLoop::new(EventLoopParts {
             swarm,
+            devices,
             bus: bus.clone(),
             metrics: metrics.clone(),
             certificate: identity.certificate.clone(),

@@ -150,6 +150,12 @@ impl Keyspace {
     pub fn insert_record_soon<R: Record>(&self, key: &[u8], record: &R) -> Result<()> {
         self.insert_soon(key, &record.encode())
     }
+
+    /// Returns once everything written so far (to any keyspace) is on disk.
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 pub mod cloud;
 pub mod codec;
 pub mod identity;
+pub mod link;
 pub mod sealed;
 pub mod secret;
 pub mod ticket;

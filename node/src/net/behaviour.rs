@@ -12,6 +12,7 @@ use prometheus_client::registry::Registry;
 use tern_protocol::{
     DeviceCertificate,
     cloud::account::{AccountQuery, AccountRecord},
+    link::{LinkRequest, LinkResponse},
 };
 
 use super::codec::RecordCodec;
@@ -41,6 +42,10 @@ pub type StoreCodec = RecordCodec<StoreRequest, StoreResponse>;
 /// and storage peers), fetched right after the introduction.
 pub const ACCOUNT_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/account/1");
 pub type AccountCodec = RecordCodec<AccountQuery, AccountRecord>;
+/// Device linking: a new device proves it holds a one-time code and is
+/// given the account (`tern init --link`). Nodes only answer it.
+pub const LINK_PROTOCOL: StreamProtocol = StreamProtocol::new("/tern/link/1");
+pub type LinkCodec = RecordCodec<LinkRequest, LinkResponse>;
 
 #[derive(NetworkBehaviour)]
 pub struct TernBehaviour {
@@ -57,6 +62,7 @@ pub struct TernBehaviour {
     pub secret: request_response::Behaviour<SecretCodec>,
     pub store: request_response::Behaviour<StoreCodec>,
     pub account: request_response::Behaviour<AccountCodec>,
+    pub link: request_response::Behaviour<LinkCodec>,
 }
 
 /// The relay service carries other devices' connections (for secret chats:
@@ -158,11 +164,20 @@ pub fn build_swarm(
                         .with_max_concurrent_streams(32),
                 ),
                 introduce: request_response::Behaviour::with_codec(
-                    IntroduceCodec::new(rejected_frames),
+                    IntroduceCodec::new(rejected_frames.clone()),
                     [(INTRODUCE_PROTOCOL, request_response::ProtocolSupport::Full)],
                     request_response::Config::default()
                         .with_request_timeout(Duration::from_secs(20))
                         .with_max_concurrent_streams(64),
+                ),
+                // Answered at once by the event loop, and only useful
+                // while one of at most a few codes is open: few streams.
+                link: request_response::Behaviour::with_codec(
+                    LinkCodec::new(rejected_frames),
+                    [(LINK_PROTOCOL, request_response::ProtocolSupport::Inbound)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(20))
+                        .with_max_concurrent_streams(4),
                 ),
             })
         })?

@@ -31,6 +31,9 @@ use tern_protocol::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+mod link;
+pub use link::{DevicesCommand, IssuedCode};
+
 use super::{
     behaviour::{IDENTIFY_VERSION, KAD_PROTOCOL, TernBehaviour, TernBehaviourEvent},
     peers::AddressBook,
@@ -134,6 +137,8 @@ pub enum Command {
         channel: request_response::ResponseChannel<StoreResponse>,
         response: StoreResponse,
     },
+    /// Link codes and the account's device list (`event_loop/link.rs`).
+    Devices(DevicesCommand),
     Account {
         account: AccountId,
         reply: oneshot::Sender<Option<AccountRecord>>,
@@ -309,6 +314,8 @@ pub struct EventLoop {
     own_record: AccountRecord,
     /// Account records learned from the devices met (newest per account).
     records: HashMap<AccountId, AccountRecord>,
+    /// This account's devices and the link codes this device issued.
+    devices: crate::devices::AccountDevices,
 }
 
 pub struct EventLoopParts {
@@ -322,6 +329,7 @@ pub struct EventLoopParts {
     pub secret_inbound: mpsc::Sender<InboundSecret>,
     pub store_inbound: mpsc::Sender<InboundStore>,
     pub own_record: AccountRecord,
+    pub devices: crate::devices::AccountDevices,
 }
 
 impl EventLoop {
@@ -348,8 +356,11 @@ impl EventLoop {
             pending_store: HashMap::new(),
             own_record: parts.own_record,
             records: HashMap::new(),
+            devices: parts.devices,
         };
         this.restore_address_book();
+        // The record built at start lists this device only; list them all.
+        this.refresh_own_record();
         (this, NetworkHandle { tx })
     }
 
@@ -539,6 +550,7 @@ impl EventLoop {
                     .store
                     .send_response(channel, response);
             }
+            Command::Devices(cmd) => self.on_devices_command(cmd),
         }
     }
 
@@ -597,6 +609,8 @@ impl EventLoop {
             warn!(%peer, "rejected an account record that is not the sender's own");
             return;
         }
+        // Another device of this account: it may know devices this one lacks.
+        self.merge_own_record(&record);
         let newer = self
             .records
             .get(&record.body.account)
@@ -954,6 +968,7 @@ impl EventLoop {
             TernBehaviourEvent::Secret(e) => self.on_secret(e),
             TernBehaviourEvent::Store(e) => self.on_store(e),
             TernBehaviourEvent::Account(e) => self.on_account(e),
+            TernBehaviourEvent::Link(e) => self.on_link(e),
             TernBehaviourEvent::Kad(e) => {
                 self.metrics.libp2p.record(&e);
                 if let kad::Event::RoutingUpdated {
