@@ -666,3 +666,85 @@ fn a_device_linked_after_a_thousand_messages_gets_the_full_history_with_the_othe
             .then_some(())
     });
 }
+
+#[test]
+fn a_group_of_three_accounts_shares_one_history_and_only_authors_edit() {
+    let t = Three::start();
+    let (bob, carol) = (t.account(1), t.account(2));
+    for who in [&bob, &carol] {
+        poll("node 1 to learn the members' records", || {
+            t.get(0, &format!("/v1/accounts/{who}")).ok()
+        });
+    }
+    let out = tern_json(
+        t.dir(0),
+        &[
+            "chat",
+            "new",
+            "--with",
+            &bob,
+            &carol,
+            "--title",
+            "the three of us",
+            "--json",
+        ],
+    );
+    let chat = out["chat_id"].as_str().unwrap().to_owned();
+    assert_eq!(out["members"].as_array().unwrap().len(), 3);
+    // Each member's own node is its chosen storage peer: all three keep it.
+    assert_eq!(out["storage"].as_array().unwrap().len(), 3);
+    assert_eq!(out["quorum"], 2);
+    for k in 1..3 {
+        poll("every member to have the group", || {
+            (t.get(k, "/v1/chats").ok()?.as_array()?.len() == 1).then_some(())
+        });
+    }
+    for (k, prefix) in [(0, "alice"), (1, "bob"), (2, "carol")] {
+        let r = send_many(t.dir(k).to_owned(), chat.clone(), prefix, 5);
+        assert!(r.iter().all(|r| r["status"] == "stored"), "{r:?}");
+    }
+    let histories: Vec<Vec<(String, String, String)>> = (0..3)
+        .map(|k| {
+            poll("15 messages everywhere", || {
+                let h = t.history(k, &chat);
+                (h.len() == 15).then_some(ids_and_texts(&h))
+            })
+        })
+        .collect();
+    assert_eq!(histories[0], histories[1]);
+    assert_eq!(histories[1], histories[2]);
+
+    // Carol may not edit Alice's message, nor delete it for everyone in a
+    // group without admins; nothing changes.
+    let alices = histories[0]
+        .iter()
+        .find(|m| m.2 == "alice 0")
+        .unwrap()
+        .0
+        .clone();
+    let out = tern(
+        t.dir(2),
+        &["chat", "edit", &chat, &alices, "carol was here"],
+    );
+    assert!(!out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    let out = tern(
+        t.dir(2),
+        &["chat", "delete", &chat, &alices, "--for-everyone"],
+    );
+    assert!(!out.status.success());
+    assert_eq!(ids_and_texts(&t.history(2, &chat)), histories[2]);
+    // Alice may.
+    let out = tern(t.dir(0), &["chat", "edit", &chat, &alices, "alice, edited"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    poll("the edit to reach carol", || {
+        t.history(2, &chat)
+            .iter()
+            .any(|m| m["text"] == "alice, edited" && m["edited"] == true)
+            .then_some(())
+    });
+}
