@@ -748,3 +748,41 @@ fn a_group_of_three_accounts_shares_one_history_and_only_authors_edit() {
             .then_some(())
     });
 }
+
+#[test]
+fn by_default_each_member_keeps_the_chat_on_its_own_node_without_hosting_anyone() {
+    // No open hosting, no allow lists: each account's chosen storage peer
+    // is its own node, which keeps its own chats.
+    let t = Three::start_with(&[&[], &[], &[]]);
+    let bob = t.account(1);
+    poll("node 1 to learn node 2's account record", || {
+        t.get(0, &format!("/v1/accounts/{bob}")).ok()
+    });
+    let out = tern_json(t.dir(0), &["chat", "new", "--with", &bob, "--json"]);
+    let chat = out["chat_id"].as_str().unwrap().to_owned();
+    let mut storage: Vec<String> = out["storage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_owned())
+        .collect();
+    storage.sort();
+    let mut expected = vec![t.node(0).peer_id(), t.node(1).peer_id()];
+    expected.sort();
+    assert_eq!(storage, expected);
+    assert_eq!(out["quorum"], 2);
+    let r = send_many(t.dir(0).to_owned(), chat.clone(), "hello", 3);
+    assert!(r.iter().all(|r| r["status"] == "stored"), "{r:?}");
+    poll("bob to have the messages", || {
+        (t.history(1, &chat).len() == 3).then_some(())
+    });
+    // Node 3 keeps nothing of it.
+    assert!(
+        t.get(2, "/v1/chats")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(files_containing(t.dir(2), b"hello").is_empty());
+}

@@ -811,8 +811,22 @@ impl CloudService {
             StoreRequest::Push { entries } => {
                 let chats: BTreeSet<ChatId> =
                     entries.iter().map(|e| e.header.header.chat).collect();
-                // This device keeps its own chats whatever the policy says.
-                let own = chats.len() == 1 && chats.iter().all(|c| self.is_member(c));
+                // This device keeps its own account's chats whatever the
+                // policy says, new ones included (their genesis names it).
+                let account = self.account;
+                let own = chats.len() == 1
+                    && chats.iter().all(|c| {
+                        self.is_member(c)
+                            || (self.replicas.log(c).is_none()
+                                && entries
+                                    .first()
+                                    .is_some_and(|e| match &e.header.header.kind {
+                                        EntryKind::Genesis { members, .. } => {
+                                            members.iter().any(|m| m.account == account)
+                                        }
+                                        _ => false,
+                                    }))
+                    });
                 match self
                     .replicas
                     .accept(if own { None } else { Some(policy) }, entries)
