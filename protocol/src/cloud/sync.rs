@@ -224,37 +224,58 @@ pub fn missing_entries(
     take_batch(lacking(log, theirs), limits)
 }
 
-/// Every entry of `log` that `theirs` lacks, in display order.
-fn lacking<'a>(log: &'a ChatLog, theirs: &ChatSummary) -> Vec<&'a Entry> {
+/// The entries of `log` that `theirs` lacks, in (lamport, hash) order,
+/// produced lazily: a k-way merge of each device's missing suffix (a
+/// device's entries have rising lamport clocks), so a batch costs its own
+/// size, not the size of everything missing.
+fn lacking<'a>(log: &'a ChatLog, theirs: &ChatSummary) -> impl Iterator<Item = &'a Entry> {
+    use std::{cmp::Reverse, collections::BinaryHeap};
     let counts = theirs.counts();
-    let mut lacking: Vec<(u64, EntryHash)> = log
+    let runs: Vec<&'a [EntryHash]> = log
         .device_progress()
-        .flat_map(|(device, _)| {
+        .map(|(device, _)| {
             let from = counts.get(device).copied().unwrap_or(0);
-            log.device_entries_from(device, from).iter()
+            log.device_entries_from(device, from)
         })
-        .filter_map(|h| Some((log.lamport(h)?, *h)))
+        .filter(|run| !run.is_empty())
         .collect();
-    lacking.sort();
-    lacking.iter().filter_map(|(_, h)| log.get(h)).collect()
+    let key = move |h: &EntryHash| (log.lamport(h).unwrap_or(u64::MAX), *h);
+    let mut heap: BinaryHeap<Reverse<((u64, EntryHash), usize, usize)>> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, run)| Reverse((key(&run[0]), i, 0)))
+        .collect();
+    std::iter::from_fn(move || {
+        let Reverse(((_, hash), run, at)) = heap.pop()?;
+        if let Some(next) = runs[run].get(at + 1) {
+            heap.push(Reverse((key(next), run, at + 1)));
+        }
+        Some(hash)
+    })
+    .filter_map(move |h| log.get(&h))
 }
 
 /// A prefix of `entries` within the limits; at least one entry (a single
 /// entry larger than the byte budget still goes, alone).
-fn take_batch(entries: Vec<&Entry>, limits: BatchLimits) -> (Vec<Entry>, bool) {
+fn take_batch<'a>(
+    entries: impl Iterator<Item = &'a Entry>,
+    limits: BatchLimits,
+) -> (Vec<Entry>, bool) {
     let max_entries = limits.max_entries.clamp(1, MAX_BATCH_ENTRIES);
     let max_bytes = limits.max_bytes.min(MAX_BATCH_BYTES);
     let mut batch = Vec::new();
     let mut bytes = 0;
-    for entry in &entries {
+    let mut entries = entries.peekable();
+    while let Some(entry) = entries.peek() {
         let size = entry.encode().len();
         if batch.len() == max_entries || (!batch.is_empty() && bytes + size > max_bytes) {
             break;
         }
         bytes += size;
         batch.push((*entry).clone());
+        entries.next();
     }
-    let more = batch.len() < entries.len();
+    let more = entries.peek().is_some();
     (batch, more)
 }
 
@@ -271,15 +292,13 @@ pub fn respond(
             got: request.chat,
         });
     }
-    let mut candidates: Vec<&Entry> = request
+    let bodies = request
         .want_bodies
         .iter()
         .take(MAX_WANTED_BODIES)
         .filter_map(|h| log.get(h))
-        .filter(|e| e.body.is_some())
-        .collect();
-    candidates.extend(lacking(log, &request.summary));
-    let (entries, more) = take_batch(candidates, limits);
+        .filter(|e| e.body.is_some());
+    let (entries, more) = take_batch(bodies.chain(lacking(log, &request.summary)), limits);
     Ok(SyncResponse {
         chat: log.chat(),
         entries,
@@ -302,6 +321,47 @@ mod tests {
                 !outputs.iter().any(|o| matches!(o, LogOutput::Missing(_))),
                 "a batch entry had to wait for its parents"
             );
+        }
+    }
+
+    #[test]
+    fn a_batch_is_the_display_order_of_what_is_missing() {
+        // Two devices writing concurrently, then merged: the lazy merge of
+        // per-device runs gives exactly the (lamport, hash) order of all
+        // that is missing, whatever the peer already holds.
+        let mut dice = Dice::new();
+        let mut devices = chat(false, false, &mut dice);
+        for i in 0..20 {
+            devices[0].say(&format!("a{i}"), &mut dice);
+            if i % 3 == 0 {
+                devices[1].say(&format!("b{i}"), &mut dice);
+            }
+            if i % 5 == 0 {
+                sync_devices(&mut devices, 0, 1);
+            }
+        }
+        sync_devices(&mut devices, 0, 1);
+        let source = &devices[0].log;
+        let mut partial = ChatLog::new(CHAT);
+        let all: Vec<Entry> = source.in_display_order().map(|(_, e)| e.clone()).collect();
+        for e in all.iter().take(9) {
+            partial.insert(e.clone()).unwrap();
+        }
+        for theirs in [ChatLog::new(CHAT), partial] {
+            let summary = ChatSummary::of(&theirs);
+            let mut expected: Vec<(u64, EntryHash)> = all
+                .iter()
+                .filter(|e| !theirs.contains(&e.hash()))
+                .map(|e| (e.header.header.lamport, e.hash()))
+                .collect();
+            expected.sort();
+            let (batch, more) = missing_entries(source, &summary, BatchLimits::default());
+            assert!(!more);
+            let got: Vec<(u64, EntryHash)> = batch
+                .iter()
+                .map(|e| (e.header.header.lamport, e.hash()))
+                .collect();
+            assert_eq!(got, expected);
         }
     }
 
