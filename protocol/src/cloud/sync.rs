@@ -240,7 +240,9 @@ fn lacking<'a>(log: &'a ChatLog, theirs: &ChatSummary) -> impl Iterator<Item = &
         .filter(|run| !run.is_empty())
         .collect();
     let key = move |h: &EntryHash| (log.lamport(h).unwrap_or(u64::MAX), *h);
-    let mut heap: BinaryHeap<Reverse<((u64, EntryHash), usize, usize)>> = runs
+    // (the next entry's order key, which run, where in it)
+    type Next = Reverse<((u64, EntryHash), usize, usize)>;
+    let mut heap: BinaryHeap<Next> = runs
         .iter()
         .enumerate()
         .map(|(i, run)| Reverse((key(&run[0]), i, 0)))
