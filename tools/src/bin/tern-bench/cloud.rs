@@ -229,6 +229,16 @@ impl Cluster {
     }
 }
 
+/// A ratio with two significant digits, however small.
+fn ratio(r: f64) -> String {
+    let digits = if r > 0.0 {
+        (1 - r.log10().floor() as i32).max(0) as usize
+    } else {
+        2
+    };
+    format!("{r:.digits$}×")
+}
+
 /// A chat id from its 32 hex characters.
 fn chat_id(hex: &str) -> anyhow::Result<ChatId> {
     ensure!(hex.len() == 32, "{hex:?} is not a full chat id");
@@ -348,20 +358,32 @@ impl StoreClient {
 
 // ------------------------------------------------------------ references
 
-/// Latencies of `n` 1 KiB appends to one file in `dir`, each followed by
-/// `fdatasync` (what one durable commit of a small record costs).
-fn fsync_latencies(dir: &Path, n: usize) -> anyhow::Result<Vec<Duration>> {
-    let tmp = tempfile::tempdir_in(dir)?;
-    let mut f = std::fs::File::create(tmp.path().join("fsync-reference"))?;
-    let block = [7u8; 1024];
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t0 = Instant::now();
-        f.write_all(&block)?;
-        f.sync_data()?;
-        out.push(t0.elapsed());
+/// 1 KiB appends to one file, each followed by `fdatasync`: what one
+/// durable commit of a small record costs on this disk.
+struct FsyncProbe {
+    _dir: tempfile::TempDir,
+    file: std::fs::File,
+}
+
+impl FsyncProbe {
+    fn new(dir: &Path) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir_in(dir)?;
+        let file = std::fs::File::create(dir.path().join("fsync-reference"))?;
+        Ok(Self { _dir: dir, file })
     }
-    Ok(out)
+
+    fn sample(&mut self) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        self.file.write_all(&[7u8; 1024])?;
+        self.file.sync_data()?;
+        Ok(t0.elapsed())
+    }
+}
+
+/// Latencies of `n` fsynced 1 KiB appends in `dir`, one after another.
+fn fsync_latencies(dir: &Path, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut probe = FsyncProbe::new(dir)?;
+    (0..n).map(|_| probe.sample()).collect()
 }
 
 /// Sequential write of `bytes` in 1 MiB writes, then one `fdatasync`, in
@@ -502,6 +524,10 @@ pub fn cloud_send(tern: &Path, sends: usize, bytes: usize) -> anyhow::Result<()>
     let text = "x".repeat(bytes);
     let path = format!("/v1/chats/{chat}/messages");
     let a = &cluster.clients[0];
+    // The disk reference is sampled between sends, so both see the same
+    // disk (this machine's virtual disk is shared and its latency drifts).
+    let mut probe = FsyncProbe::new(cluster.data_dir(0))?;
+    let mut fsync = Vec::with_capacity(sends);
     let (samples, not_stored, local, api) = rt.block_on(async {
         for _ in 0..20 {
             let _: Value = a.post(&path, &json!({ "text": text })).await?;
@@ -515,6 +541,7 @@ pub fn cloud_send(tern: &Path, sends: usize, bytes: usize) -> anyhow::Result<()>
             if r["status"] != "stored" && r["status"] != "read" {
                 not_stored += 1;
             }
+            fsync.push(probe.sample()?);
         }
         // The local part alone: answered after node 1's own commit; a pause
         // after each lets its replication finish before the next.
@@ -547,14 +574,13 @@ pub fn cloud_send(tern: &Path, sends: usize, bytes: usize) -> anyhow::Result<()>
         }
         anyhow::Ok(out)
     })?;
-    let fsync = fsync_latencies(cluster.data_dir(0), 200)?;
 
     let p = |s: &[Duration], q| percentile(s, q).unwrap_or_default();
     let head = &samples[..samples.len().min(100)];
     let tail = &samples[samples.len().saturating_sub(100)..];
     let floor = p(&api, 50.0) + p(&fsync, 50.0) + p(&store_rtt, 50.0) + p(&fsync, 50.0);
     println!(
-        "| cloud send → stored (3 storage peers, quorum 2, {bytes} B, {sends} sequential; {not_stored} answered before quorum) | p50 {} / p99 {} (first 100: p50 {}; last 100: p50 {}) | fsynced 1 KiB append, same disk: p50 {} / p99 {} | {:.1}× |",
+        "| cloud send → stored (3 storage peers, quorum 2, {bytes} B, {sends} sequential; {not_stored} answered before quorum) | p50 {} / p99 {} (first 100: p50 {}; last 100: p50 {}) | fsynced 1 KiB append, same disk, one after each send: p50 {} / p99 {} | {:.1}× |",
         ms(p(&samples, 50.0)),
         ms(p(&samples, 99.0)),
         ms(p(head, 50.0)),
@@ -743,6 +769,8 @@ struct Built {
     join: Entry,
     /// The first entries, to measure verification in this process.
     sample: Vec<Entry>,
+    /// The last push, to time pushes the node already holds.
+    last_push: Vec<Entry>,
 }
 
 /// Composes a log of about `target` bytes of `text_bytes` messages on a
@@ -778,6 +806,7 @@ fn compose_log(
         batch_bytes += size;
         batch.push(e);
     }
+    let last_push = batch.clone();
     if !batch.is_empty() {
         tx.blocking_send(batch).ok().context("pusher stopped")?;
     }
@@ -797,6 +826,7 @@ fn compose_log(
         bytes: bytes + join.encode().len() as u64,
         join,
         sample,
+        last_push,
     })
 }
 
@@ -851,6 +881,7 @@ pub fn cloud_catchup(
         bytes,
         join,
         sample,
+        last_push,
     } = built;
 
     // The new peer joins the set: the member pushes the Storage entry to
@@ -916,7 +947,25 @@ pub fn cloud_catchup(
         .map(|(t, _)| format!("{:.1}", t.as_secs_f64()))
         .collect();
 
-    // References, same run.
+    // References, same run. A push node 1 already holds: the transport,
+    // framing and decoding of a push without verification or disk.
+    let push_bytes: usize = last_push.iter().map(|e| e.encode().len()).sum();
+    let duplicate_push = rt.block_on(async {
+        let t0 = Instant::now();
+        for _ in 0..20 {
+            match source
+                .ask(StoreRequest::Push {
+                    entries: last_push.clone(),
+                })
+                .await?
+            {
+                StoreResponse::Pushed { results }
+                    if results.iter().all(|r| *r == PushResult::Duplicate) => {}
+                other => bail!("expected duplicates, got {other:?}"),
+            }
+        }
+        anyhow::Ok(t0.elapsed() / 20)
+    })?;
     let tcp = rt.block_on(tcp_copy_rate(bytes as usize))?;
     let disk = disk_write_rate(cluster.data_dir(1), (bytes as usize).min(1 << 30))?;
     let mut fresh = ChatLog::new(chat);
@@ -929,7 +978,7 @@ pub fn cloud_catchup(
     let verify = sample_bytes as f64 / t0.elapsed().as_secs_f64();
 
     println!(
-        "| new storage peer catches up {:.0} MiB ({entries} entries of ~{} B, {text_bytes} B texts) from one peer | {:.1} MB/s ({:.1} s; first entry after {:.2} s; 10–90% at {:.1} MB/s) | loopback TCP copy: {:.0} MB/s; sequential write + fdatasync: {:.0} MB/s; `ChatLog::insert` of these entries on one core: {:.1} MB/s | {:.3}× / {:.3}× / {:.2}× |",
+        "| new storage peer catches up {:.0} MiB ({entries} entries of ~{} B, {text_bytes} B texts) from one peer | {:.1} MB/s ({:.1} s; first entry after {:.2} s; 10–90% at {:.1} MB/s) | loopback TCP copy: {:.0} MB/s; sequential write + fdatasync: {:.0} MB/s; `ChatLog::insert` of these entries on one core: {:.1} MB/s | {} / {} / {} |",
         bytes as f64 / 1048576.0,
         bytes / entries.max(1),
         rate / 1e6,
@@ -939,9 +988,9 @@ pub fn cloud_catchup(
         tcp / 1e6,
         disk / 1e6,
         verify / 1e6,
-        rate / tcp,
-        rate / disk,
-        rate / verify,
+        ratio(rate / tcp),
+        ratio(rate / disk),
+        ratio(rate / verify),
     );
     println!(
         "| (same run) building the log: composed in the bench, pushed to node 1 | {:.1} s ({:.1} MB/s) | | |",
@@ -957,6 +1006,12 @@ pub fn cloud_catchup(
         after[0].values().sum::<f64>() - before[0].values().sum::<f64>(),
         after[1].values().sum::<f64>() - before[1].values().sum::<f64>(),
         elapsed.as_secs_f64(),
+    );
+    println!(
+        "| (same run) a push of {:.0} KiB that node 1 already holds (transport, framing, decoding; no verification, no disk) | {} per push, {:.0} MB/s | | |",
+        push_bytes as f64 / 1024.0,
+        ms(duplicate_push),
+        push_bytes as f64 / duplicate_push.as_secs_f64() / 1e6,
     );
     print_load(&load_at_start);
     eprintln!("source threads: {}", cpu_breakdown(&before[0], &after[0]));
