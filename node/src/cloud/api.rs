@@ -347,7 +347,10 @@ async fn wait_stored(
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     // Missed events: ask instead.
-                    if let Ok(r) = s.cloud.status(receipt.chat_id.clone(), id.clone()).await
+                    if let Ok(r) = s
+                        .cloud
+                        .status(receipt.chat_id.clone(), id.clone(), false)
+                        .await
                         && r.status != "sending"
                     {
                         break;
@@ -358,7 +361,7 @@ async fn wait_stored(
         }
     })
     .await;
-    Ok(s.cloud.status(receipt.chat_id, id).await?)
+    Ok(s.cloud.status(receipt.chat_id, id, false).await?)
 }
 
 async fn send(
@@ -377,7 +380,7 @@ async fn message_status(
     State(s): State<Shared>,
     Path((id, msg)): Path<(String, String)>,
 ) -> Result<Json<SendReceipt>, ApiError> {
-    Ok(Json(s.cloud.status(id, msg).await?))
+    Ok(Json(s.cloud.status(id, msg, true).await?))
 }
 
 #[derive(Serialize, Deserialize)]

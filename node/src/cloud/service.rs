@@ -108,6 +108,8 @@ enum Command {
     Status {
         chat: String,
         message: String,
+        /// Also find out whether it was read (decrypts the history).
+        with_read: bool,
         reply: Reply<SendReceipt>,
     },
     History {
@@ -295,10 +297,18 @@ impl CloudHandle {
         })
         .await
     }
-    pub async fn status(&self, chat: String, message: String) -> Result<SendReceipt, CloudError> {
+    /// Where a message stands; `with_read` also looks for receipts, which
+    /// costs a pass over the history.
+    pub async fn status(
+        &self,
+        chat: String,
+        message: String,
+        with_read: bool,
+    ) -> Result<SendReceipt, CloudError> {
         self.call(|reply| Command::Status {
             chat,
             message,
+            with_read,
             reply,
         })
         .await
@@ -1471,17 +1481,19 @@ impl CloudService {
             Command::Status {
                 chat,
                 message,
+                with_read,
                 reply,
             } => {
                 let r = self.resolve_chat(&chat).and_then(|c| {
                     let m = self.resolve_message(&c, &message)?;
                     let log = self.replicas.log(&c).expect("resolved");
-                    let read = self
-                        .member
-                        .history(log)
-                        .messages
-                        .iter()
-                        .any(|d| d.entry == m && !d.read_by.is_empty());
+                    let read = with_read
+                        && self
+                            .member
+                            .history(log)
+                            .messages
+                            .iter()
+                            .any(|d| d.entry == m && !d.read_by.is_empty());
                     Ok(self.receipt(c, m, read))
                 });
                 Pending::ready(r, reply)
@@ -1628,6 +1640,18 @@ impl CloudService {
             .replicas
             .log(chat)
             .ok_or_else(|| CloudError::NoSuchChat(chat_hex(chat)))?;
+        // A full id needs no scan.
+        if let Some(hash) = data_encoding::HEXLOWER
+            .decode(given.as_bytes())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .map(EntryHash)
+        {
+            return match log.get(&hash) {
+                Some(e) if matches!(e.header.header.kind, EntryKind::Message) => Ok(hash),
+                _ => Err(CloudError::NoSuchMessage(given)),
+            };
+        }
         let mut found = log
             .in_display_order()
             .filter(|(h, e)| {
