@@ -259,6 +259,8 @@ pub struct CloudService {
     /// Chats whose new entries storage peers should be told about, with
     /// the peer that brought them (not told).
     to_notify: BTreeMap<ChatId, BTreeSet<PeerId>>,
+    /// Peer ids of storage peers' device keys.
+    peer_ids: std::cell::RefCell<HashMap<DevicePublicKey, PeerId>>,
 }
 
 /// The control API's handle on the service.
@@ -476,6 +478,7 @@ impl CloudService {
             connected: HashMap::new(),
             unstored: BTreeMap::new(),
             to_notify: BTreeMap::new(),
+            peer_ids: Default::default(),
         };
         // Until peers say otherwise, every entry of this device is
         // "sending": the first compares find out what is stored.
@@ -669,9 +672,24 @@ impl CloudService {
         };
         let peers = peers
             .into_iter()
-            .filter_map(|p| Some((peer_id_of(&p.node)?, p)))
+            .filter_map(|p| Some((self.peer_of(&p.node)?, p)))
             .collect();
         (peers, quorum)
+    }
+
+    /// The libp2p peer id of a device key, remembered: deriving it costs a
+    /// point decompression, and the quorum is counted on every answer.
+    fn peer_of(&self, device: &DevicePublicKey) -> Option<PeerId> {
+        if let Some(p) = self.peer_ids.borrow().get(device) {
+            return Some(*p);
+        }
+        let peer = peer_id_of(device)?;
+        let mut cache = self.peer_ids.borrow_mut();
+        if cache.len() >= MAX_LINKS {
+            cache.clear();
+        }
+        cache.insert(*device, peer);
+        Some(peer)
     }
 
     /// The peers this node compares `chat` with: the other storage peers,
