@@ -95,10 +95,55 @@ pub(crate) mod bytes64 {
     }
 }
 
+/// A byte vector written in one piece. On the wire it is exactly what a
+/// `Vec<u8>` is in postcard (a length, then the bytes), but it is encoded
+/// and decoded as one slice instead of byte by byte.
+pub(crate) mod bytes_vec {
+    use serde::{Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde::Deserialize;
+
+    #[test]
+    fn bytes_vec_is_the_same_on_the_wire_as_a_vec() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Plain(Vec<u8>);
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Fast(#[serde(with = "bytes_vec")] Vec<u8>);
+        for len in [0, 1, 127, 128, 300, 70_000] {
+            let v: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let a = postcard::to_allocvec(&Plain(v.clone())).unwrap();
+            let b = postcard::to_allocvec(&Fast(v.clone())).unwrap();
+            assert_eq!(a, b);
+            assert_eq!(postcard::from_bytes::<Fast>(&a).unwrap(), Fast(v));
+        }
+        // A length beyond the input is an error, not an allocation.
+        assert!(postcard::from_bytes::<Fast>(&[0xff, 0xff, 0xff, 0x7f, 1]).is_err());
+    }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Probe {

@@ -367,6 +367,7 @@ impl SignedHeader {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryBody {
     pub nonce: [u8; 24],
+    #[serde(with = "crate::codec::bytes_vec")]
     pub ciphertext: Vec<u8>,
 }
 
