@@ -114,7 +114,7 @@ pub fn one_line(msg: &str) -> String {
     msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn bad_request(msg: impl Into<String>) -> ApiError {
+pub fn bad_request(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
@@ -216,9 +216,13 @@ pub struct ConnectResponse {
     pub peer_id: String,
 }
 
+/// A JSON request body, or a 400 that says what is wrong with it.
+pub fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| bad_request(format!("invalid request body: {e}")))
+}
+
 async fn connect(State(s): State<Shared>, body: Bytes) -> Result<Json<ConnectResponse>, ApiError> {
-    let req: ConnectRequest = serde_json::from_slice(&body)
-        .map_err(|e| bad_request(format!("invalid request body: {e}")))?;
+    let req: ConnectRequest = json_body(&body)?;
     let (peer, addrs) = parse_target(&req.target)?;
     let dialed = tokio::time::timeout(DIAL_TIMEOUT, s.net.dial(peer, addrs))
         .await

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tern_protocol::{AccountId, cloud::account::AccountRecord};
 
 use super::hosting::{HostStatus, HostingError};
-use crate::api::{ApiError, Shared};
+use crate::api::{ApiError, Shared, bad_request, json_body};
 
 pub fn routes() -> Router<Shared> {
     Router::new()
@@ -28,12 +28,7 @@ pub struct AccountRequest {
 }
 
 fn account(bytes: &Bytes) -> Result<AccountId, ApiError> {
-    let req: AccountRequest = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {e}"),
-        )
-    })?;
+    let req: AccountRequest = json_body(bytes)?;
     req.account.trim().parse().map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -174,19 +169,6 @@ impl From<CloudError> for ApiError {
     }
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {e}"),
-        )
-    })
-}
-
-fn bad(msg: String) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, msg)
-}
-
 #[derive(Serialize, Deserialize, Default)]
 pub struct NewChatRequest {
     /// Account ids or tickets of the other members.
@@ -202,7 +184,7 @@ pub struct NewChatRequest {
 
 /// A storage peer from a peer id or a multiaddr ending in `/p2p/PEER`.
 pub fn parse_storage_peer(s: &str) -> Result<StoragePeer, ApiError> {
-    super::service::parse_storage_peer(s).map_err(bad)
+    super::service::parse_storage_peer(s).map_err(bad_request)
 }
 
 async fn list_chats(State(s): State<Shared>) -> Result<Json<Vec<ChatInfo>>, ApiError> {
@@ -220,7 +202,7 @@ async fn record_of(
         (account, None)
     } else {
         let t: Ticket = given.parse().map_err(|e| {
-            bad(format!(
+            bad_request(format!(
                 "{given:?} is neither an account id nor a ticket: {e}"
             ))
         })?;
@@ -231,7 +213,7 @@ async fn record_of(
     }
     if let Some(t) = dial {
         let peer = crate::keys::peer_id_of(&t.device)
-            .ok_or_else(|| bad("the device key in the ticket is invalid".to_owned()))?;
+            .ok_or_else(|| bad_request("the device key in the ticket is invalid"))?;
         let addrs = t
             .addrs
             .iter()
@@ -267,10 +249,10 @@ fn stopped(_: crate::net::NetError) -> ApiError {
 async fn new_chat(State(s): State<Shared>, bytes: Bytes) -> Result<Json<ChatInfo>, ApiError> {
     let req: NewChatRequest = json_body(&bytes)?;
     if req.with.is_empty() {
-        return Err(bad("name at least one other member (--with)".into()));
+        return Err(bad_request("name at least one other member (--with)"));
     }
     if req.with.len() > tern_protocol::cloud::entry::MAX_MEMBERS {
-        return Err(bad("too many members".into()));
+        return Err(bad_request("too many members"));
     }
     let mut with = Vec::with_capacity(req.with.len() + 1);
     with.push(
@@ -418,7 +400,7 @@ async fn delete(
 ) -> Result<Json<CountResponse>, ApiError> {
     let req: DeleteRequest = json_body(&bytes)?;
     if req.messages.is_empty() {
-        return Err(bad("name at least one message".into()));
+        return Err(bad_request("name at least one message"));
     }
     let count = s.cloud.delete(id, req.messages, req.for_everyone).await?;
     Ok(Json(CountResponse { count }))

@@ -75,12 +75,7 @@ pub struct RevokeResponse {
 }
 
 async fn revoke(State(s): State<Shared>, body: Bytes) -> Result<Json<RevokeResponse>, ApiError> {
-    let req: RevokeRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {e}"),
-        )
-    })?;
+    let req: RevokeRequest = crate::api::json_body(&body)?;
     let device = s.net.revoke_device(req.device).await??;
     // New keys for what follows in every chat of the account.
     let chats_rekeyed = s.cloud.rekey_all().await?;

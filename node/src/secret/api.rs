@@ -10,12 +10,12 @@ use axum::{
     http::StatusCode,
     routing::{get, post},
 };
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize};
 use tern_protocol::{AccountId, Ticket};
 
 use super::{HistoryItem, KeyInfo, SecretError, SecretInfo, StartTarget, time::parse_timer};
 use crate::{
-    api::{ApiError, Shared},
+    api::{ApiError, Shared, json_body},
     events::Event,
 };
 
@@ -55,15 +55,6 @@ impl From<SecretError> for ApiError {
     }
 }
 
-fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {e}"),
-        )
-    })
-}
-
 #[derive(Serialize, Deserialize)]
 pub struct StartRequest {
     /// An account id or a ticket.
@@ -89,7 +80,7 @@ async fn list(State(s): State<Shared>) -> Result<Json<Vec<SecretInfo>>, ApiError
 }
 
 async fn start(State(s): State<Shared>, bytes: Bytes) -> Result<Json<SecretInfo>, ApiError> {
-    let req: StartRequest = body(&bytes)?;
+    let req: StartRequest = json_body(&bytes)?;
     let target = parse_start_target(&req.peer)?;
     Ok(Json(s.secret.start(target).await?))
 }
@@ -159,7 +150,7 @@ async fn send(
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> Result<Json<SendResponse>, ApiError> {
-    let req: SendRequest = body(&bytes)?;
+    let req: SendRequest = json_body(&bytes)?;
     Ok(Json(SendResponse {
         message_id: s.secret.send(id, req.text).await?,
     }))
@@ -183,7 +174,7 @@ async fn timer(
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> Result<Json<SecretInfo>, ApiError> {
-    let req: TimerRequest = body(&bytes)?;
+    let req: TimerRequest = json_body(&bytes)?;
     let ms = parse_timer(&req.timer).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     Ok(Json(s.secret.timer(id, ms).await?))
 }
@@ -203,7 +194,7 @@ async fn delete(
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> Result<Json<CountResponse>, ApiError> {
-    let req: MessagesRequest = body(&bytes)?;
+    let req: MessagesRequest = json_body(&bytes)?;
     Ok(Json(CountResponse {
         count: s.secret.delete(id, req.messages).await?,
     }))
@@ -230,7 +221,7 @@ async fn forward(
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> Result<Json<CountResponse>, ApiError> {
-    let req: ForwardRequest = body(&bytes)?;
+    let req: ForwardRequest = json_body(&bytes)?;
     match s.secret.forward(id, req.message).await {
         Ok(()) => Ok(Json(CountResponse { count: 1 })),
         Err(SecretError::Refused(why)) => Err(ApiError::new(StatusCode::FORBIDDEN, why)),
