@@ -481,12 +481,7 @@ impl EventLoop {
                 channel,
                 response,
             } => {
-                if let Some(n) = self.inbound_secret.get_mut(&peer) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.inbound_secret.remove(&peer);
-                    }
-                }
+                release_inbound(&mut self.inbound_secret, &peer);
                 // Fails only if the stream is gone; the peer then retries.
                 let _ = self
                     .swarm
@@ -515,7 +510,7 @@ impl EventLoop {
             }
             Command::StoreRequest {
                 peer,
-                mut addrs,
+                addrs,
                 request,
                 reply,
             } => {
@@ -523,9 +518,7 @@ impl EventLoop {
                     let _ = reply.send(Err("too many storage requests in flight".into()));
                     return;
                 }
-                if let Some(e) = self.book.get(&peer) {
-                    addrs.extend(e.addrs.iter().cloned());
-                }
+                let addrs = self.with_known_addrs(&peer, addrs);
                 let id = self
                     .swarm
                     .behaviour_mut()
@@ -538,12 +531,7 @@ impl EventLoop {
                 channel,
                 response,
             } => {
-                if let Some(n) = self.inbound_store.get_mut(&peer) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.inbound_store.remove(&peer);
-                    }
-                }
+                release_inbound(&mut self.inbound_store, &peer);
                 let _ = self
                     .swarm
                     .behaviour_mut()
@@ -554,10 +542,19 @@ impl EventLoop {
         }
     }
 
+    /// `addrs` and the addresses the address book knows for `peer`: where
+    /// an outbound request may dial.
+    fn with_known_addrs(&self, peer: &PeerId, mut addrs: Vec<Multiaddr>) -> Vec<Multiaddr> {
+        if let Some(e) = self.book.get(peer) {
+            addrs.extend(e.addrs.iter().cloned());
+        }
+        addrs
+    }
+
     fn send_secret(
         &mut self,
         peer: PeerId,
-        mut addrs: Vec<Multiaddr>,
+        addrs: Vec<Multiaddr>,
         request: SecretRequest,
         reply: oneshot::Sender<Result<SecretResponse, String>>,
     ) {
@@ -565,9 +562,7 @@ impl EventLoop {
             let _ = reply.send(Err("too many secret-chat requests in flight".into()));
             return;
         }
-        if let Some(e) = self.book.get(&peer) {
-            addrs.extend(e.addrs.iter().cloned());
-        }
+        let addrs = self.with_known_addrs(&peer, addrs);
         let id = self
             .swarm
             .behaviour_mut()
@@ -1172,6 +1167,16 @@ fn port_of(a: &Multiaddr) -> Option<u16> {
         Protocol::Tcp(port) | Protocol::Udp(port) => Some(port),
         _ => None,
     })
+}
+
+/// One of `peer`'s inbound requests was answered: it may send another.
+fn release_inbound(waiting: &mut HashMap<PeerId, usize>, peer: &PeerId) {
+    if let Some(n) = waiting.get_mut(peer) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            waiting.remove(peer);
+        }
+    }
 }
 
 #[cfg(test)]
