@@ -84,7 +84,7 @@ impl Member {
             )
             .unwrap();
         self.log.insert(g.clone()).unwrap();
-        g
+        g.into_entry()
     }
 
     fn say(&mut self, text: &str) -> Entry {
@@ -101,7 +101,7 @@ impl Member {
             )
             .unwrap();
         self.log.insert(e.clone()).unwrap();
-        e
+        e.into_entry()
     }
 
     /// This member's device key and certificate, to sign entries by hand.
@@ -308,7 +308,8 @@ fn entries_that_break_the_rules_are_rejected_with_a_logged_reason_and_the_node_k
             None,
             r,
         )
-        .unwrap();
+        .unwrap()
+        .into_entry();
     alice.log.insert(genesis.clone()).unwrap();
     let hello = alice.say("hello group");
     for e in [&genesis, &hello] {
@@ -342,6 +343,7 @@ fn entries_that_break_the_rules_are_rejected_with_a_logged_reason_and_the_node_k
                 r,
             )
             .unwrap()
+            .into_entry()
     };
     fork_base.insert(second.clone()).unwrap();
     assert_eq!(push_one(&first), PushResult::Stored);
@@ -387,7 +389,8 @@ fn entries_that_break_the_rules_are_rejected_with_a_logged_reason_and_the_node_k
             },
             r,
         )
-        .unwrap();
+        .unwrap()
+        .into_entry();
     alice.log.insert(removal.clone()).unwrap();
     assert_eq!(push_one(&removal), PushResult::Stored);
     insert_all(&mut carol.log, &[first.clone(), removal.clone()]);

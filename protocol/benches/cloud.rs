@@ -38,8 +38,8 @@ fn history() -> Vec<Entry> {
             [1; 32],
         )
         .unwrap();
-    log.insert(genesis.clone()).unwrap();
-    let mut entries = vec![genesis];
+    log.insert_composed(genesis.clone()).unwrap();
+    let mut entries = vec![genesis.into_entry()];
     for i in 0..N {
         let mut random = [0u8; 32];
         random[..8].copy_from_slice(&(i as u64).to_le_bytes());
@@ -53,8 +53,8 @@ fn history() -> Vec<Entry> {
                 random,
             )
             .unwrap();
-        log.insert(e.clone()).unwrap();
-        entries.push(e);
+        log.insert_composed(e.clone()).unwrap();
+        entries.push(e.into_entry());
     }
     entries
 }

@@ -16,6 +16,32 @@ use crate::codec::{DecodeError, Record, bytes64};
 /// Longest device name, in bytes.
 pub const MAX_DEVICE_NAME: usize = 64;
 
+/// Keys [`checked_key`] remembers per thread.
+const MAX_CHECKED_KEYS: usize = 1024;
+
+/// The Ed25519 key behind `bytes`, if they encode one. Decompressing a key
+/// costs a few microseconds, and the same few keys come in every entry a
+/// node decodes and verifies, so keys already checked are remembered (per
+/// thread, bounded; bytes that fail are never remembered).
+pub(crate) fn checked_key(bytes: &[u8; 32]) -> Result<VerifyingKey, IdentityError> {
+    thread_local! {
+        static CHECKED: std::cell::RefCell<std::collections::HashMap<[u8; 32], VerifyingKey>> =
+            std::cell::RefCell::default();
+    }
+    CHECKED.with(|checked| {
+        if let Some(key) = checked.borrow().get(bytes) {
+            return Ok(*key);
+        }
+        let key = VerifyingKey::from_bytes(bytes).map_err(|_| IdentityError::BadPublicKey)?;
+        let mut checked = checked.borrow_mut();
+        if checked.len() >= MAX_CHECKED_KEYS {
+            checked.clear();
+        }
+        checked.insert(*bytes, key);
+        Ok(key)
+    })
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
     #[error("not a valid account id: {0}")]
@@ -45,7 +71,7 @@ impl TryFrom<[u8; 32]> for AccountId {
 
 impl AccountId {
     pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, IdentityError> {
-        VerifyingKey::from_bytes(&bytes).map_err(|_| IdentityError::BadPublicKey)?;
+        checked_key(&bytes)?;
         Ok(Self(bytes))
     }
 
@@ -59,7 +85,7 @@ impl AccountId {
     }
 
     pub(crate) fn verifying_key(&self) -> Result<VerifyingKey, IdentityError> {
-        VerifyingKey::from_bytes(&self.0).map_err(|_| IdentityError::BadPublicKey)
+        checked_key(&self.0)
     }
 }
 
@@ -108,12 +134,16 @@ impl TryFrom<[u8; 32]> for DevicePublicKey {
 
 impl DevicePublicKey {
     pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, IdentityError> {
-        VerifyingKey::from_bytes(&bytes).map_err(|_| IdentityError::BadPublicKey)?;
+        checked_key(&bytes)?;
         Ok(Self(bytes))
     }
 
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    pub(crate) fn verifying_key(&self) -> Result<VerifyingKey, IdentityError> {
+        checked_key(&self.0)
     }
 }
 

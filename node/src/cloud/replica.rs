@@ -20,7 +20,7 @@ use std::{
 use tern_protocol::{
     Record,
     cloud::{
-        BatchLimits, ChatId, ChatLog, ChatSummary, Entry, EntryHash, EntryKind, LogError,
+        BatchLimits, ChatId, ChatLog, ChatSummary, Composed, Entry, EntryHash, EntryKind, LogError,
         LogOutput, SyncRequest, SyncResponse, sync,
     },
 };
@@ -44,6 +44,14 @@ pub enum Outcome {
     Refused(Refusal),
     /// Failed verification; the reason is logged and returned.
     Rejected(String),
+}
+
+/// An entry offered to the chats this node keeps.
+enum Offered {
+    /// From a peer or from disk: verified in full.
+    Received(Entry),
+    /// Composed and signed by this device.
+    Composed(Composed),
 }
 
 struct Replica {
@@ -240,89 +248,112 @@ impl Replicas {
         self.check()?;
         let mut outcomes = Vec::with_capacity(entries.len());
         for entry in entries {
-            let chat = entry.header.header.chat;
-            let hash = entry.hash();
-            let bytes = entry.encode();
-            let size = bytes.len() as u64;
-            let is_purge = matches!(entry.header.header.kind, EntryKind::Purge { .. });
-            let known = self.chats.contains_key(&chat);
-            if known && self.chats[&chat].log.contains(&hash) {
-                outcomes.push(Outcome::Duplicate);
-                continue;
-            }
-            let creator = if known {
-                self.chats[&chat].creator()
-            } else if matches!(entry.header.header.kind, EntryKind::Genesis { .. }) {
-                Some(entry.header.author_account())
-            } else {
-                None
-            };
-            let Some(creator) = creator else {
-                // Not kept here (yet): the pusher should start from the
-                // genesis, which is where the hosting policy answers.
-                outcomes.push(Outcome::Missing(entry.header.header.parents.clone()));
-                continue;
-            };
-            let incoming = if is_purge { 0 } else { size };
-            if let Some(policy) = policy
-                && let Err(r) = policy.decide(&creator, self.used, incoming)
-            {
-                outcomes.push(Outcome::Refused(r));
-                continue;
-            }
-            // A new chat gets its directory only once its genesis verifies.
-            let mut fresh = None;
-            let log = match self.chats.get_mut(&chat) {
-                Some(r) => &mut r.log,
-                None => fresh.insert(ChatLog::new(chat)),
-            };
-            let outputs = match log.insert(entry) {
-                Ok(o) => o,
-                Err(LogError::Duplicate(_)) => {
-                    outcomes.push(Outcome::Duplicate);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!("rejected a cloud-chat entry: {e}");
-                    outcomes.push(Outcome::Rejected(e.to_string()));
-                    continue;
-                }
-            };
-            if let Some(log) = fresh {
-                let store = SegmentLog::open(chat_dir(&self.root, &chat))?;
-                self.chats.insert(chat, Replica { log, store });
-            }
-            let mut outcome = Outcome::Missing(Vec::new());
-            for output in outputs {
-                match output {
-                    LogOutput::Persist(e) => {
-                        let h = e.hash();
-                        let enc = e.encode();
-                        if let Err(err) = self.append(chat, h, &enc) {
-                            outcomes.push(Outcome::Rejected(err.to_string()));
-                            return Ok(outcomes);
-                        }
-                        self.appended.push((chat, h));
-                        if h == hash {
-                            outcome = Outcome::Stored;
-                        }
-                    }
-                    LogOutput::EraseBody { entry, .. } => {
-                        if let Some(e) = self.chats.get(&chat).and_then(|r| r.log.get(&entry)) {
-                            self.purges.push((chat, entry, e.without_body().encode()));
-                        }
-                    }
-                    LogOutput::Missing(parents) => {
-                        if outcome != Outcome::Stored {
-                            outcome = Outcome::Missing(parents);
-                        }
-                    }
-                    LogOutput::Event(_) => {}
-                }
-            }
+            let (outcome, go_on) = self.accept_one(policy, Offered::Received(entry))?;
             outcomes.push(outcome);
+            if !go_on {
+                break;
+            }
         }
         Ok(outcomes)
+    }
+
+    /// This device's own entry, just composed: kept in its chat without
+    /// checking the signature it has just made (everything else is
+    /// checked, and no hosting policy applies).
+    pub fn accept_composed(&mut self, entry: Composed) -> Result<Outcome, ReplicaError> {
+        self.check()?;
+        Ok(self.accept_one(None, Offered::Composed(entry))?.0)
+    }
+
+    /// One entry; `false` when a failed append stops the batch.
+    fn accept_one(
+        &mut self,
+        policy: Option<&HostPolicy>,
+        offered: Offered,
+    ) -> Result<(Outcome, bool), ReplicaError> {
+        let entry: &Entry = match &offered {
+            Offered::Received(e) => e,
+            Offered::Composed(c) => c,
+        };
+        let chat = entry.header.header.chat;
+        let hash = entry.hash();
+        let is_purge = matches!(entry.header.header.kind, EntryKind::Purge { .. });
+        let known = self.chats.contains_key(&chat);
+        if known && self.chats[&chat].log.contains(&hash) {
+            return Ok((Outcome::Duplicate, true));
+        }
+        let creator = if known {
+            self.chats[&chat].creator()
+        } else if matches!(entry.header.header.kind, EntryKind::Genesis { .. }) {
+            Some(entry.header.author_account())
+        } else {
+            None
+        };
+        let Some(creator) = creator else {
+            // Not kept here (yet): the pusher should start from the
+            // genesis, which is where the hosting policy answers.
+            return Ok((Outcome::Missing(entry.header.header.parents.clone()), true));
+        };
+        if let Some(policy) = policy {
+            let incoming = if is_purge {
+                0
+            } else {
+                entry.encode().len() as u64
+            };
+            if let Err(r) = policy.decide(&creator, self.used, incoming) {
+                return Ok((Outcome::Refused(r), true));
+            }
+        }
+        // A new chat gets its directory only once its genesis verifies.
+        let mut fresh = None;
+        let log = match self.chats.get_mut(&chat) {
+            Some(r) => &mut r.log,
+            None => fresh.insert(ChatLog::new(chat)),
+        };
+        let inserted = match offered {
+            Offered::Received(e) => log.insert(e),
+            Offered::Composed(c) => log.insert_composed(c),
+        };
+        let outputs = match inserted {
+            Ok(o) => o,
+            Err(LogError::Duplicate(_)) => return Ok((Outcome::Duplicate, true)),
+            Err(e) => {
+                tracing::warn!("rejected a cloud-chat entry: {e}");
+                return Ok((Outcome::Rejected(e.to_string()), true));
+            }
+        };
+        if let Some(log) = fresh {
+            let store = SegmentLog::open(chat_dir(&self.root, &chat))?;
+            self.chats.insert(chat, Replica { log, store });
+        }
+        let mut outcome = Outcome::Missing(Vec::new());
+        for output in outputs {
+            match output {
+                LogOutput::Persist(e) => {
+                    let h = e.hash();
+                    let enc = e.encode();
+                    if let Err(err) = self.append(chat, h, &enc) {
+                        return Ok((Outcome::Rejected(err.to_string()), false));
+                    }
+                    self.appended.push((chat, h));
+                    if h == hash {
+                        outcome = Outcome::Stored;
+                    }
+                }
+                LogOutput::EraseBody { entry, .. } => {
+                    if let Some(e) = self.chats.get(&chat).and_then(|r| r.log.get(&entry)) {
+                        self.purges.push((chat, entry, e.without_body().encode()));
+                    }
+                }
+                LogOutput::Missing(parents) => {
+                    if outcome != Outcome::Stored {
+                        outcome = Outcome::Missing(parents);
+                    }
+                }
+                LogOutput::Event(_) => {}
+            }
+        }
+        Ok((outcome, true))
     }
 
     /// Appends one record; on failure the chat is reloaded from disk, so
@@ -460,7 +491,7 @@ mod tests {
             )
             .unwrap();
         creator.log.insert(genesis.clone()).unwrap();
-        genesis
+        genesis.into_entry()
     }
 
     fn say(p: &mut Person, text: &str, n: u8) -> Entry {
@@ -476,7 +507,7 @@ mod tests {
             )
             .unwrap();
         p.log.insert(e.clone()).unwrap();
-        e
+        e.into_entry()
     }
 
     fn open_policy() -> HostPolicy {
@@ -542,7 +573,9 @@ mod tests {
             .unwrap();
         alice.log.insert(purge.clone()).unwrap();
         assert_eq!(
-            replicas.accept(Some(&open_policy()), vec![purge]).unwrap(),
+            replicas
+                .accept(Some(&open_policy()), vec![purge.into()])
+                .unwrap(),
             vec![Outcome::Stored]
         );
         replicas.commit().unwrap();

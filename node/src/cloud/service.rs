@@ -34,8 +34,8 @@ use rand::RngCore;
 use tern_protocol::{
     AccountId, DeviceCertificate, DevicePublicKey, Record,
     cloud::{
-        AccountEncryptionKey, BatchLimits, ChatId, ChatLog, ChatMember, ChatSummary, Content,
-        Draft, Entry, EntryHash, EntryKind, SyncRequest, account::StoragePeer, missing_entries,
+        AccountEncryptionKey, BatchLimits, ChatId, ChatLog, ChatMember, ChatSummary, Composed,
+        Content, Draft, EntryHash, EntryKind, SyncRequest, account::StoragePeer, missing_entries,
         they_have_more,
     },
 };
@@ -1700,15 +1700,15 @@ impl CloudService {
     }
 
     /// Appends this device's own entry to its copy.
-    fn keep(&mut self, entry: Entry) -> Result<EntryHash, CloudError> {
+    fn keep(&mut self, entry: Composed) -> Result<EntryHash, CloudError> {
         let chat = entry.header.header.chat;
         let hash = entry.hash();
         let outcome = self
             .replicas
-            .accept(None, vec![entry])
+            .accept_composed(entry)
             .map_err(|e| CloudError::Store(e.to_string()))?;
-        match outcome.first() {
-            Some(Outcome::Stored) => {
+        match outcome {
+            Outcome::Stored => {
                 let seq = self
                     .replicas
                     .log(&chat)

@@ -13,7 +13,7 @@
 
 use std::fmt;
 
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -345,7 +345,9 @@ impl SignedHeader {
     /// this exact certificate.
     pub fn verify_signature(&self) -> Result<(), EntryError> {
         let author = &self.header.author;
-        let key = VerifyingKey::from_bytes(author.device.as_bytes())
+        let key = author
+            .device
+            .verifying_key()
             .map_err(|_| EntryError::BadCertificate)?;
         key.verify_strict(
             &self.header.signed_bytes(),
@@ -431,6 +433,41 @@ impl Entry {
         key[..8].copy_from_slice(&lamport.to_be_bytes());
         key[8..].copy_from_slice(&hash.0);
         key
+    }
+}
+
+/// An entry this process just composed and signed with its own device key
+/// (only [`crate::cloud::ChatMember`] makes one). Its author's log takes it
+/// without checking the signature again: nothing but this process's own
+/// signing could have produced it. Entries from anywhere else are plain
+/// [`Entry`] values and are always verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Composed(Entry);
+
+impl Composed {
+    pub(crate) fn new(entry: Entry) -> Self {
+        Self(entry)
+    }
+
+    pub fn entry(&self) -> &Entry {
+        &self.0
+    }
+
+    pub fn into_entry(self) -> Entry {
+        self.0
+    }
+}
+
+impl std::ops::Deref for Composed {
+    type Target = Entry;
+    fn deref(&self) -> &Entry {
+        &self.0
+    }
+}
+
+impl From<Composed> for Entry {
+    fn from(c: Composed) -> Entry {
+        c.0
     }
 }
 

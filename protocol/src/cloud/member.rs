@@ -21,8 +21,8 @@ use super::{
     account::StoragePeer,
     content::{Content, MAX_TEXT},
     entry::{
-        ChatId, Entry, EntryHash, EntryHeader, EntryKind, KeyGrant, MAX_MEMBERS, MAX_PARENTS,
-        MAX_PURGE_TARGETS, MemberGrant, check_storage_set,
+        ChatId, Composed, Entry, EntryHash, EntryHeader, EntryKind, KeyGrant, MAX_MEMBERS,
+        MAX_PARENTS, MAX_PURGE_TARGETS, MemberGrant, check_storage_set,
     },
     keys::{AccountEncryptionKey, BodyContext, ChatKey, EncryptionPublicKey, KeyError},
     log::ChatLog,
@@ -211,7 +211,7 @@ impl ChatMember {
         admins: Vec<AccountId>,
         title: Option<&str>,
         random: [u8; 32],
-    ) -> Result<Entry, MemberError> {
+    ) -> Result<Composed, MemberError> {
         let random = Randomness(random);
         let key = ChatKey::from_bytes(random.derive("first key"));
         let wrap_random = random.derive("wrap");
@@ -259,7 +259,7 @@ impl ChatMember {
         header.check_shape()?;
         let header = header.sign(&self.device_key);
         self.keys.insert(vec![header.hash()], key);
-        Ok(Entry { header, body })
+        Ok(Composed::new(Entry { header, body }))
     }
 
     /// The next entry of this device in `log`, on top of the heads it
@@ -269,7 +269,7 @@ impl ChatMember {
         log: &ChatLog,
         draft: Draft,
         random: [u8; 32],
-    ) -> Result<Entry, MemberError> {
+    ) -> Result<Composed, MemberError> {
         let chat = log.chat();
         log.genesis().ok_or(MemberError::NoGenesis)?;
         let random = Randomness(random);
@@ -399,7 +399,7 @@ impl ChatMember {
             body_hash: body.as_ref().map(|b| b.hash()),
         }
         .sign(&self.device_key);
-        Ok(Entry { header, body })
+        Ok(Composed::new(Entry { header, body }))
     }
 
     /// The latest heads (at most 16), plus this device's previous entry,

@@ -70,8 +70,8 @@ pub mod sync;
 
 pub use content::Content;
 pub use entry::{
-    BodyHash, ChatId, Entry, EntryBody, EntryError, EntryHash, EntryHeader, EntryKind, KeyGrant,
-    MemberGrant, SignedHeader, check_storage_set,
+    BodyHash, ChatId, Composed, Entry, EntryBody, EntryError, EntryHash, EntryHeader, EntryKind,
+    KeyGrant, MemberGrant, SignedHeader, check_storage_set,
 };
 pub use keys::{
     AccountEncryptionKey, BodyContext, ChatKey, EncryptionPublicKey, KeyError, WrappedKey,

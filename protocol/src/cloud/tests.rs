@@ -5,8 +5,9 @@
 use ed25519_dalek::SigningKey;
 
 use super::{
-    ChatHistory, ChatId, ChatLog, ChatMember, ChatSummary, Content, Draft, Entry, EntryBody,
-    EntryError, EntryHash, EntryHeader, EntryKind, LogError, LogOutput, MemberError, SyncRequest,
+    ChatHistory, ChatId, ChatLog, ChatMember, ChatSummary, Composed, Content, Draft, Entry,
+    EntryBody, EntryError, EntryHash, EntryHeader, EntryKind, LogError, LogOutput, MemberError,
+    SyncRequest,
     account::{MAX_ADDR_LEN, MAX_STORAGE_PEERS, StoragePeer},
     in_sync, respond,
 };
@@ -61,12 +62,14 @@ impl Device {
     /// Composes and inserts into this device's own log.
     pub(crate) fn write(&mut self, draft: Draft, dice: &mut Dice) -> Entry {
         let entry = self.member.compose(&self.log, draft, dice.roll()).unwrap();
-        self.log.insert(entry.clone()).unwrap();
-        entry
+        self.log.insert_composed(entry.clone()).unwrap();
+        entry.into_entry()
     }
 
     pub(crate) fn compose(&mut self, draft: Draft, dice: &mut Dice) -> Result<Entry, MemberError> {
-        self.member.compose(&self.log, draft, dice.roll())
+        self.member
+            .compose(&self.log, draft, dice.roll())
+            .map(Composed::into_entry)
     }
 
     pub(crate) fn say(&mut self, text: &str, dice: &mut Dice) -> Entry {
@@ -669,6 +672,59 @@ fn storage_peer_verifies_everything_and_reads_nothing() {
     assert!(history.messages.is_empty());
     assert!(history.title.is_none());
     assert!(history.unreadable >= 3);
+}
+
+#[test]
+fn only_the_signature_check_is_skipped_for_an_entry_composed_here() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let text = |t: &str| Draft::Text {
+        text: t.into(),
+        reply_to: None,
+    };
+    let alice = &mut devices[0];
+    let one = alice
+        .member
+        .compose(&alice.log, text("one"), dice.roll())
+        .unwrap();
+    let other = alice
+        .member
+        .compose(&alice.log, text("other"), dice.roll())
+        .unwrap();
+    let first = one.entry().clone();
+    alice.log.insert_composed(one).unwrap();
+    // Two entries at one seq: a fork, whoever composed them.
+    let device = alice.cert.device;
+    assert_eq!(
+        alice.log.insert_composed(other),
+        Err(LogError::Fork { device, seq: 1 })
+    );
+    // Another chat's log refuses it too.
+    let elsewhere = alice
+        .member
+        .compose(&alice.log, text("two"), dice.roll())
+        .unwrap();
+    let mut other_chat = ChatLog::new(ChatId([7; 16]));
+    assert!(matches!(
+        other_chat.insert_composed(elsewhere),
+        Err(LogError::WrongChat { .. })
+    ));
+
+    // An entry waiting for its parents had its signature checked when it
+    // came: a forged child is refused at once, not parked.
+    let parent = devices[0].say("parent", &mut dice);
+    let mut child = devices[0].compose(text("child"), &mut dice).unwrap();
+    child.header = child
+        .header
+        .header
+        .clone()
+        .sign(&SigningKey::from_bytes(&[99; 32]));
+    let bob = &mut devices[1].log;
+    bob.insert(first).unwrap();
+    assert_refused(bob, child, LogError::BadSignature);
+    assert_eq!(bob.pending_count(), 0);
+    bob.insert(parent).unwrap();
+    assert_eq!(bob.pending_count(), 0);
 }
 
 #[test]

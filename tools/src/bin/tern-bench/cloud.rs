@@ -463,10 +463,10 @@ fn in_process_chat(
         random32(),
     )?;
     let mut log = ChatLog::new(chat);
-    log.insert(genesis.clone())?;
+    log.insert_composed(genesis.clone())?;
     let storage = alice.compose(&log, Draft::Storage { peers, quorum: 1 }, random32())?;
-    log.insert(storage.clone())?;
-    Ok((alice, log, vec![genesis, storage]))
+    log.insert_composed(storage.clone())?;
+    Ok((alice, log, vec![genesis.into(), storage.into()]))
 }
 
 fn text_draft(text: &str) -> Draft {
@@ -494,8 +494,8 @@ fn in_process_rates(n: usize, bytes: usize) -> anyhow::Result<(f64, f64)> {
     let t0 = Instant::now();
     for _ in 0..n {
         let e = alice.compose(&log, text_draft(&text), random32())?;
-        log.insert(e.clone())?;
-        written.push(e);
+        log.insert_composed(e.clone())?;
+        written.push(e.into_entry());
     }
     let member_rate = n as f64 / t0.elapsed().as_secs_f64();
     let mut fresh = ChatLog::new(log.chat());
@@ -791,7 +791,8 @@ fn compose_log(
     let text = "y".repeat(text_bytes);
     while bytes < target {
         let e = alice.compose(&log, text_draft(&text), random32())?;
-        log.insert(e.clone())?;
+        log.insert_composed(e.clone())?;
+        let e = e.into_entry();
         let size = e.encode().len();
         bytes += size as u64;
         if batch.len() == 1000 || batch_bytes + size > PUSH_BYTES {
@@ -819,7 +820,8 @@ fn compose_log(
         },
         random32(),
     )?;
-    log.insert(join.clone())?;
+    log.insert_composed(join.clone())?;
+    let join = join.into_entry();
     Ok(Built {
         chat,
         entries: log.len() as u64,
