@@ -218,6 +218,9 @@ struct View {
     compared: Option<Instant>,
     refused: Option<String>,
     in_sync: Option<bool>,
+    /// The counts of the summary before the last, and when it came: what
+    /// the peer held one compare ago (see [`CloudService::on_summary`]).
+    before: Option<(Instant, HashMap<DevicePublicKey, u64>)>,
 }
 
 pub struct CloudParts {
@@ -1081,22 +1084,74 @@ impl CloudService {
         let theirs = summary.unwrap_or_else(|| ChatSummary::of(&ChatLog::new(chat)));
         let ours = ChatSummary::of(log);
         let in_sync = ours.heads_hash == theirs.heads_hash;
-        let pull = they_have_more(log, &theirs);
-        // What it lacks, in one bounded batch; compare again after it.
-        let (lacking, more) = missing_entries(
-            log,
-            &theirs,
-            BatchLimits {
-                max_entries: MAX_PUSH,
-                max_bytes: MAX_PUSH_BYTES / 2,
-            },
-        );
-        let lacking: Vec<(u64, EntryHash)> = lacking
-            .iter()
-            .map(|e| (e.header.header.lamport, e.hash()))
-            .collect();
+        let now = Instant::now();
+        // Repair only what is not on its way. While a writer streams, every
+        // storage peer is a little behind some other: pulling that gap, or
+        // pushing another writer's entries, would send each entry twice.
+        // So this node pulls what the peer held one compare ago and still
+        // lacks here (or anything, when it has no recent earlier summary:
+        // after a start, a partition or joining), and pushes only its own
+        // entries (their writer's retry), unless the peer keeps nothing of
+        // the chat's current membership and storage set yet: it cannot
+        // know it should pull.
+        // (An earlier summary younger than a second says nothing yet: the
+        // next compare decides.)
+        let before = self
+            .views
+            .get(&(chat, peer))
+            .and_then(|v| v.before.as_ref())
+            .filter(|(at, _)| now.duration_since(*at) <= COMPARE_EVERY * 3);
+        let settled =
+            before.is_none_or(|(at, _)| now.duration_since(*at) >= Duration::from_secs(1));
+        let pull = match before {
+            Some((_, counts)) => settled && counts.iter().any(|(d, c)| *c > log.next_seq(d)),
+            None => they_have_more(log, &theirs),
+        };
+        let knows_state = {
+            let counts: HashMap<&DevicePublicKey, u64> = theirs
+                .devices
+                .iter()
+                .map(|d| (&d.device, d.count))
+                .collect();
+            log.state_changes()
+                .all(|(d, seq)| counts.get(&d).is_some_and(|c| *c > seq))
+        };
+        let (lacking, more) = if !knows_state {
+            // What it lacks, in one bounded batch; compare again after it.
+            let (lacking, more) = missing_entries(
+                log,
+                &theirs,
+                BatchLimits {
+                    max_entries: MAX_PUSH,
+                    max_bytes: MAX_PUSH_BYTES / 2,
+                },
+            );
+            let lacking: Vec<(u64, EntryHash)> = lacking
+                .iter()
+                .map(|e| (e.header.header.lamport, e.hash()))
+                .collect();
+            (lacking, more)
+        } else {
+            let has = theirs
+                .devices
+                .iter()
+                .find(|d| d.device == self.device)
+                .map_or(0, |d| d.count);
+            let run = log.device_entries_from(&self.device, has);
+            let take = run.len().min(MAX_LINK_QUEUE / 4);
+            let lacking = run[..take]
+                .iter()
+                .filter_map(|h| Some((log.lamport(h)?, *h)))
+                .collect();
+            (lacking, take < run.len())
+        };
+        let counts: HashMap<DevicePublicKey, u64> =
+            theirs.devices.iter().map(|d| (d.device, d.count)).collect();
         let view = self.views.entry((chat, peer)).or_default();
-        view.counts = theirs.devices.iter().map(|d| (d.device, d.count)).collect();
+        if settled {
+            view.before = Some((now, counts.clone()));
+        }
+        view.counts = counts;
         view.entries = theirs.entries;
         view.heads_hash = Some(theirs.heads_hash);
         view.seen = Some(Instant::now());

@@ -807,6 +807,19 @@ impl ChatLog {
         Some((peers.to_vec(), quorum))
     }
 
+    /// The entries that made the current membership and storage set, each
+    /// with its author device and seq.
+    pub fn state_changes(&self) -> impl Iterator<Item = (DevicePublicKey, u64)> + '_ {
+        let changes = match self.state_for_parents(&self.heads()) {
+            ParentState::Known(id) => self.states[id].changes.clone(),
+            ParentState::New(changes, _) => changes,
+        };
+        changes
+            .into_iter()
+            .filter_map(|(_, h)| self.get(&h))
+            .map(|e| (e.header.author_device(), e.header.header.seq))
+    }
+
     /// The storage set in force for entry `hash` (from its ancestors, so a
     /// Storage entry's own set applies from its children on).
     pub fn storage_set_for(&self, hash: &EntryHash) -> Option<(Vec<StoragePeer>, u8)> {
