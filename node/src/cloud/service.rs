@@ -34,9 +34,8 @@ use rand::RngCore;
 use tern_protocol::{
     AccountId, DeviceCertificate, DevicePublicKey, Record,
     cloud::{
-        AccountEncryptionKey, BatchLimits, ChatId, ChatLog, ChatMember, ChatSummary, Composed,
-        Content, Draft, EntryHash, EntryKind, SyncRequest, account::StoragePeer, missing_entries,
-        they_have_more,
+        AccountEncryptionKey, ChatId, ChatLog, ChatMember, ChatSummary, Composed, Content, Draft,
+        EntryHash, EntryKind, SyncRequest, account::StoragePeer, missing_order, they_have_more,
     },
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -1117,20 +1116,13 @@ impl CloudService {
                 .all(|(d, seq)| counts.get(&d).is_some_and(|c| *c > seq))
         };
         let (lacking, more) = if !knows_state {
-            // What it lacks, in one bounded batch; compare again after it.
-            let (lacking, more) = missing_entries(
-                log,
-                &theirs,
-                BatchLimits {
-                    max_entries: MAX_PUSH,
-                    max_bytes: MAX_PUSH_BYTES / 2,
-                },
-            );
-            let lacking: Vec<(u64, EntryHash)> = lacking
-                .iter()
-                .map(|e| (e.header.header.lamport, e.hash()))
-                .collect();
-            (lacking, more)
+            // What it lacks, queued for pushes back to back (parents first);
+            // compare again after them.
+            let room = self
+                .links
+                .get(&peer)
+                .map_or(0, |l| MAX_LINK_QUEUE.saturating_sub(l.queued));
+            missing_order(log, &theirs, room.min(MAX_LINK_QUEUE / 4))
         } else {
             let has = theirs
                 .devices
@@ -1138,7 +1130,11 @@ impl CloudService {
                 .find(|d| d.device == self.device)
                 .map_or(0, |d| d.count);
             let run = log.device_entries_from(&self.device, has);
-            let take = run.len().min(MAX_LINK_QUEUE / 4);
+            let room = self
+                .links
+                .get(&peer)
+                .map_or(0, |l| MAX_LINK_QUEUE.saturating_sub(l.queued));
+            let take = run.len().min(room.min(MAX_LINK_QUEUE / 4));
             let lacking = run[..take]
                 .iter()
                 .filter_map(|h| Some((log.lamport(h)?, *h)))
@@ -1455,9 +1451,7 @@ impl CloudService {
                 link.queued -= 1;
                 let Some(e) = log.get(&hash) else { continue };
                 let size = e.encode().len();
-                if !batch.is_empty()
-                    && (batch.len() == MAX_PUSH || bytes + size > MAX_PUSH_BYTES / 2)
-                {
+                if !batch.is_empty() && (batch.len() == MAX_PUSH || bytes + size > MAX_PUSH_BYTES) {
                     entry.get_mut().insert((lamport, hash));
                     link.queued += 1;
                     break;

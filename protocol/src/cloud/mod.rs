@@ -81,7 +81,7 @@ pub use member::{ChatHistory, ChatMember, DisplayedMessage, Draft, MemberError};
 pub use membership::{Membership, MembershipError};
 pub use sync::{
     BatchLimits, ChatSummary, DeviceProgress, SyncError, SyncRequest, SyncResponse, in_sync,
-    missing_entries, respond, they_have_more,
+    missing_entries, missing_order, respond, they_have_more,
 };
 
 #[cfg(test)]

@@ -224,6 +224,23 @@ pub fn missing_entries(
     take_batch(lacking(log, theirs), limits)
 }
 
+/// The names of up to `max` entries `theirs` lacks from `log`, each with
+/// its lamport clock, oldest first; `true` if more remains. For a holder
+/// that queues what to send and sends it in batches of its own.
+pub fn missing_order(
+    log: &ChatLog,
+    theirs: &ChatSummary,
+    max: usize,
+) -> (Vec<(u64, EntryHash)>, bool) {
+    let mut lacking = lacking(log, theirs).peekable();
+    let order: Vec<(u64, EntryHash)> = lacking
+        .by_ref()
+        .take(max)
+        .map(|e| (e.header.header.lamport, e.hash()))
+        .collect();
+    (order, lacking.peek().is_some())
+}
+
 /// The entries of `log` that `theirs` lacks, in (lamport, hash) order,
 /// produced lazily: a k-way merge of each device's missing suffix (a
 /// device's entries have rising lamport clocks), so a batch costs its own
@@ -364,6 +381,13 @@ mod tests {
                 .map(|e| (e.header.header.lamport, e.hash()))
                 .collect();
             assert_eq!(got, expected);
+            // The same order by name, whole or cut short.
+            assert_eq!(
+                missing_order(source, &summary, usize::MAX),
+                (expected.clone(), false)
+            );
+            let (first, more) = missing_order(source, &summary, 5);
+            assert_eq!((&first[..], more), (&expected[..5], true));
         }
     }
 
