@@ -21,7 +21,7 @@ use tern_protocol::{
     Record,
     cloud::{
         BatchLimits, ChatId, ChatLog, ChatSummary, Composed, Entry, EntryHash, EntryKind, LogError,
-        LogOutput, SyncRequest, SyncResponse, sync,
+        LogOutput, SignatureChecked, SyncRequest, SyncResponse, sync,
     },
 };
 
@@ -52,7 +52,14 @@ enum Offered {
     Received(Entry),
     /// Composed and signed by this device.
     Composed(Composed),
+    /// Its signature checked already (the rest is checked on insert).
+    Checked(SignatureChecked),
 }
+
+/// Batches at least this large have their signatures checked in parallel.
+const PARALLEL_CHECK_MIN: usize = 64;
+/// Threads checking one batch's signatures, at most.
+const MAX_CHECK_THREADS: usize = 4;
 
 struct Replica {
     log: ChatLog,
@@ -247,14 +254,64 @@ impl Replicas {
     ) -> Result<Vec<Outcome>, ReplicaError> {
         self.check()?;
         let mut outcomes = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let (outcome, go_on) = self.accept_one(policy, Offered::Received(entry))?;
+        for offered in self.check_signatures(entries) {
+            let (outcome, go_on) = self.accept_one(policy, offered)?;
             outcomes.push(outcome);
             if !go_on {
                 break;
             }
         }
         Ok(outcomes)
+    }
+
+    /// A large batch's signatures, checked on every core before the
+    /// entries go into their logs one by one (a new replica's catch-up is
+    /// mostly signature checks). Entries already held are not checked; one
+    /// that fails is offered as received, so the log gives the reason.
+    fn check_signatures(&self, entries: Vec<Entry>) -> Vec<Offered> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_CHECK_THREADS);
+        if entries.len() < PARALLEL_CHECK_MIN || threads < 2 {
+            return entries.into_iter().map(Offered::Received).collect();
+        }
+        let held = |e: &Entry| {
+            self.chats
+                .get(&e.header.header.chat)
+                .is_some_and(|r| r.log.contains(&e.hash()))
+        };
+        let check = |e: Entry| {
+            if held(&e) {
+                return Offered::Received(e);
+            }
+            match e.check_signature() {
+                Ok(checked) => Offered::Checked(checked),
+                Err((e, _)) => Offered::Received(e),
+            }
+        };
+        let chunk = entries.len().div_ceil(threads);
+        let mut chunks = Vec::with_capacity(threads);
+        let mut rest = entries;
+        while rest.len() > chunk {
+            let tail = rest.split_off(chunk);
+            chunks.push(rest);
+            rest = tail;
+        }
+        chunks.push(rest);
+        std::thread::scope(|scope| {
+            let mut chunks = chunks.into_iter();
+            let first = chunks.next().unwrap_or_default();
+            let others: Vec<_> = chunks
+                .map(|c| scope.spawn(|| c.into_iter().map(check).collect::<Vec<_>>()))
+                .collect();
+            let mut offered: Vec<Offered> = first.into_iter().map(check).collect();
+            for other in others {
+                // A checking thread cannot panic short of a bug in the
+                // signature library; its entries are then left unchecked.
+                offered.extend(other.join().unwrap_or_default());
+            }
+            offered
+        })
     }
 
     /// This device's own entry, just composed: kept in its chat without
@@ -274,6 +331,7 @@ impl Replicas {
         let entry: &Entry = match &offered {
             Offered::Received(e) => e,
             Offered::Composed(c) => c,
+            Offered::Checked(c) => c.entry(),
         };
         let chat = entry.header.header.chat;
         let hash = entry.hash();
@@ -313,6 +371,7 @@ impl Replicas {
         let inserted = match offered {
             Offered::Received(e) => log.insert(e),
             Offered::Composed(c) => log.insert_composed(c),
+            Offered::Checked(c) => log.insert_checked(c),
         };
         let outputs = match inserted {
             Ok(o) => o,
@@ -586,6 +645,46 @@ mod tests {
         assert_eq!(replicas.entries(&CHAT), 4);
         let summary = replicas.summary(&CHAT).unwrap();
         assert!(sync::in_sync(&summary, &ChatSummary::of(&alice.log)));
+    }
+
+    #[test]
+    fn a_large_batch_checked_in_parallel_keeps_every_good_entry_and_names_the_bad_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut alice, bob) = (person(1), person(2));
+        let genesis = create_with(&mut alice, &bob);
+        let mut batch = vec![genesis];
+        for n in 0..(2 * PARALLEL_CHECK_MIN as u8) {
+            batch.push(say(&mut alice, &format!("message {n}"), n));
+        }
+        // One forged signature in each half of the batch; and a replay.
+        let mut forged = batch[10].clone();
+        forged.header.signature[5] ^= 1;
+        let mut late_forged = batch[100].clone();
+        late_forged.header.signature[9] ^= 1;
+        let replayed = batch[3].clone();
+        batch.insert(11, forged);
+        batch.push(late_forged);
+        batch.push(replayed);
+
+        let mut replicas = Replicas::open(tmp.path()).unwrap();
+        let out = replicas.accept(Some(&open_policy()), batch).unwrap();
+        assert_eq!(out.len(), 2 * PARALLEL_CHECK_MIN + 4);
+        let rejected: Vec<usize> = (0..out.len())
+            .filter(|i| matches!(&out[*i], Outcome::Rejected(why) if why.contains("signature")))
+            .collect();
+        assert_eq!(rejected, vec![11, out.len() - 2], "{out:?}");
+        assert_eq!(out[out.len() - 1], Outcome::Duplicate);
+        let stored = out.iter().filter(|o| **o == Outcome::Stored).count();
+        assert_eq!(stored, 2 * PARALLEL_CHECK_MIN + 1);
+        replicas.commit().unwrap();
+        drop(replicas);
+        // Every good entry is on disk and verifies again on reopening.
+        let replicas = Replicas::open(tmp.path()).unwrap();
+        assert_eq!(replicas.entries(&CHAT), 2 * PARALLEL_CHECK_MIN + 1);
+        assert!(sync::in_sync(
+            &replicas.summary(&CHAT).unwrap(),
+            &ChatSummary::of(&alice.log)
+        ));
     }
 
     #[test]

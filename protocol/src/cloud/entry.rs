@@ -471,6 +471,36 @@ impl From<Composed> for Entry {
     }
 }
 
+/// An entry whose device signature over its header verified (see
+/// [`Entry::check_signature`]). A holder checks a large batch's signatures
+/// on several threads this way, then inserts them in order with
+/// [`crate::cloud::ChatLog::insert_checked`], which checks everything else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignatureChecked(Entry);
+
+impl SignatureChecked {
+    pub fn entry(&self) -> &Entry {
+        &self.0
+    }
+
+    pub fn into_entry(self) -> Entry {
+        self.0
+    }
+}
+
+impl Entry {
+    /// Verifies the author device's signature over the header, and only
+    /// that (the certificate, the body and the entry's place in its chat
+    /// are for the log). On failure the entry comes back with the reason.
+    #[allow(clippy::result_large_err)]
+    pub fn check_signature(self) -> Result<SignatureChecked, (Entry, EntryError)> {
+        match self.header.verify_signature() {
+            Ok(()) => Ok(SignatureChecked(self)),
+            Err(e) => Err((self, e)),
+        }
+    }
+}
+
 impl Record for Entry {
     const VERSION: u8 = 1;
     const MAX_LEN: usize = MAX_HEADER_LEN + MAX_BODY_CIPHERTEXT + 64;

@@ -22,7 +22,7 @@ use super::{
     account::StoragePeer,
     entry::{
         BodyHash, ChatId, Composed, Entry, EntryError, EntryHash, EntryKind, MAX_HEADER_LEN,
-        SignedHeader,
+        SignatureChecked, SignedHeader,
     },
     membership::{Membership, MembershipError},
 };
@@ -214,6 +214,8 @@ enum Checks {
     /// entry this process signed, or a parked one that passed them when it
     /// arrived.
     SkipSignature,
+    /// All but the signature: a [`SignatureChecked`] entry.
+    Certificate,
 }
 
 /// One chat's verified log.
@@ -282,6 +284,15 @@ impl ChatLog {
         Ok(out)
     }
 
+    /// Adds an entry whose signature was checked already (on another
+    /// thread, say): everything else is checked here.
+    pub fn insert_checked(&mut self, entry: SignatureChecked) -> Result<Vec<LogOutput>, LogError> {
+        let mut out = Vec::new();
+        self.insert_one(entry.into_entry(), Checks::Certificate, &mut out)?;
+        self.drain_pending(&mut out);
+        Ok(out)
+    }
+
     fn insert_one(
         &mut self,
         entry: Entry,
@@ -300,8 +311,13 @@ impl ChatLog {
         if self.entries.contains_key(&hash) {
             return self.attach_body(hash, entry, out);
         }
-        if checks == Checks::All {
-            self.verify_author(&entry)?;
+        match checks {
+            Checks::All => {
+                self.verify_certificate(&entry)?;
+                entry.header.verify_signature()?;
+            }
+            Checks::Certificate => self.verify_certificate(&entry)?,
+            Checks::SkipSignature => {}
         }
         entry.check_body()?;
         self.check_fork(hash, &entry)?;
@@ -322,11 +338,11 @@ impl ChatLog {
         Ok(())
     }
 
-    /// Certificate and signature. A certificate verified once is
+    /// The author's certificate. A certificate verified once is
     /// remembered (by its hash, so an altered copy is checked again): every
     /// entry of a device carries the same one, and this halves the
     /// signature checks per entry.
-    fn verify_author(&mut self, entry: &Entry) -> Result<(), LogError> {
+    fn verify_certificate(&mut self, entry: &Entry) -> Result<(), LogError> {
         let certificate = &entry.header.header.author;
         let fingerprint = *blake3::hash(&certificate.encode()).as_bytes();
         if !self.verified_certificates.contains(&fingerprint) {
@@ -336,7 +352,6 @@ impl ChatLog {
             }
             self.verified_certificates.insert(fingerprint);
         }
-        entry.header.verify_signature()?;
         Ok(())
     }
 

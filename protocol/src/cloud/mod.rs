@@ -71,7 +71,7 @@ pub mod sync;
 pub use content::Content;
 pub use entry::{
     BodyHash, ChatId, Composed, Entry, EntryBody, EntryError, EntryHash, EntryHeader, EntryKind,
-    KeyGrant, MemberGrant, SignedHeader, check_storage_set,
+    KeyGrant, MemberGrant, SignatureChecked, SignedHeader, check_storage_set,
 };
 pub use keys::{
     AccountEncryptionKey, BodyContext, ChatKey, EncryptionPublicKey, KeyError, WrappedKey,
