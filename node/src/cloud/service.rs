@@ -1106,6 +1106,12 @@ impl CloudService {
             Some((_, counts)) => settled && counts.iter().any(|(d, c)| *c > log.next_seq(d)),
             None => they_have_more(log, &theirs),
         };
+        // What one compare may queue for the peer.
+        let room = self
+            .links
+            .get(&peer)
+            .map_or(0, |l| MAX_LINK_QUEUE.saturating_sub(l.queued))
+            .min(MAX_LINK_QUEUE / 4);
         let knows_state = {
             let counts: HashMap<&DevicePublicKey, u64> = theirs
                 .devices
@@ -1118,11 +1124,7 @@ impl CloudService {
         let (lacking, more) = if !knows_state {
             // What it lacks, queued for pushes back to back (parents first);
             // compare again after them.
-            let room = self
-                .links
-                .get(&peer)
-                .map_or(0, |l| MAX_LINK_QUEUE.saturating_sub(l.queued));
-            missing_order(log, &theirs, room.min(MAX_LINK_QUEUE / 4))
+            missing_order(log, &theirs, room)
         } else {
             let has = theirs
                 .devices
@@ -1130,11 +1132,7 @@ impl CloudService {
                 .find(|d| d.device == self.device)
                 .map_or(0, |d| d.count);
             let run = log.device_entries_from(&self.device, has);
-            let room = self
-                .links
-                .get(&peer)
-                .map_or(0, |l| MAX_LINK_QUEUE.saturating_sub(l.queued));
-            let take = run.len().min(room.min(MAX_LINK_QUEUE / 4));
+            let take = run.len().min(room);
             let lacking = run[..take]
                 .iter()
                 .filter_map(|h| Some((log.lamport(h)?, *h)))
