@@ -158,6 +158,15 @@ pub struct NetworkHandle {
 }
 
 impl NetworkHandle {
+    /// A handle to no network at all: every call fails with
+    /// [`NetError::Stopped`]. For driving a service's logic directly.
+    #[cfg(test)]
+    pub(crate) fn detached() -> Self {
+        Self {
+            tx: mpsc::channel(1).0,
+        }
+    }
+
     async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,

@@ -255,6 +255,19 @@ impl Chat {
             .collect()
     }
 
+    /// Adds frames just sealed. Each is numbered one past the last, so the
+    /// outbox stays consecutive, as the other device requires of a batch.
+    fn enqueue(&mut self, frames: Vec<SecretFrame>) {
+        for f in frames {
+            debug_assert!(
+                self.outbox.back().is_none_or(|last| last.n + 1 == f.n),
+                "frame {} sealed out of order",
+                f.n
+            );
+            self.outbox.push_back(f);
+        }
+    }
+
     fn has_work(&self) -> bool {
         self.record.pending.is_some() || (!self.outbox.is_empty() && self.session.is_some())
     }
@@ -1140,11 +1153,7 @@ impl SecretService {
             self.store.put_frame(id, f)?;
         }
         self.store.put_session(id, &snapshot)?;
-        self.chats
-            .get_mut(id)
-            .expect("checked above")
-            .outbox
-            .extend(frames);
+        self.chat(id)?.enqueue(frames);
         Ok(())
     }
 
@@ -1193,7 +1202,7 @@ impl SecretService {
         let Some(c) = self.chats.get_mut(id) else {
             return;
         };
-        if c.in_flight || !c.has_work() {
+        if c.in_flight {
             return;
         }
         if c.retry_at.is_some_and(|t| t > tokio::time::Instant::now()) {
@@ -1202,42 +1211,15 @@ impl SecretService {
         let Some(peer) = c.peer() else {
             return;
         };
-        let request = match c.record.pending {
-            Some(Pending::Offer) => {
-                let Some(seed) = c.record.handshake_seed else {
-                    return;
-                };
-                let local = LocalDevice {
-                    signing_key: &self.signing_key,
-                    certificate: &self.certificate,
-                };
-                match Handshake::initiate(*id, &local, c.record.peer_device, seed) {
-                    Ok((_, first)) => SecretRequest::Offer {
-                        secret_id: *id,
-                        handshake: first,
-                    },
-                    Err(e) => {
-                        warn!(secret = %tag(id), "cannot build the offer: {e}");
-                        return;
-                    }
-                }
-            }
-            Some(Pending::Accept) => match &c.record.our_handshake {
-                Some(second) => SecretRequest::Accept {
-                    secret_id: *id,
-                    handshake: second.clone(),
-                },
-                None => return,
-            },
-            Some(Pending::Decline) => SecretRequest::Decline { secret_id: *id },
-            None => SecretRequest::Frames {
-                secret_id: *id,
-                frames: pack(&c.outbox),
-            },
+        let addrs = c.peer_addrs();
+        let Some(request) = self.next_request(id) else {
+            return;
+        };
+        let Some(c) = self.chats.get_mut(id) else {
+            return;
         };
         c.in_flight = true;
         let net = self.net.clone();
-        let addrs = c.peer_addrs();
         let done = self.delivered_tx.clone();
         let id = *id;
         tokio::spawn(async move {
@@ -1258,6 +1240,43 @@ impl SecretService {
                 })
                 .await;
         });
+    }
+
+    /// What the chat asks of the other device next: the handshake step it
+    /// waits on, or the frames at the front of its outbox.
+    fn next_request(&self, id: &SecretId) -> Option<SecretRequest> {
+        let c = self.chats.get(id)?;
+        if !c.has_work() {
+            return None;
+        }
+        Some(match c.record.pending {
+            Some(Pending::Offer) => {
+                let seed = c.record.handshake_seed?;
+                let local = LocalDevice {
+                    signing_key: &self.signing_key,
+                    certificate: &self.certificate,
+                };
+                match Handshake::initiate(*id, &local, c.record.peer_device, seed) {
+                    Ok((_, first)) => SecretRequest::Offer {
+                        secret_id: *id,
+                        handshake: first,
+                    },
+                    Err(e) => {
+                        warn!(secret = %tag(id), "cannot build the offer: {e}");
+                        return None;
+                    }
+                }
+            }
+            Some(Pending::Accept) => SecretRequest::Accept {
+                secret_id: *id,
+                handshake: c.record.our_handshake.clone()?,
+            },
+            Some(Pending::Decline) => SecretRequest::Decline { secret_id: *id },
+            None => SecretRequest::Frames {
+                secret_id: *id,
+                frames: pack(&c.outbox),
+            },
+        })
     }
 
     fn backoff(&mut self, id: &SecretId, why: &str) {
@@ -1465,6 +1484,12 @@ impl SecretService {
             self.responses.push((peer, channel, refusal));
             return;
         }
+        let response = self.answer(peer, request).await;
+        self.responses.push((peer, channel, response));
+    }
+
+    /// This device's answer to a request from `peer`.
+    async fn answer(&mut self, peer: PeerId, request: SecretRequest) -> SecretResponse {
         let response = match request {
             SecretRequest::Offer {
                 secret_id,
@@ -1477,11 +1502,10 @@ impl SecretService {
             SecretRequest::Decline { secret_id } => self.on_decline(peer, secret_id),
             SecretRequest::Frames { secret_id, frames } => self.on_frames(peer, secret_id, frames),
         };
-        let response = response.unwrap_or_else(|e| {
+        response.unwrap_or_else(|e| {
             warn!("secret-chat request failed: {e}");
             SecretResponse::refused(&e.to_string())
-        });
-        self.responses.push((peer, channel, response));
+        })
     }
 
     /// The chat `id` if it exists and belongs to `peer`.
@@ -1729,6 +1753,24 @@ impl SecretService {
             }
         }
         let opened_any = !payloads.is_empty() || !replies.is_empty();
+        // The session's own answers (a re-key acceptance) were sealed while
+        // opening, so they go into the outbox before anything the payloads
+        // make this side send (a short-code step): frames leave in the order
+        // they were numbered, or the other device refuses the batch.
+        if !replies.is_empty() {
+            let snapshot = self.chats[&id]
+                .session
+                .as_ref()
+                .map(SecretSession::snapshot);
+            for f in &replies {
+                self.store.put_frame(&id, f)?;
+            }
+            if let Some(snapshot) = snapshot {
+                self.store.put_session(&id, &snapshot)?;
+            }
+            self.chat(&id)?.enqueue(replies);
+            self.kick(&id);
+        }
         for bytes in payloads {
             match SecretPayload::decode(&bytes) {
                 Ok(p) => self.apply(&id, p, now)?,
@@ -1752,15 +1794,8 @@ impl SecretService {
             c.record.our_handshake = None;
         }
         let snapshot = session.snapshot();
-        for f in &replies {
-            self.store.put_frame(&id, f)?;
-        }
         self.store.put_session(&id, &snapshot)?;
         self.store.put_record(&self.chats[&id].record)?;
-        if !replies.is_empty() {
-            self.chat(&id)?.outbox.extend(replies);
-            self.kick(&id);
-        }
         Ok(SecretResponse::Ack { next })
     }
 
@@ -1932,5 +1967,146 @@ async fn sleep_until_ms(at_ms: Option<u64>) {
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The service's delivery logic, two devices driven step by step: each
+    //! request goes through the wire encoding, and the test decides when
+    //! each answer arrives, which a network cannot be made to do on cue.
+
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::{data_dir::DataDir, erasable::ErasableStore, keys};
+
+    struct Device {
+        svc: SecretService,
+        peer: PeerId,
+        ticket: Ticket,
+        _dir: tempfile::TempDir,
+    }
+
+    fn device(name: &str) -> Device {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        let identity = keys::create(&data, name, None).unwrap();
+        let (_, inbound) = mpsc::channel(1);
+        let (svc, _) = SecretService::new(ServiceParts {
+            net: NetworkHandle::detached(),
+            bus: EventBus::default(),
+            metrics: NodeMetrics::register(&mut Registry::default()),
+            store: ChatStore::new(ErasableStore::open(data.erasable()).unwrap()),
+            signing_key: keys::device_signing_key(&identity.device).unwrap(),
+            certificate: identity.certificate.clone(),
+            inbound,
+        })
+        .unwrap();
+        Device {
+            svc,
+            peer: identity.peer_id(),
+            ticket: Ticket {
+                account: identity.account_id(),
+                device: identity.certificate.device,
+                addrs: Vec::new(),
+            },
+            _dir: dir,
+        }
+    }
+
+    /// `from`'s next request for the chat, as the other side decodes it.
+    fn next_on_wire(from: &Device, id: &SecretId) -> (SecretRequest, SecretRequest) {
+        let request = from.svc.next_request(id).expect("a request to send");
+        let wire = SecretRequest::decode(&request.encode())
+            .unwrap_or_else(|e| panic!("the other device refuses {request:?}: {e}"));
+        (request, wire)
+    }
+
+    /// One request from `from` to `to` and its answer back to `from`.
+    async fn exchange(from: &mut Device, to: &mut Device, id: &SecretId) -> SecretResponse {
+        let (request, wire) = next_on_wire(from, id);
+        let response = to.svc.answer(from.peer, wire).await;
+        from.svc.on_delivered(Delivered {
+            id: *id,
+            request,
+            result: Ok(response.clone()),
+        });
+        response
+    }
+
+    /// Sends from `from` until its outbox is empty; every batch must be
+    /// taken whole.
+    async fn drain(from: &mut Device, to: &mut Device, id: &SecretId) {
+        while !from.svc.chats[id].outbox.is_empty() {
+            let waiting = from.svc.chats[id].outbox.len();
+            let response = exchange(from, to, id).await;
+            assert!(
+                matches!(response, SecretResponse::Ack { .. })
+                    && from.svc.chats[id].outbox.len() < waiting,
+                "no progress: {response:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_held_back_until_the_handshake_finished_is_answered_in_order() {
+        let (mut a, mut b) = (device("alice"), device("bob"));
+        a.svc
+            .start(StartTarget::Ticket(b.ticket.clone()))
+            .await
+            .unwrap();
+        let id = *a.svc.chats.keys().next().unwrap();
+        assert_eq!(exchange(&mut a, &mut b, &id).await, SecretResponse::Ok);
+        b.svc.accept(&id).unwrap();
+
+        // Bob's acceptance reaches Alice, but her answer that completes the
+        // handshake is slow to come back…
+        let (accept, wire) = next_on_wire(&b, &id);
+        let finish = a.svc.answer(b.peer, wire).await;
+        assert!(
+            matches!(finish, SecretResponse::Finish { .. }),
+            "{finish:?}"
+        );
+        // …so her first frame (the short-code commitment) is refused early…
+        let early = exchange(&mut a, &mut b, &id).await;
+        assert_eq!(
+            early,
+            SecretResponse::refused("the handshake is not finished yet")
+        );
+        b.svc.on_delivered(Delivered {
+            id,
+            request: accept,
+            result: Ok(finish),
+        });
+        assert!(b.svc.chats[&id].session.is_some());
+
+        // …and goes again with the next 120 messages, which include a
+        // re-key offer. Bob's answers to both travel in one batch.
+        for i in 0..120 {
+            a.svc.send(&id, &format!("m{i}")).unwrap();
+        }
+        drain(&mut a, &mut b, &id).await;
+        assert_eq!(b.svc.chats[&id].chat.len(), 120);
+        let bobs = &b.svc.chats[&id].outbox;
+        assert!(
+            bobs.len() >= 2,
+            "Bob owes a re-key answer and a short-code step"
+        );
+        drain(&mut b, &mut a, &id).await;
+        drain(&mut a, &mut b, &id).await;
+
+        // The exchange completed: both show the same short code, the keys
+        // were replaced, and the chat goes on both ways.
+        let code = |d: &Device| d.svc.chats[&id].record.short_code;
+        assert!(code(&a).is_some());
+        assert_eq!(code(&a), code(&b));
+        let epoch = |d: &Device| d.svc.chats[&id].session.as_ref().unwrap().epoch();
+        assert_eq!((epoch(&a), epoch(&b)), (1, 1));
+        b.svc.send(&id, "got them all").unwrap();
+        drain(&mut b, &mut a, &id).await;
+        let history = a.svc.history(&id).unwrap();
+        assert_eq!(history.len(), 121);
+        assert_eq!(history.last().unwrap().text, "got them all");
     }
 }
