@@ -60,6 +60,9 @@ enum Offered {
 /// (a catch-up's; a streaming writer's pushes are smaller, and on a busy
 /// machine starting threads for them costs more than it saves).
 const PARALLEL_CHECK_MIN: usize = 128;
+/// …and so are batches of large entries carrying at least this many body
+/// bytes (a catch-up of 16 KB messages comes 64 to a 1 MiB push).
+const PARALLEL_CHECK_BYTES: usize = 512 * 1024;
 /// Threads checking one batch's signatures, at most.
 const MAX_CHECK_THREADS: usize = 4;
 
@@ -274,7 +277,13 @@ impl Replicas {
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(MAX_CHECK_THREADS);
-        if entries.len() < PARALLEL_CHECK_MIN || threads < 2 {
+        let bytes: usize = entries
+            .iter()
+            .filter_map(|e| e.body.as_ref())
+            .map(|b| b.ciphertext.len())
+            .sum();
+        let large = entries.len() >= PARALLEL_CHECK_MIN || bytes >= PARALLEL_CHECK_BYTES;
+        if !large || entries.len() < 2 || threads < 2 {
             return entries.into_iter().map(Offered::Received).collect();
         }
         let held = |e: &Entry| {
@@ -308,9 +317,13 @@ impl Replicas {
                 .collect();
             let mut offered: Vec<Offered> = first.into_iter().map(check).collect();
             for other in others {
-                // A checking thread cannot panic short of a bug in the
-                // signature library; its entries are then left unchecked.
-                offered.extend(other.join().unwrap_or_default());
+                // A checking thread panics only as the same check on this
+                // thread would (a bug in the signature library): the panic
+                // goes on here, and no outcome is lost or out of place.
+                match other.join() {
+                    Ok(checked) => offered.extend(checked),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
             }
             offered
         })

@@ -65,6 +65,13 @@ const MAX_LINKS: usize = 1024;
 /// Most entries waiting to be pushed to one peer; beyond that the peer is
 /// compared instead (which finds the same entries from its summary).
 const MAX_LINK_QUEUE: usize = 20_000;
+/// Most requests in flight on one link. Beyond the first, only pushes go,
+/// and only while a full push's worth waits: a new peer catching up gets
+/// the next push while it verifies and commits the last one.
+const MAX_IN_FLIGHT: usize = 3;
+/// Entries a link must have queued before a push goes out while another
+/// request is still in flight.
+const PIPELINE_MIN_QUEUED: usize = 64;
 /// Most chats one peer may ask this node to pull or notify at once.
 const MAX_LINK_CHATS: usize = 1024;
 /// How often each storage peer of a chat is compared with.
@@ -179,7 +186,8 @@ struct Done {
 #[derive(Default)]
 struct Link {
     addrs: Vec<Multiaddr>,
-    busy: bool,
+    /// Requests sent and not answered yet.
+    in_flight: usize,
     /// Entries to push, per chat, in causal (lamport) order.
     pushes: BTreeMap<ChatId, BTreeSet<(u64, EntryHash)>>,
     queued: usize,
@@ -456,7 +464,7 @@ fn addrs_of(peer: &StoragePeer) -> Vec<Multiaddr> {
 impl CloudService {
     pub fn new(parts: CloudParts) -> Result<(Self, CloudHandle), CloudError> {
         let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
-        let (done_tx, done_rx) = mpsc::channel(MAX_LINKS);
+        let (done_tx, done_rx) = mpsc::channel(MAX_LINKS * MAX_IN_FLIGHT);
         let device = parts.certificate.device;
         let me = peer_id_of(&device).ok_or_else(|| CloudError::Store("bad device key".into()))?;
         let member = ChatMember::new(parts.encryption, parts.signing_key, parts.certificate)
@@ -643,7 +651,7 @@ impl CloudService {
             let idle = self
                 .links
                 .iter()
-                .find(|(_, l)| l.idle() && !l.busy)
+                .find(|(_, l)| l.idle() && l.in_flight == 0)
                 .map(|(p, _)| *p)?;
             self.links.remove(&idle);
         }
@@ -942,7 +950,7 @@ impl CloudService {
         let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
-        link.busy = false;
+        link.in_flight = link.in_flight.saturating_sub(1);
         let response = match response {
             Ok(r) => {
                 link.backoff = Duration::ZERO;
@@ -1397,19 +1405,21 @@ impl CloudService {
 
     // ------------------------------------------------------------- requests
 
-    /// Starts the next request on every idle link.
+    /// Starts the next requests on every link with room for them.
     fn pump(&mut self) {
         let now = Instant::now();
         let peers: Vec<PeerId> = self
             .links
             .iter()
-            .filter(|(_, l)| !l.busy && !l.idle() && l.retry_at.is_none_or(|t| t <= now))
+            .filter(|(_, l)| {
+                l.in_flight < MAX_IN_FLIGHT && !l.idle() && l.retry_at.is_none_or(|t| t <= now)
+            })
             .map(|(p, _)| *p)
             .collect();
         for peer in peers {
-            if let Some((asked, request)) = self.next_request(peer) {
+            while let Some((asked, request)) = self.next_request(peer) {
                 let link = self.links.get_mut(&peer).expect("listed above");
-                link.busy = true;
+                link.in_flight += 1;
                 let addrs = link.addrs.clone();
                 let net = self.net.clone();
                 let done = self.done_tx.clone();
@@ -1430,9 +1440,18 @@ impl CloudService {
         }
     }
 
+    /// The link's next request. With one in flight already, only a push of
+    /// a long queue: a compare or pull answered meanwhile would count
+    /// entries still on their way as lacking.
     fn next_request(&mut self, peer: PeerId) -> Option<(Asked, StoreRequest)> {
         let link = self.links.get_mut(&peer)?;
-        if let Some(chat) = link.notify.pop_first() {
+        if link.in_flight >= MAX_IN_FLIGHT
+            || (link.in_flight > 0 && link.queued < PIPELINE_MIN_QUEUED)
+        {
+            return None;
+        }
+        let pushes_only = link.in_flight > 0;
+        if !pushes_only && let Some(chat) = link.notify.pop_first() {
             return Some((Asked::Notify, StoreRequest::Notify { chat }));
         }
         while let Some(mut entry) = link.pushes.first_entry() {
@@ -1473,6 +1492,9 @@ impl CloudService {
                 },
                 StoreRequest::Push { entries: batch },
             ));
+        }
+        if pushes_only {
+            return None;
         }
         if let Some(chat) = link.pull.pop_first() {
             let request = match self.replicas.log(&chat) {

@@ -151,10 +151,11 @@ pub fn build_swarm(
                     StoreCodec::new(rejected_frames.clone()),
                     [(STORE_PROTOCOL, request_response::ProtocolSupport::Full)],
                     // A push may be 1 MiB, read before it is looked at: few
-                    // at once per connection.
+                    // at once per connection (a sender keeps at most three
+                    // in flight, and each side may be sending).
                     request_response::Config::default()
                         .with_request_timeout(Duration::from_secs(30))
-                        .with_max_concurrent_streams(4),
+                        .with_max_concurrent_streams(8),
                 ),
                 secret: request_response::Behaviour::with_codec(
                     SecretCodec::new(rejected_frames.clone()),
