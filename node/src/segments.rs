@@ -76,6 +76,19 @@ struct Segment {
 }
 
 /// One chat's log on disk.
+/// A segment's writes still to be flushed to disk ([`SegmentLog::sync_later`]).
+pub struct PendingSync {
+    file: File,
+    path: PathBuf,
+}
+
+impl PendingSync {
+    /// Blocks until the writes are on disk.
+    pub fn run(self) -> Result<()> {
+        self.file.sync_data().map_err(io_at(&self.path))
+    }
+}
+
 pub struct SegmentLog {
     dir: PathBuf,
     segments: Vec<Segment>,
@@ -300,6 +313,25 @@ impl SegmentLog {
             self.unsynced = false;
         }
         Ok(())
+    }
+
+    /// What [`Self::sync`] would flush, for flushing on another thread:
+    /// the active segment's file (a second handle), if anything was written
+    /// since the last sync. The log counts it as synced from here on; a
+    /// caller whose flush fails must stop using the log and reopen it.
+    pub fn sync_later(&mut self) -> Result<Option<PendingSync>> {
+        if !self.unsynced {
+            return Ok(None);
+        }
+        let path = self
+            .segments
+            .last()
+            .expect("a log has a segment")
+            .path
+            .clone();
+        let file = self.active.try_clone().map_err(io_at(&path))?;
+        self.unsynced = false;
+        Ok(Some(PendingSync { file, path }))
     }
 
     fn roll(&mut self) -> Result<()> {

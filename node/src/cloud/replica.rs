@@ -66,6 +66,23 @@ const PARALLEL_CHECK_BYTES: usize = 512 * 1024;
 /// Threads checking one batch's signatures, at most.
 const MAX_CHECK_THREADS: usize = 4;
 
+/// The flushes of a commit, to run on a thread that may block
+/// ([`Replicas::start_commit`]).
+#[derive(Default)]
+pub struct CommitJob {
+    syncs: Vec<crate::segments::PendingSync>,
+}
+
+impl CommitJob {
+    /// Blocks until everything the commit covers is on disk.
+    pub fn run(self) -> Result<(), String> {
+        for s in self.syncs {
+            s.run().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
 struct Replica {
     log: ChatLog,
     store: SegmentLog,
@@ -477,6 +494,47 @@ impl Replicas {
         result
     }
 
+    /// Starts a commit whose flushes run elsewhere, so this thread can go
+    /// on verifying while the disk works: the appends so far are written,
+    /// and the returned job makes them durable. Nothing is durable (and
+    /// nothing should be acknowledged) until [`Self::finish_commit`] is
+    /// given the job's result. Purges (rare) are carried out at once.
+    pub fn start_commit(&mut self) -> Result<CommitJob, ReplicaError> {
+        self.check()?;
+        if !self.purges.is_empty() {
+            self.commit()?;
+            return Ok(CommitJob::default());
+        }
+        let mut job = CommitJob::default();
+        for chat in std::mem::take(&mut self.dirty) {
+            let Some(r) = self.chats.get_mut(&chat) else {
+                continue;
+            };
+            match r.store.sync_later() {
+                Ok(pending) => job.syncs.extend(pending),
+                Err(e) => {
+                    self.failed = Some(format!(
+                        "stopped after a storage failure ({e}); restart the node"
+                    ));
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(job)
+    }
+
+    /// Ends a commit begun by [`Self::start_commit`] with what its job
+    /// returned. A failed flush stops the kept chats, as a failed
+    /// [`Self::commit`] does: memory may then be ahead of the disk.
+    pub fn finish_commit(&mut self, flushed: Result<(), String>) -> Result<(), ReplicaError> {
+        self.used = self.chats.values().map(|r| r.store.disk_bytes()).sum();
+        flushed.map_err(|e| {
+            let why = format!("stopped after a storage failure ({e}); restart the node");
+            self.failed = Some(why.clone());
+            ReplicaError::Failed(why)
+        })
+    }
+
     fn commit_inner(&mut self) -> Result<(), ReplicaError> {
         for chat in std::mem::take(&mut self.dirty) {
             if let Some(r) = self.chats.get_mut(&chat) {
@@ -700,6 +758,51 @@ mod tests {
             &replicas.summary(&CHAT).unwrap(),
             &ChatSummary::of(&alice.log)
         ));
+    }
+
+    #[test]
+    fn a_commit_flushed_on_another_thread_while_more_arrive_keeps_both_and_a_failed_one_stops_the_chats()
+     {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut alice, bob) = (person(1), person(2));
+        let genesis = create_with(&mut alice, &bob);
+        let first = say(&mut alice, "flushed on the other thread", 1);
+        let second = say(&mut alice, "taken while it flushed", 2);
+        let third = say(&mut alice, "after the failure", 3);
+
+        let mut replicas = Replicas::open(tmp.path()).unwrap();
+        let out = replicas
+            .accept(Some(&open_policy()), vec![genesis, first])
+            .unwrap();
+        assert_eq!(out, vec![Outcome::Stored, Outcome::Stored]);
+        let job = replicas.start_commit().unwrap();
+        let flushing = std::thread::spawn(move || job.run());
+        let out = replicas.accept(Some(&open_policy()), vec![second]).unwrap();
+        assert_eq!(out, vec![Outcome::Stored]);
+        replicas.finish_commit(flushing.join().unwrap()).unwrap();
+        let job = replicas.start_commit().unwrap();
+        replicas.finish_commit(job.run()).unwrap();
+        drop(replicas);
+        let mut replicas = Replicas::open(tmp.path()).unwrap();
+        assert_eq!(replicas.entries(&CHAT), 3);
+
+        // A flush that failed: what memory holds may not be on disk, so
+        // the kept chats stop, with the reason, until a restart.
+        let job = replicas.start_commit().unwrap();
+        let err = replicas
+            .finish_commit(job.run().and(Err("No space left on device".into())))
+            .unwrap_err();
+        assert!(err.to_string().contains("No space left on device"), "{err}");
+        let refused = replicas
+            .accept(Some(&open_policy()), vec![third])
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("restart the node"),
+            "{refused}"
+        );
+        assert!(replicas.start_commit().is_err());
+        drop(replicas);
+        assert_eq!(Replicas::open(tmp.path()).unwrap().entries(&CHAT), 3);
     }
 
     #[test]

@@ -44,7 +44,7 @@ use tracing::{debug, info, warn};
 use super::{
     ChatInfo, CloudError, MessageView, ReplicaView, SendReceipt,
     hosting::Hosting,
-    replica::{Outcome, Replicas},
+    replica::{Outcome, ReplicaError, Replicas},
     wire::{MAX_CHAT_LIST, MAX_PUSH, MAX_PUSH_BYTES, PushResult, StoreRequest, StoreResponse},
 };
 use crate::{
@@ -271,6 +271,18 @@ pub struct CloudService {
     to_notify: BTreeMap<ChatId, BTreeSet<PeerId>>,
     /// Peer ids of storage peers' device keys.
     peer_ids: std::cell::RefCell<HashMap<DevicePublicKey, PeerId>>,
+    /// The previous round's commit, flushing on a blocking thread while
+    /// this thread takes the next round's pushes.
+    committing: Option<Committing>,
+}
+
+/// A round whose writes are being flushed, and what it holds back until
+/// they are on disk.
+struct Committing {
+    flush: tokio::task::JoinHandle<Result<(), String>>,
+    answers: Vec<(PeerId, ResponseChannel<StoreResponse>, StoreResponse)>,
+    appended: Vec<(ChatId, EntryHash)>,
+    replies: Vec<Pending>,
 }
 
 /// The control API's handle on the service.
@@ -489,6 +501,7 @@ impl CloudService {
             unstored: BTreeMap::new(),
             to_notify: BTreeMap::new(),
             peer_ids: Default::default(),
+            committing: None,
         };
         // Until peers say otherwise, every entry of this device is
         // "sending": the first compares find out what is stored.
@@ -542,6 +555,13 @@ impl CloudService {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
+                // A finished flush lets its round's answers out at once.
+                flushed = async {
+                    match self.committing.as_mut() {
+                        Some(c) => (&mut c.flush).await,
+                        None => std::future::pending().await,
+                    }
+                } => self.settle(Some(flushed)).await,
                 Some(r) = self.inbound.recv() => round.inbound.push(r),
                 Some(c) = self.commands.recv() => round.commands.push(c),
                 Some(d) = self.done_rx.recv() => round.done.push(d),
@@ -569,6 +589,7 @@ impl CloudService {
             }
             self.pump();
         }
+        self.settle(None).await;
         debug!("cloud-chat service stopped");
     }
 
@@ -762,7 +783,13 @@ impl CloudService {
 
     // ---------------------------------------------------------------- rounds
 
+    /// Takes one round of work. Pushes from peers are taken while the
+    /// previous round's commit flushes; answers to peers' results and to
+    /// commands count what is durable, so those first wait for it.
     async fn round(&mut self, round: Round) {
+        if !round.done.is_empty() || !round.commands.is_empty() {
+            self.settle(None).await;
+        }
         let policy = self.hosting.policy().await;
         let mut answers = Vec::new();
         for InboundStore {
@@ -782,11 +809,57 @@ impl CloudService {
             replies.push(self.command(command));
         }
 
-        // Nothing is acknowledged before it is on disk.
-        let committed = self.replicas.commit();
+        // Nothing is acknowledged before it is on disk: the round's effects
+        // wait for its flush, which starts once the previous one is done
+        // (so effects go out in order).
+        let appended = self.replicas.take_appended();
+        let started = self.replicas.start_commit();
+        self.settle(None).await;
+        match started {
+            Ok(job) => {
+                self.committing = Some(Committing {
+                    flush: tokio::task::spawn_blocking(move || job.run()),
+                    answers,
+                    appended,
+                    replies,
+                });
+            }
+            Err(e) => {
+                warn!("cannot commit cloud chats: {e}");
+                self.release(Err(e), answers, appended, replies).await;
+            }
+        }
+    }
+
+    /// Waits for the commit in flight, if any (or takes its result), and
+    /// lets out what it held back.
+    async fn settle(
+        &mut self,
+        flushed: Option<Result<Result<(), String>, tokio::task::JoinError>>,
+    ) {
+        let Some(c) = self.committing.take() else {
+            return;
+        };
+        let flushed = match flushed {
+            Some(r) => r,
+            None => c.flush.await,
+        };
+        let flushed = flushed.unwrap_or_else(|e| Err(format!("the flush did not finish: {e}")));
+        let committed = self.replicas.finish_commit(flushed);
         if let Err(e) = &committed {
             warn!("cannot commit cloud chats: {e}");
         }
+        self.release(committed, c.answers, c.appended, c.replies)
+            .await;
+    }
+
+    async fn release(
+        &mut self,
+        committed: Result<(), ReplicaError>,
+        answers: Vec<(PeerId, ResponseChannel<StoreResponse>, StoreResponse)>,
+        appended: Vec<(ChatId, EntryHash)>,
+        replies: Vec<Pending>,
+    ) {
         for (peer, channel, response) in answers {
             let response = match (&committed, response) {
                 (Ok(()), r) => r,
@@ -795,7 +868,6 @@ impl CloudService {
             };
             let _ = self.net.store_respond(peer, channel, response).await;
         }
-        let appended = self.replicas.take_appended();
         if committed.is_ok() {
             self.after_commit(appended);
         }
