@@ -66,12 +66,10 @@ const MAX_LINKS: usize = 1024;
 /// compared instead (which finds the same entries from its summary).
 const MAX_LINK_QUEUE: usize = 20_000;
 /// Most requests in flight on one link. Beyond the first, only pushes go,
-/// and only while a full push's worth waits: a new peer catching up gets
-/// the next push while it verifies and commits the last one.
+/// and only while they go out full: a new peer catching up gets the next
+/// push while it verifies and commits the last one, and a streaming
+/// writer's small pushes are not split into more requests and commits.
 const MAX_IN_FLIGHT: usize = 3;
-/// Entries a link must have queued before a push goes out while another
-/// request is still in flight.
-const PIPELINE_MIN_QUEUED: usize = 64;
 /// Most chats one peer may ask this node to pull or notify at once.
 const MAX_LINK_CHATS: usize = 1024;
 /// How often each storage peer of a chat is compared with.
@@ -188,6 +186,8 @@ struct Link {
     addrs: Vec<Multiaddr>,
     /// Requests sent and not answered yet.
     in_flight: usize,
+    /// Whether the last push was as large as a push may be.
+    last_push_full: bool,
     /// Entries to push, per chat, in causal (lamport) order.
     pushes: BTreeMap<ChatId, BTreeSet<(u64, EntryHash)>>,
     queued: usize,
@@ -571,6 +571,12 @@ impl CloudService {
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
                 _ = tick.tick() => self.schedule_compares(false),
+            }
+            // A round that must wait for the flush in flight waits before
+            // it takes what else is waiting: whatever came meanwhile joins
+            // it, and one flush covers all of it.
+            if !round.done.is_empty() || !round.commands.is_empty() {
+                self.settle(None).await;
             }
             // Everything else already waiting joins this round.
             while round.len() < MAX_BATCH {
@@ -1512,14 +1518,12 @@ impl CloudService {
         }
     }
 
-    /// The link's next request. With one in flight already, only a push of
-    /// a long queue: a compare or pull answered meanwhile would count
-    /// entries still on their way as lacking.
+    /// The link's next request. With one in flight already, only another
+    /// full push: a compare or pull answered meanwhile would count entries
+    /// still on their way as lacking.
     fn next_request(&mut self, peer: PeerId) -> Option<(Asked, StoreRequest)> {
         let link = self.links.get_mut(&peer)?;
-        if link.in_flight >= MAX_IN_FLIGHT
-            || (link.in_flight > 0 && link.queued < PIPELINE_MIN_QUEUED)
-        {
+        if link.in_flight >= MAX_IN_FLIGHT || (link.in_flight > 0 && !link.last_push_full) {
             return None;
         }
         let pushes_only = link.in_flight > 0;
@@ -1536,6 +1540,7 @@ impl CloudService {
             let mut batch = Vec::new();
             let mut hashes = Vec::new();
             let mut bytes = 0;
+            link.last_push_full = false;
             while let Some((lamport, hash)) = entry.get_mut().pop_first() {
                 link.queued -= 1;
                 let Some(e) = log.get(&hash) else { continue };
@@ -1543,6 +1548,7 @@ impl CloudService {
                 if !batch.is_empty() && (batch.len() == MAX_PUSH || bytes + size > MAX_PUSH_BYTES) {
                     entry.get_mut().insert((lamport, hash));
                     link.queued += 1;
+                    link.last_push_full = true;
                     break;
                 }
                 bytes += size;

@@ -232,8 +232,15 @@ pub struct ChatLog {
     state_ids: HashMap<Vec<(u64, EntryHash)>, StateId>,
     /// AddMember entries, for members looking for their grants.
     additions: Vec<EntryHash>,
-    pending: BTreeMap<EntryHash, Entry>,
+    /// Entries waiting for a parent, with their encoded size.
+    pending: BTreeMap<EntryHash, (Entry, usize)>,
     pending_bytes: usize,
+    /// The waiting entries by author device and seq (for fork checks).
+    pending_seqs: HashMap<(DevicePublicKey, u64), EntryHash>,
+    /// A parent not held yet → the waiting entries that name it.
+    waiting_for: HashMap<EntryHash, Vec<EntryHash>>,
+    /// Entries added since waiting entries were last looked at.
+    unblocked: Vec<EntryHash>,
     forks: Vec<ForkEvidence>,
     purged: HashSet<EntryHash>,
     missing_bodies: BTreeSet<EntryHash>,
@@ -259,6 +266,9 @@ impl ChatLog {
             additions: Vec::new(),
             pending: BTreeMap::new(),
             pending_bytes: 0,
+            pending_seqs: HashMap::new(),
+            waiting_for: HashMap::new(),
+            unblocked: Vec::new(),
             forks: Vec::new(),
             purged: HashSet::new(),
             missing_bodies: BTreeSet::new(),
@@ -390,21 +400,17 @@ impl ChatLog {
             .and_then(|i| self.devices.get(&device)?.get(i))
             .copied()
             .or_else(|| {
-                self.pending
-                    .iter()
-                    .find(|(h, p)| {
-                        **h != hash
-                            && p.header.header.author.device == device
-                            && p.header.header.seq == seq
-                    })
-                    .map(|(h, _)| *h)
+                self.pending_seqs
+                    .get(&(device, seq))
+                    .filter(|h| **h != hash)
+                    .copied()
             });
         let Some(existing) = existing else {
             return Ok(());
         };
         let first = match (self.entries.get(&existing), self.pending.get(&existing)) {
             (Some(stored), _) => stored.entry.header.clone(),
-            (None, Some(pending)) => pending.header.clone(),
+            (None, Some((pending, _))) => pending.header.clone(),
             (None, None) => return Ok(()),
         };
         let evidence = ForkEvidence {
@@ -429,16 +435,23 @@ impl ChatLog {
         out: &mut Vec<LogOutput>,
     ) -> Result<(), LogError> {
         let missing: Vec<EntryHash> = unknown
-            .into_iter()
+            .iter()
             .filter(|p| !self.pending.contains_key(p))
+            .copied()
             .collect();
         if !self.pending.contains_key(&hash) {
             let size = entry.encode().len();
             if self.pending.len() >= MAX_PENDING || self.pending_bytes + size > MAX_PENDING_BYTES {
                 return Err(LogError::PendingFull);
             }
+            for parent in &unknown {
+                self.waiting_for.entry(*parent).or_default().push(hash);
+            }
+            let header = &entry.header.header;
+            self.pending_seqs
+                .insert((header.author.device, header.seq), hash);
             self.pending_bytes += size;
-            self.pending.insert(hash, entry);
+            self.pending.insert(hash, (entry, size));
         }
         if !missing.is_empty() {
             out.push(LogOutput::Missing(missing));
@@ -446,29 +459,41 @@ impl ChatLog {
         Ok(())
     }
 
+    /// Adds the waiting entries that the entries just added unblock, and
+    /// those that these unblock in turn. Only the children of what was
+    /// added are looked at, so a long run of entries that came ahead of
+    /// their parents is taken in time proportional to its length.
     fn drain_pending(&mut self, out: &mut Vec<LogOutput>) {
-        loop {
-            let ready = self
-                .pending
-                .iter()
-                .find(|(_, e)| {
+        while let Some(added) = self.unblocked.pop() {
+            let Some(children) = self.waiting_for.remove(&added) else {
+                continue;
+            };
+            for child in children {
+                let ready = self.pending.get(&child).is_some_and(|(e, _)| {
                     e.header
                         .header
                         .parents
                         .iter()
                         .all(|p| self.entries.contains_key(p))
-                })
-                .map(|(h, _)| *h);
-            let Some(hash) = ready else { break };
-            let Some(entry) = self.pending.remove(&hash) else {
-                break;
-            };
-            self.pending_bytes = self.pending_bytes.saturating_sub(entry.encode().len());
-            if let Err(error) = self.insert_one(entry, Checks::SkipSignature, out) {
-                out.push(LogOutput::Event(LogEvent::PendingRejected {
-                    entry: hash,
-                    error,
-                }));
+                });
+                if !ready {
+                    continue;
+                }
+                let Some((entry, size)) = self.pending.remove(&child) else {
+                    continue;
+                };
+                self.pending_bytes = self.pending_bytes.saturating_sub(size);
+                let header = &entry.header.header;
+                let key = (header.author.device, header.seq);
+                if self.pending_seqs.get(&key) == Some(&child) {
+                    self.pending_seqs.remove(&key);
+                }
+                if let Err(error) = self.insert_one(entry, Checks::SkipSignature, out) {
+                    out.push(LogOutput::Event(LogEvent::PendingRejected {
+                        entry: child,
+                        error,
+                    }));
+                }
             }
         }
     }
@@ -643,6 +668,9 @@ impl ChatLog {
         // A purge's own record is written before the bodies it erases, so a
         // crash in between re-erases them when the log is replayed.
         out.push(LogOutput::Persist(Box::new(entry.clone())));
+        if !self.waiting_for.is_empty() {
+            self.unblocked.push(hash);
+        }
         self.entries.insert(
             hash,
             Stored {
@@ -955,6 +983,48 @@ mod tests {
         assert_eq!(merge.header.header.parents.len(), 2);
         assert_eq!(devices[0].log.heads(), vec![merge.hash()]);
         assert_eq!(merge.header.header.lamport, 2);
+    }
+
+    #[test]
+    fn an_entry_waits_for_every_missing_parent_and_a_fork_among_waiting_entries_is_caught() {
+        let mut dice = Dice::new();
+        let mut devices = chat(false, false, &mut dice);
+        let genesis = devices[0].log.in_display_order().next().unwrap().1.clone();
+        let a = devices[0].say("a", &mut dice);
+        let b = devices[1].say("b", &mut dice);
+        devices[0].log.insert(b.clone()).unwrap();
+        let merge = devices[0].say("merge", &mut dice);
+        assert_eq!(merge.header.header.parents.len(), 2);
+        let draft = |t: &str| Draft::Text {
+            text: t.into(),
+            reply_to: None,
+        };
+        let next = devices[0].compose(draft("next"), &mut dice).unwrap();
+        let rival = devices[0].compose(draft("rival"), &mut dice).unwrap();
+
+        let mut log = ChatLog::new(CHAT);
+        log.insert(genesis).unwrap();
+        log.insert(next.clone()).unwrap();
+        log.insert(merge).unwrap();
+        assert_eq!(log.pending_count(), 2);
+        // Two entries at one seq of one device, both waiting: a fork, though
+        // neither is in the log yet.
+        let device = devices[0].cert.device;
+        let seq = next.header.header.seq;
+        assert_eq!(log.insert(rival), Err(LogError::Fork { device, seq }));
+        assert_eq!(log.fork_evidence().len(), 1);
+        // One parent of two is not enough; the second unblocks the merge,
+        // and the merge the entry after it.
+        log.insert(a).unwrap();
+        assert_eq!((log.len(), log.pending_count()), (2, 2));
+        let outputs = log.insert(b).unwrap();
+        let persisted = outputs
+            .iter()
+            .filter(|o| matches!(o, LogOutput::Persist(_)))
+            .count();
+        assert_eq!(persisted, 3);
+        assert_eq!((log.len(), log.pending_count()), (5, 0));
+        assert_eq!(log.heads(), vec![next.hash()]);
     }
 
     #[test]
