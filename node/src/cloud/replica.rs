@@ -525,9 +525,12 @@ impl Replicas {
 
     /// Ends a commit begun by [`Self::start_commit`] with what its job
     /// returned. A failed flush stops the kept chats, as a failed
-    /// [`Self::commit`] does: memory may then be ahead of the disk.
+    /// [`Self::commit`] does: memory may then be ahead of the disk. After
+    /// one failed, a later flush proves nothing (the kernel may have
+    /// dropped the pages the first could not write), so it fails too.
     pub fn finish_commit(&mut self, flushed: Result<(), String>) -> Result<(), ReplicaError> {
         self.used = self.chats.values().map(|r| r.store.disk_bytes()).sum();
+        self.check()?;
         flushed.map_err(|e| {
             let why = format!("stopped after a storage failure ({e}); restart the node");
             self.failed = Some(why.clone());
@@ -801,6 +804,8 @@ mod tests {
             "{refused}"
         );
         assert!(replicas.start_commit().is_err());
+        // A flush already under way when another failed counts for nothing.
+        assert!(replicas.finish_commit(Ok(())).is_err());
         drop(replicas);
         assert_eq!(Replicas::open(tmp.path()).unwrap().entries(&CHAT), 3);
     }
