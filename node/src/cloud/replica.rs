@@ -71,9 +71,15 @@ const MAX_CHECK_THREADS: usize = 4;
 #[derive(Default)]
 pub struct CommitJob {
     syncs: Vec<crate::segments::PendingSync>,
+    bytes: usize,
 }
 
 impl CommitJob {
+    /// Bytes the commit makes durable (appended since the last one).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Blocks until everything the commit covers is on disk.
     pub fn run(self) -> Result<(), String> {
         for s in self.syncs {
@@ -101,6 +107,8 @@ pub struct Replicas {
     failed: Option<String>,
     /// Entries appended since the last [`Self::take_appended`].
     appended: Vec<(ChatId, EntryHash)>,
+    /// Bytes appended since the last commit started.
+    unflushed: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +195,7 @@ impl Replicas {
             used: 0,
             failed: None,
             appended: Vec::new(),
+            unflushed: 0,
         };
         let dirs = std::fs::read_dir(&root).map_err(|source| ReplicaError::Io {
             path: root.display().to_string(),
@@ -457,6 +466,7 @@ impl Replicas {
         match r.store.append(&[(hash.0, bytes)]) {
             Ok(()) => {
                 self.used += bytes.len() as u64 + 45;
+                self.unflushed += bytes.len();
                 self.dirty.insert(chat);
                 Ok(())
             }
@@ -505,7 +515,10 @@ impl Replicas {
             self.commit()?;
             return Ok(CommitJob::default());
         }
-        let mut job = CommitJob::default();
+        let mut job = CommitJob {
+            bytes: std::mem::take(&mut self.unflushed),
+            ..CommitJob::default()
+        };
         for chat in std::mem::take(&mut self.dirty) {
             let Some(r) = self.chats.get_mut(&chat) else {
                 continue;
@@ -539,6 +552,7 @@ impl Replicas {
     }
 
     fn commit_inner(&mut self) -> Result<(), ReplicaError> {
+        self.unflushed = 0;
         for chat in std::mem::take(&mut self.dirty) {
             if let Some(r) = self.chats.get_mut(&chat) {
                 r.store.sync()?;

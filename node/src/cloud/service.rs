@@ -70,6 +70,9 @@ const MAX_LINK_QUEUE: usize = 20_000;
 /// push while it verifies and commits the last one, and a streaming
 /// writer's small pushes are not split into more requests and commits.
 const MAX_IN_FLIGHT: usize = 3;
+/// A round of peers' pushes whose appends reach this many bytes has its
+/// flush run on a blocking thread while the next round is verified.
+const OFFLOAD_MIN_BYTES: usize = 256 * 1024;
 /// Most chats one peer may ask this node to pull or notify at once.
 const MAX_LINK_CHATS: usize = 1024;
 /// How often each storage peer of a chat is compared with.
@@ -793,7 +796,8 @@ impl CloudService {
     /// previous round's commit flushes; answers to peers' results and to
     /// commands count what is durable, so those first wait for it.
     async fn round(&mut self, round: Round) {
-        if !round.done.is_empty() || !round.commands.is_empty() {
+        let only_peers = round.done.is_empty() && round.commands.is_empty();
+        if !only_peers {
             self.settle(None).await;
         }
         let policy = self.hosting.policy().await;
@@ -822,6 +826,15 @@ impl CloudService {
         let started = self.replicas.start_commit();
         self.settle(None).await;
         match started {
+            // Nothing would overlap the flush, or it is small: flushing
+            // here costs less than handing it to another thread.
+            Ok(job) if !only_peers || job.bytes() < OFFLOAD_MIN_BYTES => {
+                let committed = self.replicas.finish_commit(job.run());
+                if let Err(e) = &committed {
+                    warn!("cannot commit cloud chats: {e}");
+                }
+                self.release(committed, answers, appended, replies).await;
+            }
             Ok(job) => {
                 self.committing = Some(Committing {
                     flush: tokio::task::spawn_blocking(move || job.run()),
