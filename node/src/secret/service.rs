@@ -255,16 +255,17 @@ impl Chat {
             .collect()
     }
 
-    /// Adds frames just sealed. Each is numbered one past the last, so the
-    /// outbox stays consecutive, as the other device requires of a batch.
+    /// Adds frames just sealed, keeping the outbox in frame order whatever
+    /// order they come in: a batch goes out consecutive, as the other
+    /// device requires, or it is refused whole.
     fn enqueue(&mut self, frames: Vec<SecretFrame>) {
         for f in frames {
-            debug_assert!(
-                self.outbox.back().is_none_or(|last| last.n + 1 == f.n),
-                "frame {} sealed out of order",
-                f.n
-            );
-            self.outbox.push_back(f);
+            if self.outbox.back().is_none_or(|last| last.n < f.n) {
+                self.outbox.push_back(f);
+            } else {
+                let at = self.outbox.partition_point(|g| g.n < f.n);
+                self.outbox.insert(at, f);
+            }
         }
     }
 
