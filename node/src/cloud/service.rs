@@ -1540,6 +1540,10 @@ impl CloudService {
             return None;
         }
         let pushes_only = link.in_flight > 0;
+        if !pushes_only {
+            // Only a full push starting now lets another follow it.
+            link.last_push_full = false;
+        }
         if !pushes_only && let Some(chat) = link.notify.pop_first() {
             return Some((Asked::Notify, StoreRequest::Notify { chat }));
         }
