@@ -279,26 +279,24 @@ impl ChatLog {
     /// Verifies `entry` and adds it, then any waiting entries it unblocks.
     /// On error nothing changed (but a fork is kept as evidence).
     pub fn insert(&mut self, entry: impl Into<Entry>) -> Result<Vec<LogOutput>, LogError> {
-        let mut out = Vec::new();
-        self.insert_one(entry.into(), Checks::All, &mut out)?;
-        self.drain_pending(&mut out);
-        Ok(out)
+        self.insert_with(entry.into(), Checks::All)
     }
 
     /// Adds an entry this process composed: everything is checked but the
     /// certificate and signature it has just made itself.
     pub fn insert_composed(&mut self, entry: Composed) -> Result<Vec<LogOutput>, LogError> {
-        let mut out = Vec::new();
-        self.insert_one(entry.into_entry(), Checks::SkipSignature, &mut out)?;
-        self.drain_pending(&mut out);
-        Ok(out)
+        self.insert_with(entry.into_entry(), Checks::SkipSignature)
     }
 
     /// Adds an entry whose signature was checked already (on another
     /// thread, say): everything else is checked here.
     pub fn insert_checked(&mut self, entry: SignatureChecked) -> Result<Vec<LogOutput>, LogError> {
+        self.insert_with(entry.into_entry(), Checks::Certificate)
+    }
+
+    fn insert_with(&mut self, entry: Entry, checks: Checks) -> Result<Vec<LogOutput>, LogError> {
         let mut out = Vec::new();
-        self.insert_one(entry.into_entry(), Checks::Certificate, &mut out)?;
+        self.insert_one(entry, checks, &mut out)?;
         self.drain_pending(&mut out);
         Ok(out)
     }
@@ -955,7 +953,7 @@ mod tests {
     use super::*;
     use crate::cloud::{
         Draft,
-        tests::{CHAT, Dice, chat, pull},
+        tests::{CHAT, Dice, chat, persisted, pull},
     };
 
     #[test]
@@ -1018,10 +1016,7 @@ mod tests {
         log.insert(a).unwrap();
         assert_eq!((log.len(), log.pending_count()), (2, 2));
         let outputs = log.insert(b).unwrap();
-        let persisted = outputs
-            .iter()
-            .filter(|o| matches!(o, LogOutput::Persist(_)))
-            .count();
+        let persisted = persisted(&outputs);
         assert_eq!(persisted, 3);
         assert_eq!((log.len(), log.pending_count()), (5, 0));
         assert_eq!(log.heads(), vec![next.hash()]);
@@ -1046,10 +1041,7 @@ mod tests {
         assert_eq!(log.len(), 1);
         // The missing first one unblocks them all.
         let outputs = log.insert(entries[0].clone()).unwrap();
-        let persisted = outputs
-            .iter()
-            .filter(|o| matches!(o, LogOutput::Persist(_)))
-            .count();
+        let persisted = persisted(&outputs);
         assert_eq!(persisted, MAX_PENDING + 1);
         assert_eq!(log.pending_count(), 0);
         log.insert(entries[MAX_PENDING + 1].clone()).unwrap();

@@ -100,6 +100,14 @@ impl Device {
 }
 
 /// Alice (creator), Bob and, for groups, Carol; genesis in every log.
+/// How many entries a log's outputs ask to persist.
+pub(crate) fn persisted(outputs: &[LogOutput]) -> usize {
+    outputs
+        .iter()
+        .filter(|o| matches!(o, LogOutput::Persist(_)))
+        .count()
+}
+
 pub(crate) fn chat(with_carol: bool, admins: bool, dice: &mut Dice) -> Vec<Device> {
     let mut devices = vec![Device::new(1, 11), Device::new(2, 12)];
     if with_carol {
@@ -738,10 +746,7 @@ fn out_of_order_entries_wait_for_their_parents() {
     assert_eq!(outputs, vec![LogOutput::Missing(vec![first.hash()])]);
     assert_eq!(log.len(), 1);
     let outputs = log.insert(first).unwrap();
-    let persisted = outputs
-        .iter()
-        .filter(|o| matches!(o, LogOutput::Persist(_)))
-        .count();
+    let persisted = persisted(&outputs);
     assert_eq!(persisted, 2);
     assert_eq!(log.pending_count(), 0);
     assert!(log.contains(&second.hash()));
