@@ -1,5 +1,6 @@
 //! What a storage peer spends verifying cloud-chat entries, next to the raw
-//! Ed25519 verification each entry needs, in the same run.
+//! Ed25519 verification each entry needs, in the same run; and entry
+//! signatures checked one by one against in batches.
 //!
 //!     cargo bench -p tern-protocol --bench cloud
 
@@ -92,6 +93,39 @@ fn bench(c: &mut Criterion) {
             )
         },
     );
+    g.bench_function("Entry::check_signature × 1000, one by one", |b| {
+        b.iter_batched(
+            || entries[1..].to_vec(),
+            |entries| {
+                for e in entries {
+                    assert!(e.check_signature().is_ok());
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("Entry::check_signatures, 1000 in one batch", |b| {
+        b.iter_batched(
+            || entries[1..].to_vec(),
+            |entries| {
+                assert!(Entry::check_signatures(entries).iter().all(Result::is_ok));
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("Entry::check_signatures, 1000 in batches of 16", |b| {
+        b.iter_batched(
+            || entries[1..].to_vec(),
+            |mut entries| {
+                while !entries.is_empty() {
+                    let rest = entries.split_off(entries.len().min(16));
+                    assert!(Entry::check_signatures(entries).iter().all(Result::is_ok));
+                    entries = rest;
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
     g.finish();
 }
 

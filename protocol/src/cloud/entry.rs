@@ -13,12 +13,13 @@
 
 use std::fmt;
 
-use ed25519_dalek::{Signature, Signer, SigningKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use super::{
     account::{MAX_ADDR_LEN, MAX_ADDRS, MAX_STORAGE_PEERS, StoragePeer},
     keys::{EncryptionPublicKey, WrappedKey, short_hex},
+    signatures::{self, Signed},
 };
 use crate::{
     codec::{DecodeError, Record, bytes64},
@@ -342,18 +343,27 @@ impl SignedHeader {
     }
 
     /// The device's signature only, for a caller that already verified
-    /// this exact certificate.
+    /// this exact certificate. The rule is [`super::signatures`]'s.
     pub fn verify_signature(&self) -> Result<(), EntryError> {
-        let author = &self.header.author;
-        let key = author
+        let key = self.device_key()?;
+        let message = self.header.signed_bytes();
+        let signed = Signed {
+            key: &key,
+            message: &message,
+            signature: &self.signature,
+        };
+        match signatures::verify(&signed) {
+            true => Ok(()),
+            false => Err(EntryError::BadSignature),
+        }
+    }
+
+    fn device_key(&self) -> Result<VerifyingKey, EntryError> {
+        self.header
+            .author
             .device
             .verifying_key()
-            .map_err(|_| EntryError::BadCertificate)?;
-        key.verify_strict(
-            &self.header.signed_bytes(),
-            &Signature::from_bytes(&self.signature),
-        )
-        .map_err(|_| EntryError::BadSignature)
+            .map_err(|_| EntryError::BadCertificate)
     }
 
     pub fn author_account(&self) -> AccountId {
@@ -499,6 +509,44 @@ impl Entry {
             Err(e) => Err((self, e)),
         }
     }
+
+    /// [`Self::check_signature`] for many entries at once, in one batch
+    /// check (several times cheaper per signature than one by one); the
+    /// verdicts are those each entry gets alone, in the entries' order.
+    #[allow(clippy::result_large_err)]
+    pub fn check_signatures(
+        entries: Vec<Entry>,
+    ) -> Vec<Result<SignatureChecked, (Entry, EntryError)>> {
+        let keys: Vec<Result<VerifyingKey, EntryError>> =
+            entries.iter().map(|e| e.header.device_key()).collect();
+        let messages: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|e| e.header.header.signed_bytes())
+            .collect();
+        let signed: Vec<Signed<'_>> = entries
+            .iter()
+            .zip(&keys)
+            .zip(&messages)
+            .filter_map(|((e, key), message)| {
+                Some(Signed {
+                    key: key.as_ref().ok()?,
+                    message,
+                    signature: &e.header.signature,
+                })
+            })
+            .collect();
+        let mut passed = signatures::verify_many(&signed).into_iter();
+        drop(signed);
+        entries
+            .into_iter()
+            .zip(keys)
+            .map(|(e, key)| match key {
+                Err(why) => Err((e, why)),
+                Ok(_) if passed.next() == Some(true) => Ok(SignatureChecked(e)),
+                Ok(_) => Err((e, EntryError::BadSignature)),
+            })
+            .collect()
+    }
 }
 
 impl Record for Entry {
@@ -609,6 +657,44 @@ mod tests {
             body.ciphertext[0] ^= 1;
         }
         assert_eq!(altered_body.verify_alone(), Err(EntryError::BodyMismatch));
+    }
+
+    #[test]
+    fn a_batch_of_entries_gets_each_entrys_own_verdict_in_order() {
+        let mut entries: Vec<Entry> = (1..=12)
+            .map(|seq| {
+                let mut e = message_entry();
+                e.header.header.seq = seq;
+                e.header = e.header.header.clone().sign(&device_key(2));
+                e
+            })
+            .collect();
+        entries[2].header.header.lamport = 9;
+        entries[7].header = entries[7].header.header.clone().sign(&device_key(3));
+        entries[10].header.header.author.device =
+            DevicePublicKey::from_bytes(device_key(4).verifying_key().to_bytes()).unwrap();
+        let alone: Vec<Result<(), EntryError>> = entries
+            .iter()
+            .map(|e| e.header.verify_signature())
+            .collect();
+        let together: Vec<(u64, Result<(), EntryError>)> = Entry::check_signatures(entries)
+            .into_iter()
+            .map(|r| match r {
+                Ok(checked) => (checked.entry().header.header.seq, Ok(())),
+                Err((e, why)) => (e.header.header.seq, Err(why)),
+            })
+            .collect();
+        let expected: Vec<(u64, Result<(), EntryError>)> = (1..=12)
+            .map(|seq| match seq {
+                3 | 8 | 11 => (seq, Err(EntryError::BadSignature)),
+                _ => (seq, Ok(())),
+            })
+            .collect();
+        assert_eq!(together, expected);
+        assert_eq!(
+            alone,
+            expected.into_iter().map(|(_, r)| r).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! - [`member`]: [`ChatMember`], a member device's keys: writes entries and
 //!   reads the history.
 //! - [`sync`]: anti-entropy between two holders of a chat.
+//! - [`signatures`]: the one rule entry signatures are checked by, alone
+//!   or in batches.
 //!
 //! # Driving it
 //!
@@ -66,6 +68,7 @@ pub mod keys;
 pub mod log;
 pub mod member;
 pub mod membership;
+pub mod signatures;
 pub mod sync;
 
 pub use content::Content;
