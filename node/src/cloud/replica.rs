@@ -20,8 +20,8 @@ use std::{
 use tern_protocol::{
     Record,
     cloud::{
-        BatchLimits, ChatId, ChatLog, ChatSummary, Composed, Entry, EntryHash, EntryKind, LogError,
-        LogOutput, SignatureChecked, SyncRequest, SyncResponse, sync,
+        BatchLimits, ChatId, ChatLog, ChatSummary, Composed, Entry, EntryError, EntryHash,
+        EntryKind, LogError, LogOutput, SignatureChecked, SyncRequest, SyncResponse, sync,
     },
 };
 
@@ -63,6 +63,8 @@ const PARALLEL_CHECK_MIN: usize = 128;
 /// …and so are batches of large entries carrying at least this many body
 /// bytes (a catch-up of 16 KB messages comes 64 to a 1 MiB push).
 const PARALLEL_CHECK_BYTES: usize = 512 * 1024;
+/// Entries whose signatures are checked together when a chat is loaded.
+const LOAD_CHECK_BATCH: usize = 4096;
 /// Threads checking one batch's signatures, at most.
 const MAX_CHECK_THREADS: usize = 4;
 
@@ -134,6 +136,52 @@ fn chat_dir(root: &Path, chat: &ChatId) -> PathBuf {
     root.join(data_encoding::HEXLOWER.encode(&chat.0))
 }
 
+/// [`Entry::check_signatures`], on every core for a large batch (a
+/// catch-up's; a streaming writer's pushes are smaller, and on a busy
+/// machine starting threads for them costs more than it saves).
+#[allow(clippy::result_large_err)]
+fn check_batch(entries: Vec<Entry>) -> Vec<Result<SignatureChecked, (Entry, EntryError)>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_CHECK_THREADS);
+    let bytes: usize = entries
+        .iter()
+        .filter_map(|e| e.body.as_ref())
+        .map(|b| b.ciphertext.len())
+        .sum();
+    let large = entries.len() >= PARALLEL_CHECK_MIN || bytes >= PARALLEL_CHECK_BYTES;
+    if !large || entries.len() < 2 || threads < 2 {
+        return Entry::check_signatures(entries);
+    }
+    let chunk = entries.len().div_ceil(threads);
+    let mut chunks = Vec::with_capacity(threads);
+    let mut rest = entries;
+    while rest.len() > chunk {
+        let tail = rest.split_off(chunk);
+        chunks.push(rest);
+        rest = tail;
+    }
+    chunks.push(rest);
+    std::thread::scope(|scope| {
+        let mut chunks = chunks.into_iter();
+        let first = chunks.next().unwrap_or_default();
+        let others: Vec<_> = chunks
+            .map(|c| scope.spawn(|| Entry::check_signatures(c)))
+            .collect();
+        let mut checked = Entry::check_signatures(first);
+        for other in others {
+            // A checking thread panics only as the same check on this
+            // thread would (a bug in the signature library): the panic
+            // goes on here, and no outcome is lost or out of place.
+            match other.join() {
+                Ok(more) => checked.extend(more),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        checked
+    })
+}
+
 /// Loads one kept chat, re-verifying every entry in causal order. Purges
 /// the log finds unfinished (a crash between the commit and the rewrite)
 /// are returned so the caller finishes them.
@@ -156,8 +204,18 @@ fn load_chat(chat: ChatId, dir: &Path) -> Result<(Replica, PendingPurges), Repli
     entries.sort_by_key(|e| (e.header.header.lamport, e.hash()));
     let mut log = ChatLog::new(chat);
     let mut purges = Vec::new();
-    for e in entries {
-        let outputs = log.insert(e).map_err(|err| ReplicaError::Damaged {
+    let mut checked = Vec::with_capacity(entries.len());
+    while !entries.is_empty() {
+        let rest = entries.split_off(entries.len().min(LOAD_CHECK_BATCH));
+        checked.extend(check_batch(entries));
+        entries = rest;
+    }
+    for e in checked {
+        let inserted = match e {
+            Ok(e) => log.insert_checked(e),
+            Err((e, _)) => log.insert(e),
+        };
+        let outputs = inserted.map_err(|err| ReplicaError::Damaged {
             chat: name.clone(),
             why: err.to_string(),
         })?;
@@ -295,21 +353,13 @@ impl Replicas {
         Ok(outcomes)
     }
 
-    /// A large batch's signatures, checked on every core before the
-    /// entries go into their logs one by one (a new replica's catch-up is
-    /// mostly signature checks). Entries already held are not checked; one
-    /// that fails is offered as received, so the log gives the reason.
+    /// A batch's signatures, checked together before the entries go into
+    /// their logs one by one (a batch check costs a fraction of single
+    /// ones, and a new replica's catch-up is mostly signature checks).
+    /// Entries already held are not checked; one that fails is offered as
+    /// received, so the log gives the reason.
     fn check_signatures(&self, entries: Vec<Entry>) -> Vec<Offered> {
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(MAX_CHECK_THREADS);
-        let bytes: usize = entries
-            .iter()
-            .filter_map(|e| e.body.as_ref())
-            .map(|b| b.ciphertext.len())
-            .sum();
-        let large = entries.len() >= PARALLEL_CHECK_MIN || bytes >= PARALLEL_CHECK_BYTES;
-        if !large || entries.len() < 2 || threads < 2 {
+        if entries.len() < 2 {
             return entries.into_iter().map(Offered::Received).collect();
         }
         let held = |e: &Entry| {
@@ -317,42 +367,24 @@ impl Replicas {
                 .get(&e.header.header.chat)
                 .is_some_and(|r| r.log.contains(&e.hash()))
         };
-        let check = |e: Entry| {
+        let mut offered: Vec<Option<Offered>> = Vec::with_capacity(entries.len());
+        let mut fresh = Vec::with_capacity(entries.len());
+        for e in entries {
             if held(&e) {
-                return Offered::Received(e);
+                offered.push(Some(Offered::Received(e)));
+            } else {
+                offered.push(None);
+                fresh.push(e);
             }
-            match e.check_signature() {
+        }
+        let mut checked = check_batch(fresh).into_iter();
+        for slot in offered.iter_mut().filter(|slot| slot.is_none()) {
+            *slot = checked.next().map(|r| match r {
                 Ok(checked) => Offered::Checked(checked),
                 Err((e, _)) => Offered::Received(e),
-            }
-        };
-        let chunk = entries.len().div_ceil(threads);
-        let mut chunks = Vec::with_capacity(threads);
-        let mut rest = entries;
-        while rest.len() > chunk {
-            let tail = rest.split_off(chunk);
-            chunks.push(rest);
-            rest = tail;
+            });
         }
-        chunks.push(rest);
-        std::thread::scope(|scope| {
-            let mut chunks = chunks.into_iter();
-            let first = chunks.next().unwrap_or_default();
-            let others: Vec<_> = chunks
-                .map(|c| scope.spawn(|| c.into_iter().map(check).collect::<Vec<_>>()))
-                .collect();
-            let mut offered: Vec<Offered> = first.into_iter().map(check).collect();
-            for other in others {
-                // A checking thread panics only as the same check on this
-                // thread would (a bug in the signature library): the panic
-                // goes on here, and no outcome is lost or out of place.
-                match other.join() {
-                    Ok(checked) => offered.extend(checked),
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
-            }
-            offered
-        })
+        offered.into_iter().flatten().collect()
     }
 
     /// This device's own entry, just composed: kept in its chat without
@@ -738,43 +770,46 @@ mod tests {
     }
 
     #[test]
-    fn a_large_batch_checked_in_parallel_keeps_every_good_entry_and_names_the_bad_ones() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (mut alice, bob) = (person(1), person(2));
-        let genesis = create_with(&mut alice, &bob);
-        let mut batch = vec![genesis];
-        for n in 0..(PARALLEL_CHECK_MIN as u8 + 10) {
-            batch.push(say(&mut alice, &format!("message {n}"), n));
-        }
-        // One forged signature in each half of the batch; and a replay.
-        let mut forged = batch[10].clone();
-        forged.header.signature[5] ^= 1;
-        let mut late_forged = batch[100].clone();
-        late_forged.header.signature[9] ^= 1;
-        let replayed = batch[3].clone();
-        batch.insert(11, forged);
-        batch.push(late_forged);
-        batch.push(replayed);
+    fn a_batch_checked_at_once_keeps_every_good_entry_and_names_the_bad_ones() {
+        // One batch check on this thread, and one split across threads.
+        for messages in [20, PARALLEL_CHECK_MIN + 10] {
+            let tmp = tempfile::tempdir().unwrap();
+            let (mut alice, bob) = (person(1), person(2));
+            let genesis = create_with(&mut alice, &bob);
+            let mut batch = vec![genesis];
+            for n in 0..messages {
+                batch.push(say(&mut alice, &format!("message {n}"), n as u8));
+            }
+            // One forged signature in each half of the batch; and a replay.
+            let mut forged = batch[10].clone();
+            forged.header.signature[5] ^= 1;
+            let mut late_forged = batch[messages - 5].clone();
+            late_forged.header.signature[9] ^= 1;
+            let replayed = batch[3].clone();
+            batch.insert(11, forged);
+            batch.push(late_forged);
+            batch.push(replayed);
 
-        let mut replicas = Replicas::open(tmp.path()).unwrap();
-        let out = replicas.accept(Some(&open_policy()), batch).unwrap();
-        assert_eq!(out.len(), PARALLEL_CHECK_MIN + 14);
-        let rejected: Vec<usize> = (0..out.len())
-            .filter(|i| matches!(&out[*i], Outcome::Rejected(why) if why.contains("signature")))
-            .collect();
-        assert_eq!(rejected, vec![11, out.len() - 2], "{out:?}");
-        assert_eq!(out[out.len() - 1], Outcome::Duplicate);
-        let stored = out.iter().filter(|o| **o == Outcome::Stored).count();
-        assert_eq!(stored, PARALLEL_CHECK_MIN + 11);
-        replicas.commit().unwrap();
-        drop(replicas);
-        // Every good entry is on disk and verifies again on reopening.
-        let replicas = Replicas::open(tmp.path()).unwrap();
-        assert_eq!(replicas.entries(&CHAT), PARALLEL_CHECK_MIN + 11);
-        assert!(sync::in_sync(
-            &replicas.summary(&CHAT).unwrap(),
-            &ChatSummary::of(&alice.log)
-        ));
+            let mut replicas = Replicas::open(tmp.path()).unwrap();
+            let out = replicas.accept(Some(&open_policy()), batch).unwrap();
+            assert_eq!(out.len(), messages + 4);
+            let rejected: Vec<usize> = (0..out.len())
+                .filter(|i| matches!(&out[*i], Outcome::Rejected(why) if why.contains("signature")))
+                .collect();
+            assert_eq!(rejected, vec![11, out.len() - 2], "{out:?}");
+            assert_eq!(out[out.len() - 1], Outcome::Duplicate);
+            let stored = out.iter().filter(|o| **o == Outcome::Stored).count();
+            assert_eq!(stored, messages + 1);
+            replicas.commit().unwrap();
+            drop(replicas);
+            // Every good entry is on disk and verifies again on reopening.
+            let replicas = Replicas::open(tmp.path()).unwrap();
+            assert_eq!(replicas.entries(&CHAT), messages + 1);
+            assert!(sync::in_sync(
+                &replicas.summary(&CHAT).unwrap(),
+                &ChatSummary::of(&alice.log)
+            ));
+        }
     }
 
     #[test]
