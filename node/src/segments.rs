@@ -98,6 +98,9 @@ pub struct SegmentLog {
     active: File,
     unsynced: bool,
     segment_bytes: u64,
+    /// Makes the next append fail as a full disk would.
+    #[cfg(test)]
+    pub(crate) fail_next_append: bool,
 }
 
 fn checksum(key: &Key, value: &[u8]) -> [u8; CHECK] {
@@ -250,6 +253,8 @@ impl SegmentLog {
             active,
             unsynced: false,
             segment_bytes,
+            #[cfg(test)]
+            fail_next_append: false,
         })
     }
 
@@ -287,7 +292,14 @@ impl SegmentLog {
             ));
             offset += (HEADER + value.len() + CHECK) as u64;
         }
-        if let Err(e) = self.active.write_all(&buf) {
+        #[cfg(test)]
+        let written = match std::mem::take(&mut self.fail_next_append) {
+            true => Err(io::Error::from(io::ErrorKind::StorageFull)),
+            false => self.active.write_all(&buf),
+        };
+        #[cfg(not(test))]
+        let written = self.active.write_all(&buf);
+        if let Err(e) = written {
             // Leave the file as it was, so the index stays true.
             let _ = self.active.set_len(seg.bytes);
             return Err(io_at(&seg.path)(e));

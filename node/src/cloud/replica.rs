@@ -28,11 +28,11 @@ use tern_protocol::{
 use super::hosting::{HostPolicy, Refusal};
 use crate::{
     data_dir::create_private_dir,
-    segments::{SegmentError, SegmentLog},
+    segments::{Key, SegmentError, SegmentLog},
 };
 
 /// What happened to one pushed entry.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Verified and appended; durable after the next commit.
     Stored,
@@ -44,6 +44,19 @@ pub enum Outcome {
     Refused(Refusal),
     /// Failed verification; the reason is logged and returned.
     Rejected(String),
+}
+
+/// A segment record's bytes beyond its value (header and checksum), as
+/// counted against the quota.
+const RECORD_OVERHEAD: u64 = 45;
+
+/// A verified entry's record, waiting for its batch's one append.
+struct Staged {
+    chat: ChatId,
+    hash: EntryHash,
+    bytes: Vec<u8>,
+    /// The offered entry's place in the batch, where this record is it.
+    outcome: Option<usize>,
 }
 
 /// An entry offered to the chats this node keeps.
@@ -343,14 +356,60 @@ impl Replicas {
     ) -> Result<Vec<Outcome>, ReplicaError> {
         self.check()?;
         let mut outcomes = Vec::with_capacity(entries.len());
+        let mut staged = Vec::new();
         for offered in self.check_signatures(entries) {
-            let (outcome, go_on) = self.accept_one(policy, offered)?;
+            let at = outcomes.len();
+            let (outcome, go_on) = self.accept_one(policy, offered, Some((&mut staged, at)))?;
             outcomes.push(outcome);
             if !go_on {
                 break;
             }
         }
+        self.write_staged(staged, &mut outcomes)?;
         Ok(outcomes)
+    }
+
+    /// Writes a batch's records with one append per chat. Where one fails
+    /// the chat is reloaded from disk (memory never holds what the disk
+    /// does not), and its entries of this batch are rejected.
+    fn write_staged(
+        &mut self,
+        staged: Vec<Staged>,
+        outcomes: &mut [Outcome],
+    ) -> Result<(), ReplicaError> {
+        let mut by_chat: Vec<(ChatId, Vec<Staged>)> = Vec::new();
+        for s in staged {
+            match by_chat.iter_mut().find(|(c, _)| *c == s.chat) {
+                Some((_, records)) => records.push(s),
+                None => by_chat.push((s.chat, vec![s])),
+            }
+        }
+        for (chat, records) in by_chat {
+            let r = self
+                .chats
+                .get_mut(&chat)
+                .expect("staged records are of kept chats");
+            let batch: Vec<(Key, &[u8])> = records
+                .iter()
+                .map(|s| (s.hash.0, s.bytes.as_slice()))
+                .collect();
+            let bytes: usize = records.iter().map(|s| s.bytes.len()).sum();
+            match r.store.append(&batch) {
+                Ok(()) => {
+                    self.unflushed += bytes;
+                    self.dirty.insert(chat);
+                    self.appended.extend(records.iter().map(|s| (chat, s.hash)));
+                }
+                Err(e) => {
+                    tracing::warn!("cannot append to a kept chat: {e}");
+                    for i in records.iter().filter_map(|s| s.outcome) {
+                        outcomes[i] = Outcome::Rejected(e.to_string());
+                    }
+                    self.reload(chat)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A batch's signatures, checked together before the entries go into
@@ -392,14 +451,17 @@ impl Replicas {
     /// checked, and no hosting policy applies).
     pub fn accept_composed(&mut self, entry: Composed) -> Result<Outcome, ReplicaError> {
         self.check()?;
-        Ok(self.accept_one(None, Offered::Composed(entry))?.0)
+        Ok(self.accept_one(None, Offered::Composed(entry), None)?.0)
     }
 
-    /// One entry; `false` when a failed append stops the batch.
+    /// One entry; `false` when a failed append stops the batch. With
+    /// `staged` (and the entry's place in its batch) its records are left
+    /// there for [`Self::write_staged`]; without, they are appended at once.
     fn accept_one(
         &mut self,
         policy: Option<&HostPolicy>,
         offered: Offered,
+        mut staged: Option<(&mut Vec<Staged>, usize)>,
     ) -> Result<(Outcome, bool), ReplicaError> {
         let entry: &Entry = match &offered {
             Offered::Received(e) => e,
@@ -464,10 +526,23 @@ impl Replicas {
                 LogOutput::Persist(e) => {
                     let h = e.hash();
                     let enc = e.encode();
-                    if let Err(err) = self.append(chat, h, &enc) {
-                        return Ok((Outcome::Rejected(err.to_string()), false));
+                    match staged.as_mut() {
+                        Some((staged, at)) => {
+                            self.used += enc.len() as u64 + RECORD_OVERHEAD;
+                            staged.push(Staged {
+                                chat,
+                                hash: h,
+                                bytes: enc,
+                                outcome: (h == hash).then_some(*at),
+                            });
+                        }
+                        None => {
+                            if let Err(err) = self.append(chat, h, &enc) {
+                                return Ok((Outcome::Rejected(err.to_string()), false));
+                            }
+                            self.appended.push((chat, h));
+                        }
                     }
-                    self.appended.push((chat, h));
                     if h == hash {
                         outcome = Outcome::Stored;
                     }
@@ -497,7 +572,7 @@ impl Replicas {
             .expect("the caller holds this chat");
         match r.store.append(&[(hash.0, bytes)]) {
             Ok(()) => {
-                self.used += bytes.len() as u64 + 45;
+                self.used += bytes.len() as u64 + RECORD_OVERHEAD;
                 self.unflushed += bytes.len();
                 self.dirty.insert(chat);
                 Ok(())
@@ -857,6 +932,56 @@ mod tests {
         assert!(replicas.finish_commit(Ok(())).is_err());
         drop(replicas);
         assert_eq!(Replicas::open(tmp.path()).unwrap().entries(&CHAT), 3);
+    }
+
+    #[test]
+    fn a_batch_whose_one_append_fails_is_rejected_whole_and_memory_matches_the_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut alice, bob) = (person(1), person(2));
+        let genesis = create_with(&mut alice, &bob);
+        let first = say(&mut alice, "kept", 1);
+        let later: Vec<Entry> = (2..6)
+            .map(|n| say(&mut alice, &format!("message {n}"), n))
+            .collect();
+        let mut replicas = Replicas::open(tmp.path()).unwrap();
+        let out = replicas
+            .accept(Some(&open_policy()), vec![genesis, first])
+            .unwrap();
+        assert_eq!(out, vec![Outcome::Stored; 2]);
+        replicas.commit().unwrap();
+        assert_eq!(replicas.take_appended().len(), 2);
+        let used = replicas.used;
+
+        replicas
+            .chats
+            .get_mut(&CHAT)
+            .unwrap()
+            .store
+            .fail_next_append = true;
+        let out = replicas
+            .accept(Some(&open_policy()), later.clone())
+            .unwrap();
+        assert_eq!(out.len(), 4);
+        assert!(
+            out.iter()
+                .all(|o| matches!(o, Outcome::Rejected(why) if why.contains("no storage space"))),
+            "{out:?}"
+        );
+        assert_eq!(
+            replicas.entries(&CHAT),
+            2,
+            "memory holds what the disk holds"
+        );
+        assert!(replicas.take_appended().is_empty());
+        assert_eq!(replicas.used, used);
+
+        // The same batch again, once the disk has room: every entry kept.
+        let out = replicas.accept(Some(&open_policy()), later).unwrap();
+        assert_eq!(out, vec![Outcome::Stored; 4]);
+        assert_eq!(replicas.take_appended().len(), 4);
+        replicas.commit().unwrap();
+        drop(replicas);
+        assert_eq!(Replicas::open(tmp.path()).unwrap().entries(&CHAT), 6);
     }
 
     #[test]
