@@ -469,7 +469,10 @@ impl Replicas {
             Offered::Checked(c) => c.entry(),
         };
         let chat = entry.header.header.chat;
-        let hash = entry.hash();
+        let hash = match &offered {
+            Offered::Checked(c) => c.hash(),
+            _ => entry.hash(),
+        };
         let is_purge = matches!(entry.header.header.kind, EntryKind::Purge { .. });
         let known = self.chats.contains_key(&chat);
         if known && self.chats[&chat].log.contains(&hash) {
@@ -523,8 +526,7 @@ impl Replicas {
         let mut outcome = Outcome::Missing(Vec::new());
         for output in outputs {
             match output {
-                LogOutput::Persist(e) => {
-                    let h = e.hash();
+                LogOutput::Persist { hash: h, entry: e } => {
                     let enc = e.encode();
                     match staged.as_mut() {
                         Some((staged, at)) => {

@@ -486,15 +486,32 @@ impl From<Composed> for Entry {
 /// on several threads this way, then inserts them in order with
 /// [`crate::cloud::ChatLog::insert_checked`], which checks everything else.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SignatureChecked(Entry);
+pub struct SignatureChecked {
+    entry: Entry,
+    hash: EntryHash,
+}
 
 impl SignatureChecked {
+    fn new(entry: Entry) -> Self {
+        let hash = entry.hash();
+        Self { entry, hash }
+    }
+
     pub fn entry(&self) -> &Entry {
-        &self.0
+        &self.entry
+    }
+
+    /// The entry's hash, computed once when it was checked.
+    pub fn hash(&self) -> EntryHash {
+        self.hash
     }
 
     pub fn into_entry(self) -> Entry {
-        self.0
+        self.entry
+    }
+
+    pub(crate) fn into_parts(self) -> (Entry, EntryHash) {
+        (self.entry, self.hash)
     }
 }
 
@@ -505,7 +522,7 @@ impl Entry {
     #[allow(clippy::result_large_err)]
     pub fn check_signature(self) -> Result<SignatureChecked, (Entry, EntryError)> {
         match self.header.verify_signature() {
-            Ok(()) => Ok(SignatureChecked(self)),
+            Ok(()) => Ok(SignatureChecked::new(self)),
             Err(e) => Err((self, e)),
         }
     }
@@ -542,7 +559,7 @@ impl Entry {
             .zip(keys)
             .map(|(e, key)| match key {
                 Err(why) => Err((e, why)),
-                Ok(_) if passed.next() == Some(true) => Ok(SignatureChecked(e)),
+                Ok(_) if passed.next() == Some(true) => Ok(SignatureChecked::new(e)),
                 Ok(_) => Err((e, EntryError::BadSignature)),
             })
             .collect()

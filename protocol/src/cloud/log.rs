@@ -145,7 +145,7 @@ impl Record for ForkEvidence {
 pub enum LogOutput {
     /// Store this entry durably (under [`Entry::storage_key`]), replacing
     /// any stored version of it; only then acknowledge it to anyone.
-    Persist(Box<Entry>),
+    Persist { hash: EntryHash, entry: Box<Entry> },
     /// Erase this body from disk (store the entry's header alone) and from
     /// anything derived from it: the entry was deleted for everyone.
     EraseBody { entry: EntryHash, body: BodyHash },
@@ -279,31 +279,42 @@ impl ChatLog {
     /// Verifies `entry` and adds it, then any waiting entries it unblocks.
     /// On error nothing changed (but a fork is kept as evidence).
     pub fn insert(&mut self, entry: impl Into<Entry>) -> Result<Vec<LogOutput>, LogError> {
-        self.insert_with(entry.into(), Checks::All)
+        let entry = entry.into();
+        let hash = entry.hash();
+        self.insert_with(entry, hash, Checks::All)
     }
 
     /// Adds an entry this process composed: everything is checked but the
     /// certificate and signature it has just made itself.
     pub fn insert_composed(&mut self, entry: Composed) -> Result<Vec<LogOutput>, LogError> {
-        self.insert_with(entry.into_entry(), Checks::SkipSignature)
+        let hash = entry.hash();
+        self.insert_with(entry.into_entry(), hash, Checks::SkipSignature)
     }
 
     /// Adds an entry whose signature was checked already (on another
     /// thread, say): everything else is checked here.
     pub fn insert_checked(&mut self, entry: SignatureChecked) -> Result<Vec<LogOutput>, LogError> {
-        self.insert_with(entry.into_entry(), Checks::Certificate)
+        let (entry, hash) = entry.into_parts();
+        self.insert_with(entry, hash, Checks::Certificate)
     }
 
-    fn insert_with(&mut self, entry: Entry, checks: Checks) -> Result<Vec<LogOutput>, LogError> {
+    fn insert_with(
+        &mut self,
+        entry: Entry,
+        hash: EntryHash,
+        checks: Checks,
+    ) -> Result<Vec<LogOutput>, LogError> {
         let mut out = Vec::new();
-        self.insert_one(entry, checks, &mut out)?;
+        self.insert_one(entry, hash, checks, &mut out)?;
         self.drain_pending(&mut out);
         Ok(out)
     }
 
+    /// `hash` is `entry.hash()`, computed once by the caller.
     fn insert_one(
         &mut self,
         entry: Entry,
+        hash: EntryHash,
         checks: Checks,
         out: &mut Vec<LogOutput>,
     ) -> Result<(), LogError> {
@@ -315,7 +326,6 @@ impl ChatLog {
                 got: header.chat,
             });
         }
-        let hash = entry.hash();
         if self.entries.contains_key(&hash) {
             return self.attach_body(hash, entry, out);
         }
@@ -384,7 +394,10 @@ impl ChatLog {
         }
         stored.entry.body = Some(body);
         self.missing_bodies.remove(&hash);
-        out.push(LogOutput::Persist(Box::new(stored.entry.clone())));
+        out.push(LogOutput::Persist {
+            hash,
+            entry: Box::new(stored.entry.clone()),
+        });
         out.push(LogOutput::Event(LogEvent::BodyAttached { entry: hash }));
         Ok(())
     }
@@ -486,7 +499,7 @@ impl ChatLog {
                 if self.pending_seqs.get(&key) == Some(&child) {
                     self.pending_seqs.remove(&key);
                 }
-                if let Err(error) = self.insert_one(entry, Checks::SkipSignature, out) {
+                if let Err(error) = self.insert_one(entry, child, Checks::SkipSignature, out) {
                     out.push(LogOutput::Event(LogEvent::PendingRejected {
                         entry: child,
                         error,
@@ -665,7 +678,10 @@ impl ChatLog {
         };
         // A purge's own record is written before the bodies it erases, so a
         // crash in between re-erases them when the log is replayed.
-        out.push(LogOutput::Persist(Box::new(entry.clone())));
+        out.push(LogOutput::Persist {
+            hash,
+            entry: Box::new(entry.clone()),
+        });
         if !self.waiting_for.is_empty() {
             self.unblocked.push(hash);
         }

@@ -104,7 +104,7 @@ impl Device {
 pub(crate) fn persisted(outputs: &[LogOutput]) -> usize {
     outputs
         .iter()
-        .filter(|o| matches!(o, LogOutput::Persist(_)))
+        .filter(|o| matches!(o, LogOutput::Persist { .. }))
         .count()
 }
 
@@ -534,7 +534,7 @@ fn delete_for_everyone_erases_bodies_everywhere_and_leaves_no_mark() {
         })
         .collect();
     assert_eq!(erased, vec![doomed.hash(), edit.hash()]);
-    assert!(matches!(outputs[0], LogOutput::Persist(_)));
+    assert!(matches!(outputs[0], LogOutput::Persist { .. }));
 
     // Nothing the storage peer would write still holds the ciphertext.
     let all: Vec<u8> = storage
@@ -659,8 +659,9 @@ fn storage_peer_verifies_everything_and_reads_nothing() {
     all.reverse(); // worst order: children before parents
     for entry in all {
         for output in storage.insert(entry).unwrap() {
-            if let LogOutput::Persist(e) = output {
-                persisted.extend(e.encode());
+            if let LogOutput::Persist { hash, entry } = output {
+                assert_eq!(hash, entry.hash());
+                persisted.extend(entry.encode());
             }
         }
     }
