@@ -505,6 +505,93 @@ fn every_change_reaches_the_event_stream() {
 }
 
 #[test]
+fn messages_sent_on_the_event_socket_are_answered_by_ref_stored_and_seen_by_the_other_member() {
+    use futures::{SinkExt, StreamExt};
+    const N: usize = 200;
+    let t = Three::start();
+    let chat = t.chat();
+    let client = ApiClient::new(&DataDir::new(t.dir(0))).unwrap();
+    let (sent, stored, refused) = t.rt.block_on(async {
+        let (mut commands, events) = client.socket().await.unwrap();
+        let mut events = Box::pin(events);
+        for n in 0..N {
+            let command = json!({"type": "send", "chat_id": chat, "text": format!("socket {n}"), "ref": n.to_string()});
+            commands.feed(command).await.unwrap();
+        }
+        commands
+            .feed(json!({"type": "send", "chat_id": "no-such-chat", "text": "lost", "ref": "bad chat"}))
+            .await
+            .unwrap();
+        commands.feed(json!({"type": "shout", "text": "?"})).await.unwrap();
+        commands.flush().await.unwrap();
+        let (mut sent, mut stored, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+        while sent.len() < N || stored.len() < N || refused.len() < 2 {
+            let e = tokio::time::timeout_at(deadline, events.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "after 120 s: {} sent, {} stored, refused {refused:?}",
+                        sent.len(),
+                        stored.len()
+                    )
+                })
+                .expect("socket open")
+                .unwrap();
+            match e["type"].as_str() {
+                Some("sent") => sent.push(e),
+                Some("refused") => refused.push(e),
+                Some("chat_status") if e["status"] == "stored" => stored.push(e),
+                Some("lagged") => panic!("a slow test client lagged: {e}"),
+                _ => {}
+            }
+        }
+        (sent, stored, refused)
+    });
+    // Every command answered once, by its ref, with the message's id.
+    let mut refs: Vec<usize> = sent
+        .iter()
+        .map(|a| a["ref"].as_str().unwrap().parse().unwrap())
+        .collect();
+    refs.sort();
+    assert_eq!(refs, (0..N).collect::<Vec<_>>());
+    assert!(sent.iter().all(|a| a["chat_id"] == chat.as_str()));
+    let ids: std::collections::HashSet<&str> = sent
+        .iter()
+        .map(|a| a["message_id"].as_str().unwrap())
+        .collect();
+    let stored: std::collections::HashSet<&str> = stored
+        .iter()
+        .map(|e| e["message_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, stored, "each sent message reaches `stored`");
+    // Answers come as commands finish, so by ref, not by order.
+    let by_ref = |r: Value| refused.iter().find(|a| a["ref"] == r).expect("answered");
+    assert!(
+        by_ref(json!("bad chat"))["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a chat id"),
+        "{refused:?}"
+    );
+    assert!(
+        by_ref(Value::Null)["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a command"),
+        "{refused:?}"
+    );
+    // The other member gets them all, in the order they were sent.
+    let h = poll("node 2 to hold every message", || {
+        let h = t.history(1, &chat);
+        (h.len() == N).then_some(h)
+    });
+    let texts: Vec<&str> = h.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    let expected: Vec<String> = (0..N).map(|n| format!("socket {n}")).collect();
+    assert_eq!(texts, expected);
+}
+
+#[test]
 fn a_storage_peer_that_did_not_agree_refuses_clearly_until_its_operator_allows() {
     // Node 3 stores only for accounts its operator allows.
     let t = Three::start_with(&[OPEN, OPEN, &[]]);

@@ -269,44 +269,157 @@ pub fn parse_target(target: &str) -> Result<(Option<PeerId>, Vec<Multiaddr>), Ap
 async fn events(State(s): State<Shared>, ws: WebSocketUpgrade) -> Response {
     let rx = s.bus.subscribe();
     let stop = s.shutdown.clone();
+    let cloud = s.cloud.clone();
     ws.max_message_size(MAX_BODY)
-        .on_upgrade(move |socket| stream_events(socket, rx, stop))
+        .on_upgrade(move |socket| stream_events(socket, rx, stop, cloud))
+}
+
+/// Commands a client may send on the event socket: the cheap way to send
+/// many messages (no HTTP request each; answers share writes).
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum SocketCommand {
+    Send {
+        chat_id: String,
+        text: String,
+        #[serde(default)]
+        reply_to: Option<String>,
+        /// Echoed in the answer, to match it to this command.
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
+    },
+}
+
+/// The answer to one [`SocketCommand`], on the same socket as the events.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum SocketAnswer {
+    /// The message is kept by this device and on its way to the storage
+    /// peers; `chat_status` events follow as it is stored.
+    Sent {
+        #[serde(rename = "ref")]
+        reference: Option<String>,
+        #[serde(flatten)]
+        receipt: crate::cloud::SendReceipt,
+    },
+    /// Not sent, and why.
+    Refused {
+        #[serde(rename = "ref")]
+        reference: Option<String>,
+        error: String,
+    },
+}
+
+/// Commands of one socket being carried out at once, at most; beyond
+/// that the socket is not read until one finishes.
+const SOCKET_COMMANDS_IN_FLIGHT: usize = 256;
+/// Events or answers written together before one flush, at most.
+const SOCKET_WRITE_BATCH: usize = 256;
+
+async fn run_command(
+    cloud: crate::cloud::service::CloudHandle,
+    command: SocketCommand,
+) -> SocketAnswer {
+    match command {
+        SocketCommand::Send {
+            chat_id,
+            text,
+            reply_to,
+            reference,
+        } => match cloud.send(chat_id, text, reply_to).await {
+            Ok(receipt) => SocketAnswer::Sent { reference, receipt },
+            Err(e) => SocketAnswer::Refused {
+                reference,
+                error: one_line(&e.to_string()),
+            },
+        },
+    }
 }
 
 async fn stream_events(
     mut socket: WebSocket,
     mut rx: tokio::sync::broadcast::Receiver<Stamped>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    cloud: crate::cloud::service::CloudHandle,
 ) {
+    use futures::{FutureExt, SinkExt, StreamExt, stream::FuturesUnordered};
+
+    fn text(value: &impl Serialize) -> Option<Message> {
+        serde_json::to_string(value)
+            .ok()
+            .map(|t| Message::Text(t.into()))
+    }
+    fn stamped(ev: Result<Stamped, RecvError>) -> Option<Stamped> {
+        match ev {
+            Ok(ev) => Some(ev),
+            Err(RecvError::Lagged(missed)) => Some(Stamped {
+                at_ms: now_ms(),
+                event: Event::Lagged { missed },
+            }),
+            Err(RecvError::Closed) => None,
+        }
+    }
+
     let hello = Stamped {
         at_ms: now_ms(),
         event: Event::Subscribed,
     };
-    let Ok(text) = serde_json::to_string(&hello) else {
+    let Some(hello) = text(&hello) else {
         return;
     };
-    if socket.send(Message::Text(text.into())).await.is_err() {
+    if socket.send(hello).await.is_err() {
         return;
     }
+    let mut running = FuturesUnordered::new();
     loop {
+        let mut out: Vec<Message> = Vec::new();
         tokio::select! {
             _ = stop.changed() => break,
-            incoming = socket.recv() => match incoming {
-                // Clients only listen; anything but a close is ignored.
+            incoming = socket.recv(), if running.len() < SOCKET_COMMANDS_IN_FLIGHT => match incoming {
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(Message::Text(t))) => match serde_json::from_str::<SocketCommand>(&t) {
+                    Ok(command) => running.push(run_command(cloud.clone(), command)),
+                    Err(e) => out.extend(text(&SocketAnswer::Refused {
+                        reference: None,
+                        error: format!("not a command: {e}"),
+                    })),
+                },
                 Some(Ok(_)) => {}
             },
-            ev = rx.recv() => {
-                let ev = match ev {
-                    Ok(ev) => ev,
-                    Err(RecvError::Lagged(missed)) => Stamped { at_ms: now_ms(), event: Event::Lagged { missed } },
-                    Err(RecvError::Closed) => break,
-                };
-                let Ok(text) = serde_json::to_string(&ev) else { continue };
-                if socket.send(Message::Text(text.into())).await.is_err() {
-                    break;
+            Some(answer) = running.next(), if !running.is_empty() => out.extend(text(&answer)),
+            ev = rx.recv() => match stamped(ev) {
+                Some(ev) => out.extend(text(&ev)),
+                None => break,
+            },
+        }
+        // Whatever else is ready goes out in the same write.
+        while out.len() < SOCKET_WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(ev) => out.extend(text(&ev)),
+                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(missed)) => {
+                    out.extend(text(&Stamped {
+                        at_ms: now_ms(),
+                        event: Event::Lagged { missed },
+                    }))
                 }
+                Err(_) => break,
             }
+        }
+        while out.len() < SOCKET_WRITE_BATCH {
+            match running.next().now_or_never() {
+                Some(Some(answer)) => out.extend(text(&answer)),
+                _ => break,
+            }
+        }
+        let mut failed = false;
+        for message in out {
+            if socket.feed(message).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        if failed || socket.flush().await.is_err() {
+            break;
         }
     }
 }

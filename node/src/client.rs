@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
 
@@ -120,6 +120,21 @@ impl ApiClient {
         &self,
     ) -> Result<impl futures::Stream<Item = Result<serde_json::Value, ClientError>>, ClientError>
     {
+        Ok(self.socket().await?.1)
+    }
+
+    /// Opens the event socket both ways: a sink for commands (JSON objects
+    /// such as `{"type": "send", ...}`, see docs/api.md) and the stream of
+    /// events and answers.
+    pub async fn socket(
+        &self,
+    ) -> Result<
+        (
+            impl futures::Sink<serde_json::Value, Error = ClientError>,
+            impl futures::Stream<Item = Result<serde_json::Value, ClientError>>,
+        ),
+        ClientError,
+    > {
         let mut req = format!("ws://{}/v1/events", self.endpoint.address)
             .into_client_request()
             .map_err(|e| ClientError::Other(e.to_string()))?;
@@ -139,7 +154,15 @@ impl ApiClient {
                 },
                 other => ClientError::Other(format!("cannot open the event stream: {other}")),
             })?;
-        Ok(ws.filter_map(|msg| async move {
+        let (sink, stream) = ws.split();
+        let sink = sink
+            .sink_map_err(|e| ClientError::Other(format!("event socket closed: {e}")))
+            .with(|command: serde_json::Value| {
+                futures::future::ready(Ok::<_, ClientError>(tungstenite::Message::Text(
+                    command.to_string().into(),
+                )))
+            });
+        let stream = stream.filter_map(|msg| async move {
             match msg {
                 Ok(tungstenite::Message::Text(t)) => Some(
                     serde_json::from_str(t.as_str())
@@ -148,6 +171,7 @@ impl ApiClient {
                 Ok(_) => None,
                 Err(e) => Some(Err(ClientError::Other(format!("event stream ended: {e}")))),
             }
-        }))
+        });
+        Ok((sink, stream))
     }
 }
