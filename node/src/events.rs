@@ -9,8 +9,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-/// How many events a slow subscriber may fall behind before it loses some.
-pub const CAPACITY: usize = 1024;
+/// How many events a slow subscriber may fall behind before it loses some:
+/// about two seconds of a node sending 3,000 messages a second (each makes
+/// a `chat_message` and a `chat_status` or two), a few MiB at most.
+pub const CAPACITY: usize = 16 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -613,6 +613,7 @@ pub fn cloud_throughput(
     concurrency: usize,
     bytes: usize,
     limit: Duration,
+    socket: bool,
 ) -> anyhow::Result<()> {
     let load_at_start = load();
     let rt = Runtime::new()?;
@@ -626,6 +627,9 @@ pub fn cloud_throughput(
     let bench_before = cpu_total(std::process::id());
     let run = async {
         let a = &cluster.clients[0];
+        if socket {
+            return send_on_socket(a, &chat, &text, messages).await;
+        }
         let mut events = Box::pin(a.events().await?);
         let t0 = Instant::now();
         let sends = async {
@@ -718,10 +722,10 @@ pub fn cloud_throughput(
     let peer_id_of = t0.elapsed() / 1000;
     println!(
         "| cloud messages through node 1, {bytes} B, {messages} messages, {concurrency} API requests in flight, until the last is stored at quorum 2 of 3{} | {rate:.0} msg/s ({:.2} s; all sends answered after {:.2} s: {:.0} msg/s) | compose + keep by the author in one process: {member_rate:.0} msg/s; verify into a fresh log (a storage peer): {storage_rate:.0} msg/s | {:.2}× / {:.2}× |",
-        if lagged {
-            " (event stream lagged: end seen by replicas)"
-        } else {
-            ""
+        match (socket, lagged) {
+            (true, _) => ", sent on the event socket",
+            (false, true) => " (event stream lagged: end seen by replicas)",
+            (false, false) => "",
         },
         stored.as_secs_f64(),
         answered.as_secs_f64(),
@@ -753,6 +757,60 @@ pub fn cloud_throughput(
         );
     }
     Ok(())
+}
+
+/// Sends `messages` on node 1's event socket, counting `sent` answers and
+/// `chat_status` `stored` events on the same socket. Returns when all sends
+/// were answered and when the last was stored.
+async fn send_on_socket(
+    a: &ApiClient,
+    chat: &str,
+    text: &str,
+    messages: usize,
+) -> anyhow::Result<(Duration, Duration, bool)> {
+    use futures::SinkExt;
+    let (mut commands, events) = a.socket().await?;
+    let mut events = Box::pin(events);
+    let t0 = Instant::now();
+    let feed = async {
+        for n in 0..messages {
+            let command =
+                json!({"type": "send", "chat_id": chat, "text": text, "ref": n.to_string()});
+            commands.feed(command).await?;
+        }
+        commands.flush().await?;
+        anyhow::Ok(())
+    };
+    let count = async {
+        let (mut sent, mut stored) = (HashSet::new(), HashSet::new());
+        let mut answered = None;
+        while stored.len() < messages || answered.is_none() {
+            let e = tokio::time::timeout(Duration::from_secs(120), events.next())
+                .await
+                .context("no event for 120 s")?
+                .context("event socket closed")??;
+            match e["type"].as_str() {
+                Some("sent") => {
+                    sent.insert(e["message_id"].as_str().unwrap_or_default().to_owned());
+                    if sent.len() == messages {
+                        answered = Some(t0.elapsed());
+                    }
+                }
+                Some("refused") => bail!("a send was refused: {e}"),
+                Some("chat_status") if e["chat_id"] == chat && e["status"] == "stored" => {
+                    stored.insert(e["message_id"].as_str().unwrap_or_default().to_owned());
+                }
+                Some("lagged") => bail!("the bench client lagged behind its event socket"),
+                _ => {}
+            }
+        }
+        ensure!(sent.is_subset(&stored), "stored events for other messages");
+        anyhow::Ok((answered.unwrap_or_default(), t0.elapsed()))
+    };
+    let (fed, counted) = tokio::join!(feed, count);
+    fed?;
+    let (answered, at) = counted?;
+    Ok((answered, at, false))
 }
 
 // --------------------------------------------------------- cloud-catchup

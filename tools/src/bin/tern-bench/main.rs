@@ -81,6 +81,10 @@ enum Bench {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 900)]
         limit_secs: u64,
+        /// Send on the event socket (`{"type": "send"}` commands) instead of
+        /// one HTTP request per message.
+        #[arg(long)]
+        socket: bool,
     },
     /// A new storage peer joins a chat whose log one peer holds, timed
     /// until it holds the whole log.
@@ -653,12 +657,14 @@ fn main() -> anyhow::Result<()> {
             concurrency,
             bytes,
             limit_secs,
+            socket,
         } => cloud::cloud_throughput(
             &tern,
             messages,
             concurrency,
             bytes,
             Duration::from_secs(limit_secs),
+            socket,
         )?,
         Bench::CloudCatchup {
             mib,
