@@ -222,7 +222,9 @@ enum Checks {
 pub struct ChatLog {
     chat: ChatId,
     genesis: Option<EntryHash>,
-    entries: HashMap<EntryHash, Stored>,
+    /// Boxed: growing the table then moves pointers, not entries (a
+    /// catch-up of a large chat spent a sixth of its time in rehashing).
+    entries: HashMap<EntryHash, Box<Stored>>,
     /// (lamport, hash): the display order, and a topological one.
     order: BTreeSet<(u64, EntryHash)>,
     /// Per device, its entries by seq (always contiguous from 0).
@@ -687,11 +689,11 @@ impl ChatLog {
         }
         self.entries.insert(
             hash,
-            Stored {
+            Box::new(Stored {
                 entry,
                 state,
                 after,
-            },
+            }),
         );
         out.push(LogOutput::Event(LogEvent::Appended {
             entry: hash,
