@@ -511,7 +511,7 @@ fn messages_sent_on_the_event_socket_are_answered_by_ref_stored_and_seen_by_the_
     let t = Three::start();
     let chat = t.chat();
     let client = ApiClient::new(&DataDir::new(t.dir(0))).unwrap();
-    let (sent, stored, refused) = t.rt.block_on(async {
+    let (sent, stored, refused, mine) = t.rt.block_on(async {
         let (mut commands, events) = client.socket().await.unwrap();
         let mut events = Box::pin(events);
         for n in 0..N {
@@ -524,9 +524,10 @@ fn messages_sent_on_the_event_socket_are_answered_by_ref_stored_and_seen_by_the_
             .unwrap();
         commands.feed(json!({"type": "shout", "text": "?"})).await.unwrap();
         commands.flush().await.unwrap();
-        let (mut sent, mut stored, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut sent, mut stored, mut refused, mut mine) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
-        while sent.len() < N || stored.len() < N || refused.len() < 2 {
+        while sent.len() < N || stored.len() < N || refused.len() < 2 || mine.len() < N {
             let e = tokio::time::timeout_at(deadline, events.next())
                 .await
                 .unwrap_or_else(|_| {
@@ -542,12 +543,24 @@ fn messages_sent_on_the_event_socket_are_answered_by_ref_stored_and_seen_by_the_
                 Some("sent") => sent.push(e),
                 Some("refused") => refused.push(e),
                 Some("chat_status") if e["status"] == "stored" => stored.push(e),
+                Some("chat_message") => mine.push(e),
                 Some("lagged") => panic!("a slow test client lagged: {e}"),
                 _ => {}
             }
         }
-        (sent, stored, refused)
+        (sent, stored, refused, mine)
     });
+    // This device's own `chat_message` events carry what it sent.
+    let own: std::collections::HashMap<&str, &Value> = mine
+        .iter()
+        .map(|e| (e["message_id"].as_str().unwrap(), e))
+        .collect();
+    for answer in &sent {
+        let event = own[answer["message_id"].as_str().unwrap()];
+        let text = format!("socket {}", answer["ref"].as_str().unwrap());
+        assert_eq!(event["text"], text.as_str());
+        assert_eq!(event["from_me"], true);
+    }
     // Every command answered once, by its ref, with the message's id.
     let mut refs: Vec<usize> = sent
         .iter()

@@ -269,6 +269,9 @@ pub struct CloudService {
     /// This device's entries not yet at their write quorum.
     /// By sequence number: a peer holding one holds all before it.
     unstored: BTreeMap<ChatId, BTreeMap<u64, EntryHash>>,
+    /// Texts this device just sent, for their `chat_message` event once
+    /// committed (instead of decrypting them again); at most one round's.
+    sent_texts: HashMap<EntryHash, Content>,
     /// Chats whose new entries storage peers should be told about, with
     /// the peer that brought them (not told).
     to_notify: BTreeMap<ChatId, BTreeSet<PeerId>>,
@@ -502,6 +505,7 @@ impl CloudService {
             views: HashMap::new(),
             connected: HashMap::new(),
             unstored: BTreeMap::new(),
+            sent_texts: HashMap::new(),
             to_notify: BTreeMap::new(),
             peer_ids: Default::default(),
             committing: None,
@@ -1339,10 +1343,11 @@ impl CloudService {
     /// After a commit: events for this device's chats, notifications to
     /// other members' devices, the write quorum.
     fn after_commit(&mut self, appended: Vec<(ChatId, EntryHash)>) {
+        let mut sent_texts = std::mem::take(&mut self.sent_texts);
         let mut chats = BTreeSet::new();
         for (chat, hash) in appended {
             chats.insert(chat);
-            self.announce(chat, hash);
+            self.announce(chat, hash, sent_texts.remove(&hash));
         }
         for chat in chats {
             self.check_stored(chat);
@@ -1378,7 +1383,8 @@ impl CloudService {
     }
 
     /// Events for one new entry of a chat this device is a member of.
-    fn announce(&mut self, chat: ChatId, hash: EntryHash) {
+    /// `sent`: the content, where this device just wrote it.
+    fn announce(&mut self, chat: ChatId, hash: EntryHash, sent: Option<Content>) {
         let Some(log) = self.replicas.log(&chat) else {
             return;
         };
@@ -1399,7 +1405,7 @@ impl CloudService {
                     by: author.to_string(),
                 });
             }
-            EntryKind::Message => match self.member.decrypt(log, &hash) {
+            EntryKind::Message => match sent.map_or_else(|| self.member.decrypt(log, &hash), Ok) {
                 Ok(Content::Text { text, reply_to }) => self.bus.emit(Event::ChatMessage {
                     chat_id,
                     message_id: hex(&hash.0),
@@ -1854,11 +1860,21 @@ impl CloudService {
             .replicas
             .log(&chat)
             .ok_or_else(|| CloudError::NoSuchChat(chat_hex(&chat)))?;
+        let text = match &draft {
+            Draft::Text { text, reply_to } => Some(Content::Text {
+                text: text.clone(),
+                reply_to: *reply_to,
+            }),
+            _ => None,
+        };
         let entry = self
             .member
             .compose(log, draft, random32())
             .map_err(|e| CloudError::Refused(e.to_string()))?;
         let hash = self.keep(entry)?;
+        if let Some(text) = text {
+            self.sent_texts.insert(hash, text);
+        }
         self.push_out(chat, hash, &[]);
         Ok((chat, hash))
     }
