@@ -396,6 +396,10 @@ fn storage_peers_hold_no_plaintext_and_a_deleted_message_is_gone_from_every_disk
     poll("node 2 to have every message", || {
         (t.history(1, &chat).len() == 20).then_some(())
     });
+    // A quorum of two answered the sends; the third storage peer may still
+    // be catching up, and the search below means something only once it
+    // holds everything.
+    t.wait_all_in_sync(0, &chat);
     for k in 0..3 {
         for i in 0..20 {
             let found = files_containing(t.dir(k), format!("plaintext-marker {i}").as_bytes());

@@ -65,12 +65,19 @@ thread_local! {
     static NODE_DIRS: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The end of each log of the nodes this test started.
+/// The end of each log of the nodes this test started. With
+/// `TERN_TEST_LOGS=DIR` set, each whole log is also copied into DIR.
 pub fn node_logs() -> String {
+    let keep = std::env::var_os("TERN_TEST_LOGS").map(PathBuf::from);
     NODE_DIRS.with(|dirs| {
         let mut out = String::new();
-        for dir in dirs.borrow().iter() {
+        for (k, dir) in dirs.borrow().iter().enumerate() {
             let log = std::fs::read_to_string(dir.join("test-node.log")).unwrap_or_default();
+            if let Some(keep) = &keep {
+                let name = format!("{k}-{}.log", dir.file_name().unwrap_or_default().display());
+                let _ = std::fs::create_dir_all(keep);
+                let _ = std::fs::write(keep.join(name), &log);
+            }
             let lines: Vec<&str> = log.lines().collect();
             let tail = &lines[lines.len().saturating_sub(80)..];
             out.push_str(&format!("\n--- {} ---\n{}", dir.display(), tail.join("\n")));

@@ -385,10 +385,14 @@ impl Replicas {
             }
         }
         for (chat, records) in by_chat {
-            let r = self
-                .chats
-                .get_mut(&chat)
-                .expect("staged records are of kept chats");
+            let Some(r) = self.chats.get_mut(&chat) else {
+                // Staged records are of kept chats; were one gone, its
+                // entries must not be acknowledged.
+                for i in records.iter().filter_map(|s| s.outcome) {
+                    outcomes[i] = Outcome::Rejected("the chat is no longer kept here".into());
+                }
+                continue;
+            };
             let batch: Vec<(Key, &[u8])> = records
                 .iter()
                 .map(|s| (s.hash.0, s.bytes.as_slice()))
@@ -478,12 +482,16 @@ impl Replicas {
         if known && self.chats[&chat].log.contains(&hash) {
             return Ok((Outcome::Duplicate, true));
         }
-        let creator = if known {
-            self.chats[&chat].creator()
-        } else if matches!(entry.header.header.kind, EntryKind::Genesis { .. }) {
-            Some(entry.header.author_account())
-        } else {
-            None
+        // A kept chat may hold no genesis yet: its directory is made when
+        // the genesis verifies, and a crash can come before the genesis is
+        // written. Its genesis is then taken as for a new chat; answering
+        // `Missing` would send the pusher round the same batch for ever.
+        let creator = match known.then(|| self.chats[&chat].creator()).flatten() {
+            Some(creator) => Some(creator),
+            None if matches!(entry.header.header.kind, EntryKind::Genesis { .. }) => {
+                Some(entry.header.author_account())
+            }
+            None => None,
         };
         let Some(creator) = creator else {
             // Not kept here (yet): the pusher should start from the
@@ -984,6 +992,30 @@ mod tests {
         replicas.commit().unwrap();
         drop(replicas);
         assert_eq!(Replicas::open(tmp.path()).unwrap().entries(&CHAT), 6);
+    }
+
+    #[test]
+    fn a_chat_whose_directory_outlived_a_crash_before_its_genesis_takes_the_genesis() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut alice, bob) = (person(1), person(2));
+        let genesis = create_with(&mut alice, &bob);
+        let first = say(&mut alice, "after the crash", 1);
+        // The state a kill leaves between making the chat's directory and
+        // writing its genesis: the chat is kept, with nothing in it.
+        drop(SegmentLog::open(chat_dir(tmp.path(), &CHAT)).unwrap());
+        let mut replicas = Replicas::open(tmp.path()).unwrap();
+        assert_eq!(replicas.entries(&CHAT), 0);
+        let orphan = replicas
+            .accept(Some(&open_policy()), vec![first.clone()])
+            .unwrap();
+        assert!(matches!(orphan[0], Outcome::Missing(_)), "{orphan:?}");
+        let out = replicas
+            .accept(Some(&open_policy()), vec![genesis, first])
+            .unwrap();
+        assert_eq!(out, vec![Outcome::Stored; 2]);
+        replicas.commit().unwrap();
+        drop(replicas);
+        assert_eq!(Replicas::open(tmp.path()).unwrap().entries(&CHAT), 2);
     }
 
     #[test]

@@ -177,6 +177,21 @@ enum Asked {
     ChatsOf,
 }
 
+impl Asked {
+    /// What it was, in a few words, for logs.
+    fn what(&self) -> String {
+        match self {
+            Asked::Push { chat, hashes, .. } => {
+                format!("push of {} to chat {}", hashes.len(), short(chat))
+            }
+            Asked::Summary(chat) => format!("compare of chat {}", short(chat)),
+            Asked::Pull(chat) => format!("pull of chat {}", short(chat)),
+            Asked::Notify => "notify".into(),
+            Asked::ChatsOf => "chats of".into(),
+        }
+    }
+}
+
 struct Done {
     peer: PeerId,
     asked: Asked,
@@ -668,6 +683,7 @@ impl CloudService {
         if let Some(link) = self.links.get_mut(&peer) {
             link.backoff = Duration::ZERO;
             link.retry_at = None;
+            debug!(%peer, in_flight = link.in_flight, chats = chats.len(), "storage peer back");
         }
         if !chats.is_empty()
             && let Some(link) = self.link(peer)
@@ -1048,6 +1064,7 @@ impl CloudService {
         link.in_flight = link.in_flight.saturating_sub(1);
         let response = match response {
             Ok(r) => {
+                debug!(%peer, in_flight = link.in_flight, "storage request answered: {}", asked.what());
                 link.backoff = Duration::ZERO;
                 link.retry_at = None;
                 link.last_error = None;
@@ -1517,6 +1534,7 @@ impl CloudService {
             while let Some((asked, request)) = self.next_request(peer) {
                 let link = self.links.get_mut(&peer).expect("listed above");
                 link.in_flight += 1;
+                debug!(%peer, in_flight = link.in_flight, "storage request: {}", asked.what());
                 let addrs = link.addrs.clone();
                 let net = self.net.clone();
                 let done = self.done_tx.clone();
