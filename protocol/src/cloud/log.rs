@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     codec::{DecodeError, Record},
-    identity::{AccountId, DevicePublicKey},
+    identity::{AccountId, DeviceCertificate, DevicePublicKey},
 };
 
 /// Most entries waiting for their parents.
@@ -248,6 +248,9 @@ pub struct ChatLog {
     missing_bodies: BTreeSet<EntryHash>,
     /// Hashes of device certificates already verified.
     verified_certificates: HashSet<[u8; 32]>,
+    /// The certificate verified last, compared whole before hashing: most
+    /// entries in a row are one device's.
+    last_certificate: Option<DeviceCertificate>,
 }
 
 impl ChatLog {
@@ -275,6 +278,7 @@ impl ChatLog {
             purged: HashSet::new(),
             missing_bodies: BTreeSet::new(),
             verified_certificates: HashSet::new(),
+            last_certificate: None,
         }
     }
 
@@ -364,6 +368,9 @@ impl ChatLog {
     /// signature checks per entry.
     fn verify_certificate(&mut self, entry: &Entry) -> Result<(), LogError> {
         let certificate = &entry.header.header.author;
+        if self.last_certificate.as_ref() == Some(certificate) {
+            return Ok(());
+        }
         let fingerprint = *blake3::hash(&certificate.encode()).as_bytes();
         if !self.verified_certificates.contains(&fingerprint) {
             certificate.verify().map_err(|_| LogError::BadCertificate)?;
@@ -372,6 +379,7 @@ impl ChatLog {
             }
             self.verified_certificates.insert(fingerprint);
         }
+        self.last_certificate = Some(certificate.clone());
         Ok(())
     }
 
