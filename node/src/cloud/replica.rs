@@ -201,9 +201,19 @@ fn check_batch(entries: Vec<Entry>) -> Vec<Result<SignatureChecked, (Entry, Entr
 /// Entries whose body must be erased, each with its header-only encoding.
 type PendingPurges = Vec<(EntryHash, Vec<u8>)>;
 
-fn load_chat(chat: ChatId, dir: &Path) -> Result<(Replica, PendingPurges), ReplicaError> {
+///
+/// A directory with nothing in it is no kept chat: it is made when a chat's
+/// genesis verifies, and a crash can come before the genesis is written. It
+/// is removed and `None` returned, so the genesis, when it comes again, is
+/// taken as for a new chat.
+fn load_chat(chat: ChatId, dir: &Path) -> Result<Option<(Replica, PendingPurges)>, ReplicaError> {
     let name = dir.display().to_string();
     let store = SegmentLog::open(dir)?;
+    if store.is_empty() {
+        drop(store);
+        std::fs::remove_dir_all(dir).map_err(|source| ReplicaError::Io { path: name, source })?;
+        return Ok(None);
+    }
     let mut entries = Vec::with_capacity(store.len());
     let mut damaged = None;
     store.scan(|_, bytes| match Entry::decode(bytes) {
@@ -244,7 +254,7 @@ fn load_chat(chat: ChatId, dir: &Path) -> Result<(Replica, PendingPurges), Repli
             }
         }
     }
-    Ok((Replica { log, store }, purges))
+    Ok(Some((Replica { log, store }, purges)))
 }
 
 impl Replicas {
@@ -283,7 +293,8 @@ impl Replicas {
             };
             let chat = ChatId(id);
             match load_chat(chat, &dir.path()) {
-                Ok((replica, purges)) => {
+                Ok(None) => {}
+                Ok(Some((replica, purges))) => {
                     this.chats.insert(chat, replica);
                     this.purges
                         .extend(purges.into_iter().map(|(h, b)| (chat, h, b)));
@@ -487,16 +498,12 @@ impl Replicas {
         if known && self.chats[&chat].log.contains(&hash) {
             return Ok((Outcome::Duplicate, true));
         }
-        // A kept chat may hold no genesis yet: its directory is made when
-        // the genesis verifies, and a crash can come before the genesis is
-        // written. Its genesis is then taken as for a new chat; answering
-        // `Missing` would send the pusher round the same batch for ever.
-        let creator = match known.then(|| self.chats[&chat].creator()).flatten() {
-            Some(creator) => Some(creator),
-            None if matches!(entry.header.header.kind, EntryKind::Genesis { .. }) => {
-                Some(entry.header.author_account())
-            }
-            None => None,
+        let creator = if known {
+            self.chats[&chat].creator()
+        } else if matches!(entry.header.header.kind, EntryKind::Genesis { .. }) {
+            Some(entry.header.author_account())
+        } else {
+            None
         };
         let Some(creator) = creator else {
             // Not kept here (yet): the pusher should start from the
@@ -603,8 +610,9 @@ impl Replicas {
     fn reload(&mut self, chat: ChatId) -> Result<(), ReplicaError> {
         self.chats.remove(&chat);
         let dir = chat_dir(&self.root, &chat);
-        if dir.exists() {
-            let (replica, _) = load_chat(chat, &dir)?;
+        if dir.exists()
+            && let Some((replica, _)) = load_chat(chat, &dir)?
+        {
             self.chats.insert(chat, replica);
         }
         self.used = self.chats.values().map(|r| r.store.disk_bytes()).sum();
@@ -890,10 +898,8 @@ mod tests {
             assert_eq!(out[out.len() - 1], Outcome::Duplicate);
             let stored = out.iter().filter(|o| **o == Outcome::Stored).count();
             assert_eq!(stored, messages + 1);
-            replicas.commit().unwrap();
-            drop(replicas);
             // Every good entry is on disk and verifies again on reopening.
-            let replicas = Replicas::open(tmp.path()).unwrap();
+            let replicas = committed_and_reopened(replicas, tmp.path());
             assert_eq!(replicas.entries(&CHAT), messages + 1);
             assert!(sync::in_sync(
                 &replicas.summary(&CHAT).unwrap(),
@@ -949,6 +955,13 @@ mod tests {
         assert_eq!(Replicas::open(tmp.path()).unwrap().entries(&CHAT), 3);
     }
 
+    /// Commits, closes, and opens the kept chats again from disk.
+    fn committed_and_reopened(mut replicas: Replicas, root: &Path) -> Replicas {
+        replicas.commit().unwrap();
+        drop(replicas);
+        Replicas::open(root).unwrap()
+    }
+
     #[test]
     fn a_batch_whose_one_append_fails_is_rejected_whole_and_memory_matches_the_disk() {
         let tmp = tempfile::tempdir().unwrap();
@@ -994,9 +1007,8 @@ mod tests {
         let out = replicas.accept(Some(&open_policy()), later).unwrap();
         assert_eq!(out, vec![Outcome::Stored; 4]);
         assert_eq!(replicas.take_appended().len(), 4);
-        replicas.commit().unwrap();
-        drop(replicas);
-        assert_eq!(Replicas::open(tmp.path()).unwrap().entries(&CHAT), 6);
+        let replicas = committed_and_reopened(replicas, tmp.path());
+        assert_eq!(replicas.entries(&CHAT), 6);
     }
 
     #[test]
@@ -1010,6 +1022,10 @@ mod tests {
         drop(SegmentLog::open(chat_dir(tmp.path(), &CHAT)).unwrap());
         let mut replicas = Replicas::open(tmp.path()).unwrap();
         assert_eq!(replicas.entries(&CHAT), 0);
+        assert!(
+            !chat_dir(tmp.path(), &CHAT).exists(),
+            "an empty chat is not kept"
+        );
         let orphan = replicas
             .accept(Some(&open_policy()), vec![first.clone()])
             .unwrap();
@@ -1018,9 +1034,8 @@ mod tests {
             .accept(Some(&open_policy()), vec![genesis, first])
             .unwrap();
         assert_eq!(out, vec![Outcome::Stored; 2]);
-        replicas.commit().unwrap();
-        drop(replicas);
-        assert_eq!(Replicas::open(tmp.path()).unwrap().entries(&CHAT), 2);
+        let replicas = committed_and_reopened(replicas, tmp.path());
+        assert_eq!(replicas.entries(&CHAT), 2);
     }
 
     #[test]

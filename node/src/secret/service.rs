@@ -260,12 +260,8 @@ impl Chat {
     /// device requires, or it is refused whole.
     fn enqueue(&mut self, frames: Vec<SecretFrame>) {
         for f in frames {
-            if self.outbox.back().is_none_or(|last| last.n < f.n) {
-                self.outbox.push_back(f);
-            } else {
-                let at = self.outbox.partition_point(|g| g.n < f.n);
-                self.outbox.insert(at, f);
-            }
+            let at = self.outbox.partition_point(|g| g.n < f.n);
+            self.outbox.insert(at, f);
         }
     }
 

@@ -553,7 +553,6 @@ impl Entry {
             })
             .collect();
         let mut passed = signatures::verify_many(&signed).into_iter();
-        drop(signed);
         entries
             .into_iter()
             .zip(keys)
