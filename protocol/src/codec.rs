@@ -25,6 +25,29 @@ pub enum DecodeError {
     Invalid(String),
 }
 
+/// A postcard flavor that appends to a borrowed Vec (postcard's own
+/// `AllocVec` starts empty and grows by doubling: a megabyte push was
+/// copied a dozen times on its way out).
+struct ExtendVec<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for ExtendVec<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, b: u8) -> postcard::Result<()> {
+        self.0.push(b);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, b: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(b);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
 /// A record type with a fixed format version and a size bound.
 pub trait Record: Serialize + DeserializeOwned {
     /// The format version written in front of every encoding.
@@ -39,13 +62,30 @@ pub trait Record: Serialize + DeserializeOwned {
     }
 
     fn encode(&self) -> Vec<u8> {
-        let mut out = vec![Self::VERSION];
-        // postcard serialisation into a Vec only fails for types serde cannot
-        // describe (e.g. maps with non-string keys in some formats); our record
-        // types are plain structs, so this is an invariant, not input handling.
-        let body = postcard::to_allocvec(self).expect("record types are always serialisable");
-        out.extend_from_slice(&body);
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
         out
+    }
+
+    /// Appends the encoding to `out`, which grows once, to the exact size.
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
+        out.push(Self::VERSION);
+        // postcard serialisation only fails for types serde cannot describe
+        // (e.g. maps with non-string keys in some formats) or a flavor that
+        // runs out of room; our record types are plain structs and a Vec
+        // grows, so this is an invariant, not input handling.
+        postcard::serialize_with_flavor(self, ExtendVec(out))
+            .expect("record types are always serialisable");
+    }
+
+    /// The length of [`Record::encode`]'s output, found without building it.
+    fn encoded_len(&self) -> usize {
+        1 + postcard::serialize_with_flavor::<_, _, usize>(
+            self,
+            postcard::ser_flavors::Size::default(),
+        )
+        .expect("record types are always serialisable")
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {

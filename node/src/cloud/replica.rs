@@ -514,7 +514,7 @@ impl Replicas {
             let incoming = if is_purge {
                 0
             } else {
-                entry.encode().len() as u64
+                entry.encoded_len() as u64
             };
             if let Err(r) = policy.decide(&creator, self.used, incoming) {
                 return Ok((Outcome::Refused(r), true));

@@ -1585,7 +1585,7 @@ impl CloudService {
             while let Some((lamport, hash)) = entry.get_mut().pop_first() {
                 link.queued -= 1;
                 let Some(e) = log.get(&hash) else { continue };
-                let size = e.encode().len();
+                let size = e.encoded_len();
                 if !batch.is_empty() && (batch.len() == MAX_PUSH || bytes + size > MAX_PUSH_BYTES) {
                     entry.get_mut().insert((lamport, hash));
                     link.queued += 1;

@@ -107,7 +107,7 @@ impl Record for StoreRequest {
                 // of a later sync batch would refuse is refused here.
                 for e in entries {
                     Record::validate(e)?;
-                    if e.encode().len() > Entry::MAX_LEN {
+                    if e.encoded_len() > Entry::MAX_LEN {
                         return Err(DecodeError::Invalid("entry too large".into()));
                     }
                 }

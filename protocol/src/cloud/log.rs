@@ -461,7 +461,7 @@ impl ChatLog {
             .copied()
             .collect();
         if !self.pending.contains_key(&hash) {
-            let size = entry.encode().len();
+            let size = entry.encoded_len();
             if self.pending.len() >= MAX_PENDING || self.pending_bytes + size > MAX_PENDING_BYTES {
                 return Err(LogError::PendingFull);
             }

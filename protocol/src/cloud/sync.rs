@@ -286,7 +286,7 @@ fn take_batch<'a>(
     let mut bytes = 0;
     let mut entries = entries.peekable();
     while let Some(entry) = entries.peek() {
-        let size = entry.encode().len();
+        let size = entry.encoded_len();
         if batch.len() == max_entries || (!batch.is_empty() && bytes + size > max_bytes) {
             break;
         }
