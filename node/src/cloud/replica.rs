@@ -546,8 +546,10 @@ impl Replicas {
         let mut outcome = Outcome::Missing(Vec::new());
         for output in outputs {
             match output {
-                LogOutput::Persist { hash: h, entry: e } => {
-                    let enc = e.encode();
+                LogOutput::Persist {
+                    hash: h,
+                    record: enc,
+                } => {
                     match staged.as_mut() {
                         Some((staged, at)) => {
                             self.used += enc.len() as u64 + RECORD_OVERHEAD;

@@ -143,9 +143,11 @@ impl Record for ForkEvidence {
 /// What the driver must do after an insert.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LogOutput {
-    /// Store this entry durably (under [`Entry::storage_key`]), replacing
-    /// any stored version of it; only then acknowledge it to anyone.
-    Persist { hash: EntryHash, entry: Box<Entry> },
+    /// Store this entry's encoding ([`Entry::encode`]) durably (under
+    /// [`Entry::storage_key`]), replacing any stored version of it; only
+    /// then acknowledge it to anyone. (The encoding, not a copy of the
+    /// entry: the log keeps the entry, and the driver only writes bytes.)
+    Persist { hash: EntryHash, record: Vec<u8> },
     /// Erase this body from disk (store the entry's header alone) and from
     /// anything derived from it: the entry was deleted for everyone.
     EraseBody { entry: EntryHash, body: BodyHash },
@@ -406,7 +408,7 @@ impl ChatLog {
         self.missing_bodies.remove(&hash);
         out.push(LogOutput::Persist {
             hash,
-            entry: Box::new(stored.entry.clone()),
+            record: stored.entry.encode(),
         });
         out.push(LogOutput::Event(LogEvent::BodyAttached { entry: hash }));
         Ok(())
@@ -690,7 +692,7 @@ impl ChatLog {
         // crash in between re-erases them when the log is replayed.
         out.push(LogOutput::Persist {
             hash,
-            entry: Box::new(entry.clone()),
+            record: entry.encode(),
         });
         if !self.waiting_for.is_empty() {
             self.unblocked.push(hash);

@@ -21,7 +21,7 @@
 //!   [`ChatLog`] per chat; a member device also keeps one [`ChatMember`]
 //!   (device key, certificate, account encryption key). A storage peer has
 //!   no key at all and verifies everything all the same.
-//! - **Persisting.** For each [`LogOutput::Persist`] (entry and hash), write `entry.encode()`
+//! - **Persisting.** For each [`LogOutput::Persist`] (hash and record), write the record
 //!   under [`Entry::storage_key`] (replacing any earlier version) and flush
 //!   before acknowledging the entry to anyone. For each
 //!   [`LogOutput::EraseBody`], rewrite that record without its body

@@ -659,9 +659,9 @@ fn storage_peer_verifies_everything_and_reads_nothing() {
     all.reverse(); // worst order: children before parents
     for entry in all {
         for output in storage.insert(entry).unwrap() {
-            if let LogOutput::Persist { hash, entry } = output {
-                assert_eq!(hash, entry.hash());
-                persisted.extend(entry.encode());
+            if let LogOutput::Persist { hash, record } = output {
+                assert_eq!(hash, Entry::decode(&record).unwrap().hash());
+                persisted.extend(record);
             }
         }
     }
