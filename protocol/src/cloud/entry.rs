@@ -33,7 +33,7 @@ pub const MAX_MEMBERS: usize = 512;
 /// Most entries one purge may name.
 pub const MAX_PURGE_TARGETS: usize = 256;
 /// Largest encrypted body (content record plus the AEAD tag).
-pub const MAX_BODY_CIPHERTEXT: usize = <super::content::Content as Record>::MAX_LEN + 16;
+pub const MAX_BODY_CIPHERTEXT: usize = super::content::MAX_PADDED_LEN + 16;
 /// Largest encoded header with its signature.
 pub const MAX_HEADER_LEN: usize = 128 * 1024;
 

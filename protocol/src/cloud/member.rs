@@ -29,7 +29,7 @@ use super::{
     membership::{Membership, MembershipError},
 };
 use crate::{
-    codec::{DecodeError, Record},
+    codec::DecodeError,
     identity::{AccountId, AccountKeypair, DeviceCertificate, DevicePublicKey},
 };
 
@@ -432,8 +432,7 @@ impl ChatMember {
             epoch,
             author: self.certificate.device,
         };
-        let plaintext = zeroize::Zeroizing::new(content.encode());
-        key.seal_body(&context, random.nonce(), &plaintext)
+        key.seal_body(&context, random.nonce(), &content.to_padded())
     }
 
     /// The message and the edits of it (same author), if this account may
@@ -494,7 +493,7 @@ impl ChatMember {
             author: header.author.device,
         };
         let plaintext = key.open_body(&context, body)?;
-        Ok(Content::decode(&plaintext)?)
+        Ok(Content::from_plaintext(&plaintext)?)
     }
 
     /// The chat key for a key path (genesis, then rotations), if this

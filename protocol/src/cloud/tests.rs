@@ -684,6 +684,34 @@ fn storage_peer_verifies_everything_and_reads_nothing() {
 }
 
 #[test]
+fn a_storage_peer_cannot_tell_short_messages_apart_by_length() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let texts = [
+        "ok",
+        "yes",
+        "see you at 8 by the old bridge",
+        &"x".repeat(200),
+    ];
+    let sizes: Vec<usize> = texts
+        .iter()
+        .map(|t| {
+            let e = devices[0].say(t, &mut dice);
+            e.body.expect("a message has a body").ciphertext.len()
+        })
+        .collect();
+    assert!(sizes.windows(2).all(|w| w[0] == w[1]), "{sizes:?}");
+    // And the members read them as written.
+    let history = devices[0].history();
+    for t in texts {
+        assert!(
+            history.messages.iter().any(|m| m.text == t),
+            "{t} is missing"
+        );
+    }
+}
+
+#[test]
 fn only_the_signature_check_is_skipped_for_an_entry_composed_here() {
     let mut dice = Dice::new();
     let mut devices = chat(false, false, &mut dice);
