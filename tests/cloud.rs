@@ -313,6 +313,37 @@ fn a_storage_peer_killed_after_acknowledging_loses_nothing_and_resyncs_by_itself
 }
 
 #[test]
+fn stored_messages_still_say_stored_after_a_restart_with_every_storage_peer_down() {
+    let mut t = Three::start();
+    let chat = t.chat();
+    let receipts = send_many(t.dir(0).to_owned(), chat.clone(), "kept", 30);
+    assert!(
+        receipts.iter().all(|r| r["status"] == "stored"),
+        "{receipts:?}"
+    );
+    // Both other storage peers go away; then node 1 restarts. No peer can
+    // answer a compare, so only what node 1 kept can say "stored".
+    t.kill(1);
+    t.kill(2);
+    let n = t.nodes[0].take().unwrap();
+    assert!(n.stop().success());
+    t.nodes[0] = Some(NodeProcess::start(t.dir(0), &[LOOPBACK, OPEN].concat()));
+    let h = t.history(0, &chat);
+    assert_eq!(h.len(), 30);
+    let statuses: Vec<&str> = h.iter().map(|m| m["status"].as_str().unwrap()).collect();
+    assert!(statuses.iter().all(|s| *s == "stored"), "{statuses:?}");
+    // A message sent now, with no peer up, is not stored.
+    let c = ApiClient::new(&DataDir::new(t.dir(0))).unwrap();
+    let late: Value =
+        t.rt.block_on(c.post(
+            &format!("/v1/chats/{chat}/messages"),
+            &json!({ "text": "alone", "wait_ms": 0 }),
+        ))
+        .unwrap();
+    assert_ne!(late["status"], "stored", "{late}");
+}
+
+#[test]
 fn a_peer_that_was_down_catches_up_and_without_quorum_sending_says_so() {
     let mut t = Three::start();
     let chat = t.chat();

@@ -329,6 +329,13 @@ impl Replicas {
         self.chats.get(chat).map(|r| ChatSummary::of(&r.log))
     }
 
+    /// The directory of a kept chat (where its segments are).
+    pub fn chat_dir(&self, chat: &ChatId) -> Option<PathBuf> {
+        self.chats
+            .contains_key(chat)
+            .then(|| chat_dir(&self.root, chat))
+    }
+
     /// The verified log of a kept chat.
     pub fn log(&self, chat: &ChatId) -> Option<&ChatLog> {
         self.chats.get(chat).map(|r| &r.log)

@@ -279,6 +279,9 @@ pub struct CloudService {
     done_rx: mpsc::Receiver<Done>,
     links: HashMap<PeerId, Link>,
     views: HashMap<(ChatId, PeerId), View>,
+    /// Chats whose peers acknowledged more of this device's entries since
+    /// the last save ([`super::acks`]).
+    acks_dirty: BTreeSet<ChatId>,
     /// Connected peers and the account each proved.
     connected: HashMap<PeerId, Option<AccountId>>,
     /// This device's entries not yet at their write quorum.
@@ -518,6 +521,7 @@ impl CloudService {
             done_rx,
             links: HashMap::new(),
             views: HashMap::new(),
+            acks_dirty: BTreeSet::new(),
             connected: HashMap::new(),
             unstored: BTreeMap::new(),
             sent_texts: HashMap::new(),
@@ -525,9 +529,19 @@ impl CloudService {
             peer_ids: Default::default(),
             committing: None,
         };
-        // Until peers say otherwise, every entry of this device is
-        // "sending": the first compares find out what is stored.
+        // What peers acknowledged before the restart still holds; the rest
+        // is "sending" until compares find out what is stored.
         let chats: Vec<ChatId> = this.replicas.chats().copied().collect();
+        for chat in &chats {
+            let Some(dir) = this.replicas.chat_dir(chat) else {
+                continue;
+            };
+            for (peer, count) in super::acks::load(&dir) {
+                let view = this.views.entry((*chat, peer)).or_default();
+                view.counts.insert(this.device, count);
+                view.entries = count;
+            }
+        }
         for chat in chats {
             if let Some(log) = this.replicas.log(&chat) {
                 let mine: BTreeMap<u64, EntryHash> = log
@@ -540,6 +554,7 @@ impl CloudService {
                     this.unstored.insert(chat, mine);
                 }
             }
+            this.check_stored(chat);
         }
         Ok((this, CloudHandle { tx }))
     }
@@ -592,7 +607,10 @@ impl CloudService {
                     Err(broadcast::error::RecvError::Lagged(_)) => self.schedule_compares(true),
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
-                _ = tick.tick() => self.schedule_compares(false),
+                _ = tick.tick() => {
+                    self.schedule_compares(false);
+                    self.save_acks();
+                }
             }
             // A round that must wait for the flush in flight waits before
             // it takes what else is waiting: whatever came meanwhile joins
@@ -618,6 +636,7 @@ impl CloudService {
             self.pump();
         }
         self.settle(None).await;
+        self.save_acks();
         debug!("cloud-chat service stopped");
     }
 
@@ -1193,6 +1212,28 @@ impl CloudService {
         if *c < count {
             view.entries += count - *c;
             *c = count;
+            if device == self.device {
+                self.acks_dirty.insert(chat);
+            }
+        }
+    }
+
+    /// Saves what peers acknowledged of this device's entries, for the
+    /// chats where that grew.
+    fn save_acks(&mut self) {
+        for chat in std::mem::take(&mut self.acks_dirty) {
+            let Some(dir) = self.replicas.chat_dir(&chat) else {
+                continue;
+            };
+            let counts: HashMap<PeerId, u64> = self
+                .views
+                .iter()
+                .filter(|((c, _), _)| *c == chat)
+                .filter_map(|((_, p), v)| Some((*p, *v.counts.get(&self.device)?)))
+                .collect();
+            if let Err(e) = super::acks::save(&dir, &counts) {
+                warn!(chat = %short(&chat), "cannot save acknowledgements: {e}");
+            }
         }
     }
 
@@ -1262,6 +1303,9 @@ impl CloudService {
         let counts: HashMap<DevicePublicKey, u64> =
             theirs.devices.iter().map(|d| (d.device, d.count)).collect();
         let view = self.views.entry((chat, peer)).or_default();
+        if view.counts.get(&self.device) != counts.get(&self.device) {
+            self.acks_dirty.insert(chat);
+        }
         if settled {
             view.before = Some((now, counts.clone()));
         }
