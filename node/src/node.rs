@@ -203,7 +203,7 @@ impl Node {
             config.host_open,
             config.storage_quota_mib.saturating_mul(1024 * 1024),
         )?;
-        let replicas = Replicas::open(data_dir.replicas())
+        let replicas = Replicas::open_as(data_dir.replicas(), Some(identity.account_id()))
             .with_context(|| format!("cannot open {}", data_dir.replicas().display()))?;
         let (cloud_service, cloud) = CloudService::new(CloudParts {
             replicas,

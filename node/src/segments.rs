@@ -28,9 +28,11 @@
 //! is an error.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
     fs::{self, File, OpenOptions},
     io::{self, BufReader, IoSlice, Read, Seek, SeekFrom, Write},
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
 };
 
@@ -105,6 +107,9 @@ pub struct SegmentLog {
     /// Segments still holding replaced versions of a key.
     stale: HashMap<Key, Vec<u32>>,
     active: File,
+    /// Read handles of segments, opened on first read; dropped when a purge
+    /// rewrites segments.
+    readers: RefCell<HashMap<u32, File>>,
     unsynced: bool,
     segment_bytes: u64,
     /// Makes the next append fail as a full disk would.
@@ -296,6 +301,7 @@ impl SegmentLog {
             index: log_index,
             stale,
             active,
+            readers: RefCell::new(HashMap::new()),
             unsynced: false,
             segment_bytes,
             #[cfg(test)]
@@ -424,11 +430,16 @@ impl SegmentLog {
             return Ok(None);
         };
         let path = segment_path(&self.dir, loc.segment);
-        let mut f = File::open(&path).map_err(io_at(&path))?;
-        f.seek(SeekFrom::Start(loc.offset + HEADER as u64))
-            .map_err(io_at(&path))?;
+        let mut readers = self.readers.borrow_mut();
+        let file = match readers.entry(loc.segment) {
+            std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(File::open(&path).map_err(io_at(&path))?)
+            }
+        };
         let mut value = vec![0u8; loc.len as usize];
-        f.read_exact(&mut value).map_err(io_at(&path))?;
+        file.read_exact_at(&mut value, loc.offset + HEADER as u64)
+            .map_err(io_at(&path))?;
         Ok(Some(value))
     }
 
@@ -499,6 +510,8 @@ impl SegmentLog {
     /// when this returns.
     pub fn purge(&mut self, changes: &[(Key, Option<&[u8]>)]) -> Result<()> {
         self.sync()?;
+        // Rewritten segments are new files: read them anew.
+        self.readers.get_mut().clear();
         let wanted: HashMap<Key, Option<&[u8]>> = changes
             .iter()
             .filter(|(k, _)| self.index.contains_key(k))

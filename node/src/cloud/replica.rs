@@ -13,12 +13,12 @@
 //! purges. Acknowledgements wait for the commit.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     path::{Path, PathBuf},
 };
 
 use tern_protocol::{
-    Record,
+    AccountId, Record,
     cloud::{
         BatchLimits, ChatId, ChatLog, ChatSummary, Composed, Entry, EntryError, EntryHash,
         EntryKind, LogError, LogOutput, SignatureChecked, SyncRequest, SyncResponse, sync,
@@ -124,6 +124,11 @@ pub struct Replicas {
     appended: Vec<(ChatId, EntryHash)>,
     /// Bytes appended since the last commit started.
     unflushed: usize,
+    /// This node's account, once known: the chats it is not a member of
+    /// are hosted, and their bodies are kept on disk only.
+    account: Option<AccountId>,
+    /// Hosted chats whose logs released bodies to disk.
+    released: HashSet<ChatId>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +148,31 @@ pub enum ReplicaError {
     Sync(String),
     #[error("kept chats are {0}")]
     Failed(String),
+}
+
+impl Replica {
+    /// Puts back the body the log released, read from this chat's segments.
+    fn put_body_back(&self, hash: &EntryHash, entry: &mut Entry) -> Result<(), ReplicaError> {
+        if !self.log.body_released(hash) {
+            return Ok(());
+        }
+        let damaged = |why: String| ReplicaError::Damaged {
+            chat: format!("{:?}", self.log.chat()),
+            why,
+        };
+        let bytes = self
+            .store
+            .get(&hash.0)?
+            .ok_or_else(|| damaged("a kept entry is missing from disk".into()))?;
+        let stored = Entry::decode(&bytes).map_err(|e| damaged(e.to_string()))?;
+        if stored.header != entry.header || stored.check_body().is_err() {
+            return Err(damaged(
+                "an entry on disk differs from the one verified".into(),
+            ));
+        }
+        entry.body = stored.body;
+        Ok(())
+    }
 }
 
 fn chat_dir(root: &Path, chat: &ChatId) -> PathBuf {
@@ -262,6 +292,18 @@ impl Replicas {
     /// (renamed `*.damaged`, logged) for anti-entropy to restore; it does
     /// not stop the node.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ReplicaError> {
+        Self::open_as(root, None)
+    }
+
+    /// [`Self::open`] for a node of `account`. The chats `account` is not a
+    /// member of are hosted: their logs keep headers in memory and bodies
+    /// on disk only (a community node hosting many chats needs memory for
+    /// their headers, not their history). A hosted chat's bodies leave
+    /// memory as soon as it is loaded, and each new one once it is written.
+    pub fn open_as(
+        root: impl Into<PathBuf>,
+        account: Option<AccountId>,
+    ) -> Result<Self, ReplicaError> {
         let root = root.into();
         let io = |source| ReplicaError::Io {
             path: root.display().to_string(),
@@ -277,6 +319,8 @@ impl Replicas {
             failed: None,
             appended: Vec::new(),
             unflushed: 0,
+            account,
+            released: HashSet::new(),
         };
         let dirs = std::fs::read_dir(&root).map_err(|source| ReplicaError::Io {
             path: root.display().to_string(),
@@ -295,7 +339,10 @@ impl Replicas {
             match load_chat(chat, &dir.path()) {
                 Ok(None) => {}
                 Ok(Some((replica, purges))) => {
+                    let hashes: Vec<EntryHash> =
+                        replica.log.in_display_order().map(|(h, _)| h).collect();
                     this.chats.insert(chat, replica);
+                    this.release_hosted(chat, hashes.into_iter());
                     this.purges
                         .extend(purges.into_iter().map(|(h, b)| (chat, h, b)));
                 }
@@ -421,6 +468,7 @@ impl Replicas {
                     self.unflushed += bytes;
                     self.dirty.insert(chat);
                     self.appended.extend(records.iter().map(|s| (chat, s.hash)));
+                    self.release_hosted(chat, records.iter().map(|s| s.hash));
                 }
                 Err(e) => {
                     tracing::warn!("cannot append to a kept chat: {e}");
@@ -622,7 +670,9 @@ impl Replicas {
         if dir.exists()
             && let Some((replica, _)) = load_chat(chat, &dir)?
         {
+            let hashes: Vec<EntryHash> = replica.log.in_display_order().map(|(h, _)| h).collect();
             self.chats.insert(chat, replica);
+            self.release_hosted(chat, hashes.into_iter());
         }
         self.used = self.chats.values().map(|r| r.store.disk_bytes()).sum();
         Ok(())
@@ -721,8 +771,70 @@ impl Replicas {
             .chats
             .get(&request.chat)
             .ok_or_else(|| ReplicaError::UnknownChat(format!("{:?}", request.chat)))?;
-        sync::respond(&r.log, request, BatchLimits::default())
-            .map_err(|e| ReplicaError::Sync(e.to_string()))
+        let mut response = sync::respond(&r.log, request, BatchLimits::default())
+            .map_err(|e| ReplicaError::Sync(e.to_string()))?;
+        for entry in &mut response.entries {
+            if entry.body.is_none() {
+                let hash = entry.hash();
+                r.put_body_back(&hash, entry)?;
+            }
+        }
+        Ok(response)
+    }
+
+    /// An entry of a kept chat as it goes to a peer: with its body, read
+    /// from disk if the log released it.
+    pub fn entry_for_peer(
+        &self,
+        chat: &ChatId,
+        hash: &EntryHash,
+    ) -> Result<Option<Entry>, ReplicaError> {
+        let Some(r) = self.chats.get(chat) else {
+            return Ok(None);
+        };
+        let Some(entry) = r.log.get(hash) else {
+            return Ok(None);
+        };
+        let mut entry = entry.clone();
+        r.put_body_back(hash, &mut entry)?;
+        Ok(Some(entry))
+    }
+
+    /// Whether this node's account is a member of `chat` now.
+    fn is_member(&self, chat: &ChatId) -> bool {
+        match (&self.account, self.chats.get(chat)) {
+            (Some(a), Some(r)) => r.log.current_membership().is_member(a),
+            _ => false,
+        }
+    }
+
+    /// Drops from memory the bodies of these entries of a hosted chat (they
+    /// are on disk, appended already). A chat this account has joined
+    /// since its bodies were released is reloaded, bodies and all: its
+    /// history is read from memory.
+    fn release_hosted(&mut self, chat: ChatId, hashes: impl Iterator<Item = EntryHash>) {
+        if self.account.is_none() {
+            return;
+        }
+        if self.is_member(&chat) {
+            if self.released.remove(&chat) {
+                tracing::info!("this account joined a chat this node hosted: loading its bodies");
+                if let Err(e) = self.reload(chat) {
+                    tracing::warn!("cannot reload a joined chat: {e}");
+                }
+            }
+            return;
+        }
+        let Some(r) = self.chats.get_mut(&chat) else {
+            return;
+        };
+        let mut any = false;
+        for hash in hashes {
+            any |= r.log.release_body(&hash).is_some();
+        }
+        if any {
+            self.released.insert(chat);
+        }
     }
 }
 
@@ -804,6 +916,111 @@ mod tests {
             quota_bytes: 1 << 30,
             lists: HostLists::default(),
         }
+    }
+
+    /// A node that is no member of a chat holds its bodies on disk only,
+    /// serves them whole (from memory's headers and disk's bodies), erases
+    /// them for real on a purge, and keeps them in memory again once its
+    /// account joins.
+    #[test]
+    fn a_hosted_chat_keeps_bodies_on_disk_only_and_serves_them_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut alice, bob, carol) = (person(1), person(2), person(3));
+        let genesis = create_with(&mut alice, &bob);
+        let said: Vec<Entry> = (0..20)
+            .map(|i| say(&mut alice, &format!("m{i}"), 10 + i))
+            .collect();
+        let host = carol.account.id();
+        let mut replicas = Replicas::open_as(tmp.path(), Some(host)).unwrap();
+        let mut all = vec![genesis.clone()];
+        all.extend(said.iter().cloned());
+        let out = replicas.accept(Some(&open_policy()), all.clone()).unwrap();
+        assert!(out.iter().all(|o| *o == Outcome::Stored), "{out:?}");
+        replicas.commit().unwrap();
+
+        let held = |r: &Replicas| {
+            let log = r.log(&CHAT).unwrap();
+            all.iter()
+                .filter(|e| log.get(&e.hash()).unwrap().body.is_some())
+                .count()
+        };
+        assert_eq!(held(&replicas), 0, "a hosted chat keeps no body in memory");
+        // Served whole: a new replica gets every body, in batches that fit.
+        let serve_all = |r: &Replicas| {
+            let mut fresh = ChatLog::new(CHAT);
+            loop {
+                let resp = r.serve(&SyncRequest::for_log(&fresh)).unwrap();
+                assert!(resp.encoded_len() <= SyncResponse::MAX_LEN);
+                for e in resp.entries {
+                    fresh.insert(e).unwrap();
+                }
+                if !resp.more {
+                    break fresh;
+                }
+            }
+        };
+        let fresh = serve_all(&replicas);
+        assert_eq!(fresh.len(), all.len());
+        assert_eq!(fresh.missing_bodies().count(), 0);
+        for e in &all {
+            assert_eq!(fresh.get(&e.hash()), Some(e));
+            let pushed = replicas.entry_for_peer(&CHAT, &e.hash()).unwrap();
+            assert_eq!(pushed.as_ref(), Some(e));
+        }
+        // After a restart, the same.
+        drop(replicas);
+        let mut replicas = Replicas::open_as(tmp.path(), Some(host)).unwrap();
+        assert_eq!(held(&replicas), 0);
+        assert_eq!(serve_all(&replicas).len(), all.len());
+
+        // A purge of a body kept on disk erases it there.
+        let target = &said[3];
+        let ciphertext = target.body.as_ref().unwrap().ciphertext.clone();
+        assert_eq!(files_containing(tmp.path(), &ciphertext).len(), 1);
+        let purge = alice
+            .member
+            .compose(
+                &alice.log,
+                Draft::Delete {
+                    target: target.hash(),
+                },
+                [90; 32],
+            )
+            .unwrap();
+        alice.log.insert(purge.clone()).unwrap();
+        let out = replicas
+            .accept(Some(&open_policy()), vec![purge.into()])
+            .unwrap();
+        assert_eq!(out, vec![Outcome::Stored]);
+        replicas.commit().unwrap();
+        assert_eq!(files_containing(tmp.path(), &ciphertext).len(), 0);
+        let fresh = serve_all(&replicas);
+        assert!(fresh.get(&target.hash()).unwrap().body.is_none());
+
+        // Carol joins: the chat is hers to read now, bodies in memory.
+        let add = alice
+            .member
+            .compose(
+                &alice.log,
+                Draft::AddMember {
+                    account: carol.account.id(),
+                    encryption_key: carol.member.encryption_key(),
+                },
+                [91; 32],
+            )
+            .unwrap();
+        alice.log.insert(add.clone()).unwrap();
+        let out = replicas
+            .accept(Some(&open_policy()), vec![add.into()])
+            .unwrap();
+        assert_eq!(out, vec![Outcome::Stored]);
+        replicas.commit().unwrap();
+        let with_bodies = all.iter().filter(|e| e.body.is_some()).count();
+        assert_eq!(
+            held(&replicas),
+            with_bodies - 1,
+            "every body but the purged one"
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ use ed25519_dalek::SigningKey;
 use libp2p::{Multiaddr, PeerId, request_response::ResponseChannel};
 use rand::RngCore;
 use tern_protocol::{
-    AccountId, DeviceCertificate, DevicePublicKey, Record,
+    AccountId, DeviceCertificate, DevicePublicKey,
     cloud::{
         AccountEncryptionKey, ChatId, ChatLog, ChatMember, ChatSummary, Composed, Content, Draft,
         EntryHash, EntryKind, SyncRequest, account::StoragePeer, missing_order, they_have_more,
@@ -1628,16 +1628,25 @@ impl CloudService {
             link.last_push_full = false;
             while let Some((lamport, hash)) = entry.get_mut().pop_first() {
                 link.queued -= 1;
-                let Some(e) = log.get(&hash) else { continue };
-                let size = e.encoded_len();
+                let Some(size) = log.encoded_len(&hash) else {
+                    continue;
+                };
                 if !batch.is_empty() && (batch.len() == MAX_PUSH || bytes + size > MAX_PUSH_BYTES) {
                     entry.get_mut().insert((lamport, hash));
                     link.queued += 1;
                     link.last_push_full = true;
                     break;
                 }
+                let e = match self.replicas.entry_for_peer(&chat, &hash) {
+                    Ok(Some(e)) => e,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        warn!(chat = %short(&chat), "cannot read a kept entry to push it: {e}");
+                        continue;
+                    }
+                };
                 bytes += size;
-                batch.push(e.clone());
+                batch.push(e);
                 hashes.push(hash);
             }
             let then_compare = !entry.get().is_empty() && link.compare.contains(&chat);

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use super::{
     account::StoragePeer,
     entry::{
-        BodyHash, ChatId, Composed, Entry, EntryError, EntryHash, EntryKind, MAX_HEADER_LEN,
-        SignatureChecked, SignedHeader,
+        BodyHash, ChatId, Composed, Entry, EntryBody, EntryError, EntryHash, EntryKind,
+        MAX_HEADER_LEN, SignatureChecked, SignedHeader,
     },
     membership::{Membership, MembershipError},
 };
@@ -206,6 +206,9 @@ struct Stored {
     /// The membership in force for its descendants: `state`, plus this
     /// entry if it changes membership or the storage set.
     after: StateId,
+    /// Set when the driver took the body to keep it elsewhere (on disk):
+    /// the entry's encoded length with the body.
+    released: Option<usize>,
 }
 
 /// What [`ChatLog::insert_one`] checks of an entry.
@@ -703,6 +706,7 @@ impl ChatLog {
                 entry,
                 state,
                 after,
+                released: None,
             }),
         );
         out.push(LogOutput::Event(LogEvent::Appended {
@@ -731,10 +735,16 @@ impl ChatLog {
             let Some(stored) = self.entries.get_mut(target) else {
                 continue;
             };
-            if let Some(body) = stored.entry.body.take() {
+            let body = match (stored.entry.body.take(), stored.released.take()) {
+                (Some(body), _) => Some(body.hash()),
+                // Kept on disk by the driver: erased there all the same.
+                (None, Some(_)) => stored.entry.header.header.body_hash,
+                (None, None) => None,
+            };
+            if let Some(body) = body {
                 out.push(LogOutput::EraseBody {
                     entry: *target,
-                    body: body.hash(),
+                    body,
                 });
             }
         }
@@ -822,8 +832,43 @@ impl ChatLog {
         self.entries.contains_key(hash)
     }
 
+    /// The entry as this log holds it: without its body if the body was
+    /// released ([`Self::release_body`]).
     pub fn get(&self, hash: &EntryHash) -> Option<&Entry> {
         self.entries.get(hash).map(|s| &s.entry)
+    }
+
+    /// Drops a verified entry's body from memory, for a driver that keeps
+    /// it elsewhere (a storage peer reads bodies from disk when it serves
+    /// them, so a chat it hosts costs memory for its headers only). The
+    /// entry's body is not missing: [`Self::missing_bodies`] does not name
+    /// it, a purge of it still asks for the erasure, and
+    /// [`Self::encoded_len`] still counts it. Returns the body, or `None`
+    /// if the entry has none in memory.
+    pub fn release_body(&mut self, hash: &EntryHash) -> Option<EntryBody> {
+        let stored = self.entries.get_mut(hash)?;
+        let len = stored.entry.encoded_len();
+        let body = stored.entry.body.take()?;
+        stored.released = Some(len);
+        Some(body)
+    }
+
+    /// Whether the entry's body was released to the driver.
+    pub fn body_released(&self, hash: &EntryHash) -> bool {
+        self.entries.get(hash).is_some_and(|s| s.released.is_some())
+    }
+
+    /// Whether the entry has its body, here or released to the driver.
+    pub fn has_body(&self, hash: &EntryHash) -> bool {
+        self.entries
+            .get(hash)
+            .is_some_and(|s| s.entry.body.is_some() || s.released.is_some())
+    }
+
+    /// The entry's encoded length with its body, wherever the body is.
+    pub fn encoded_len(&self, hash: &EntryHash) -> Option<usize> {
+        let s = self.entries.get(hash)?;
+        Some(s.released.unwrap_or_else(|| s.entry.encoded_len()))
     }
 
     pub fn lamport(&self, hash: &EntryHash) -> Option<u64> {

@@ -221,7 +221,7 @@ pub fn missing_entries(
     theirs: &ChatSummary,
     limits: BatchLimits,
 ) -> (Vec<Entry>, bool) {
-    take_batch(lacking(log, theirs), limits)
+    take_batch(log, lacking(log, theirs), limits)
 }
 
 /// The names of up to `max` entries `theirs` lacks from `log`, each with
@@ -236,16 +236,16 @@ pub fn missing_order(
     let order: Vec<(u64, EntryHash)> = lacking
         .by_ref()
         .take(max)
-        .map(|e| (e.header.header.lamport, e.hash()))
+        .filter_map(|h| Some((log.lamport(&h)?, h)))
         .collect();
     (order, lacking.peek().is_some())
 }
 
-/// The entries of `log` that `theirs` lacks, in (lamport, hash) order,
-/// produced lazily: a k-way merge of each device's missing suffix (a
-/// device's entries have rising lamport clocks), so a batch costs its own
-/// size, not the size of everything missing.
-fn lacking<'a>(log: &'a ChatLog, theirs: &ChatSummary) -> impl Iterator<Item = &'a Entry> {
+/// The names of the entries of `log` that `theirs` lacks, in (lamport,
+/// hash) order, produced lazily: a k-way merge of each device's missing
+/// suffix (a device's entries have rising lamport clocks), so a batch
+/// costs its own size, not the size of everything missing.
+fn lacking<'a>(log: &'a ChatLog, theirs: &ChatSummary) -> impl Iterator<Item = EntryHash> + 'a {
     use std::{cmp::Reverse, collections::BinaryHeap};
     let counts = theirs.counts();
     let runs: Vec<&'a [EntryHash]> = log
@@ -271,22 +271,25 @@ fn lacking<'a>(log: &'a ChatLog, theirs: &ChatSummary) -> impl Iterator<Item = &
         }
         Some(hash)
     })
-    .filter_map(move |h| log.get(&h))
 }
 
-/// A prefix of `entries` within the limits; at least one entry (a single
-/// entry larger than the byte budget still goes, alone).
-fn take_batch<'a>(
-    entries: impl Iterator<Item = &'a Entry>,
+/// A prefix of the named entries within the limits; at least one entry (a
+/// single entry larger than the byte budget still goes, alone). Sizes count
+/// bodies the driver keeps elsewhere ([`ChatLog::release_body`]); such
+/// entries come without their body, for the driver to put back.
+fn take_batch(
+    log: &ChatLog,
+    hashes: impl Iterator<Item = EntryHash>,
     limits: BatchLimits,
 ) -> (Vec<Entry>, bool) {
     let max_entries = limits.max_entries.clamp(1, MAX_BATCH_ENTRIES);
     let max_bytes = limits.max_bytes.min(MAX_BATCH_BYTES);
     let mut batch = Vec::new();
     let mut bytes = 0;
-    let mut entries = entries.peekable();
-    while let Some(entry) = entries.peek() {
-        let size = entry.encoded_len();
+    let mut entries = hashes
+        .filter_map(|h| Some((log.get(&h)?, log.encoded_len(&h)?)))
+        .peekable();
+    while let Some((entry, size)) = entries.peek() {
         if batch.len() == max_entries || (!batch.is_empty() && bytes + size > max_bytes) {
             break;
         }
@@ -315,9 +318,9 @@ pub fn respond(
         .want_bodies
         .iter()
         .take(MAX_WANTED_BODIES)
-        .filter_map(|h| log.get(h))
-        .filter(|e| e.body.is_some());
-    let (entries, more) = take_batch(bodies.chain(lacking(log, &request.summary)), limits);
+        .filter(|h| log.has_body(h))
+        .copied();
+    let (entries, more) = take_batch(log, bodies.chain(lacking(log, &request.summary)), limits);
     Ok(SyncResponse {
         chat: log.chat(),
         entries,
