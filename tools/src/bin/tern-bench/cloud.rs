@@ -104,6 +104,17 @@ fn print_load(at_start: &str) {
 }
 
 /// CPU seconds (user + system) a process has used, per thread name.
+/// A process's resident memory in MiB (`VmRSS`), 0 if unreadable.
+fn resident_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
 fn thread_cpu(pid: u32) -> BTreeMap<String, f64> {
     // /proc reports CPU time in USER_HZ ticks, 100 a second on Linux.
     let hz = 100.0;
@@ -987,6 +998,7 @@ pub fn cloud_catchup(
         anyhow::Ok((t0.elapsed(), first_at, timeline))
     })?;
     let after = [thread_cpu(pid_old), thread_cpu(pid_new)];
+    let resident = [resident_mib(pid_old), resident_mib(pid_new)];
     let rate = bytes as f64 / elapsed.as_secs_f64();
 
     // Rate between 10% and 90% of the entries.
@@ -1072,6 +1084,12 @@ pub fn cloud_catchup(
         push_bytes as f64 / 1024.0,
         ms(duplicate_push),
         push_bytes as f64 / duplicate_push.as_secs_f64() / 1e6,
+    );
+    println!(
+        "| (same run) resident memory after the catch-up: source {:.0} MiB, new peer {:.0} MiB (log: {:.0} MiB) | | | |",
+        resident[0],
+        resident[1],
+        bytes as f64 / 1048576.0,
     );
     print_load(&load_at_start);
     eprintln!("source threads: {}", cpu_breakdown(&before[0], &after[0]));
