@@ -148,6 +148,9 @@ fn encode(key: &Key, value: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&checksum(&header, value));
 }
 
+/// Read handles one log keeps open at most.
+const MAX_READERS: usize = 2;
+
 /// Most slices one `writev` is given (Linux takes up to 1024).
 const MAX_IOV: usize = 1024;
 
@@ -431,16 +434,28 @@ impl SegmentLog {
         };
         let path = segment_path(&self.dir, loc.segment);
         let mut readers = self.readers.borrow_mut();
+        if readers.len() >= MAX_READERS && !readers.contains_key(&loc.segment) {
+            // Bounded: a node keeping many chats must not run out of files.
+            readers.clear();
+        }
         let file = match readers.entry(loc.segment) {
             std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(File::open(&path).map_err(io_at(&path))?)
             }
         };
-        let mut value = vec![0u8; loc.len as usize];
-        file.read_exact_at(&mut value, loc.offset + HEADER as u64)
+        // The whole record, checked as at open: the disk may have changed
+        // since.
+        let mut record = vec![0u8; HEADER + loc.len as usize + CHECK];
+        file.read_exact_at(&mut record, loc.offset)
             .map_err(io_at(&path))?;
-        Ok(Some(value))
+        match read_record(&mut record.as_slice()).map_err(io_at(&path))? {
+            Read1::Record(k, value) if k == *key => Ok(Some(value)),
+            _ => Err(SegmentError::Damaged {
+                path: path.display().to_string(),
+                offset: loc.offset,
+            }),
+        }
     }
 
     pub fn contains(&self, key: &Key) -> bool {
@@ -704,6 +719,26 @@ mod tests {
     }
 
     #[test]
+    fn a_record_damaged_after_open_is_an_error_when_read_not_a_wrong_value() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(tmp.path()).unwrap();
+        log.append(&[(key(1), b"first value"), (key(2), b"second value")])
+            .unwrap();
+        log.sync().unwrap();
+        assert_eq!(log.get(&key(2)).unwrap().unwrap(), b"second value");
+        let seg = segment_path(tmp.path(), 0);
+        let mut bytes = fs::read(&seg).unwrap();
+        let at = bytes.len() - CHECK - 3;
+        bytes[at] ^= 0x01;
+        fs::write(&seg, &bytes).unwrap();
+        assert!(matches!(
+            log.get(&key(2)),
+            Err(SegmentError::Damaged { .. })
+        ));
+        assert_eq!(log.get(&key(1)).unwrap().unwrap(), b"first value");
+    }
+
+    #[test]
     fn one_append_of_more_records_than_one_writev_takes_keeps_them_all_in_order() {
         let tmp = tempfile::tempdir().unwrap();
         let mut log = SegmentLog::open(tmp.path()).unwrap();
@@ -757,9 +792,10 @@ mod tests {
         assert_eq!(log.get(&key(3)).unwrap().unwrap(), b"new format");
         drop(log);
 
-        // Either kind with a flipped value byte, followed by a whole
-        // record, is damage, not a torn append.
-        for at in [HEADER + 2, old.len() + HEADER + 2] {
+        // Either kind with a flipped value byte, or a new record with a
+        // flipped key byte (its header check), followed by a whole record,
+        // is damage, not a torn append.
+        for at in [HEADER + 2, old.len() + HEADER + 2, old.len() + 10] {
             let seg = segment_path(tmp.path(), 0);
             let mut bytes = fs::read(&seg).unwrap();
             bytes[at] ^= 0x01;

@@ -344,7 +344,7 @@ impl Replicas {
                     let hashes: Vec<EntryHash> =
                         replica.log.in_display_order().map(|(h, _)| h).collect();
                     this.chats.insert(chat, replica);
-                    this.release_hosted(chat, hashes.into_iter());
+                    this.release_hosted(chat, hashes.into_iter())?;
                     this.purges
                         .extend(purges.into_iter().map(|(h, b)| (chat, h, b)));
                 }
@@ -470,7 +470,7 @@ impl Replicas {
                     self.unflushed += bytes;
                     self.dirty.insert(chat);
                     self.appended.extend(records.iter().map(|s| (chat, s.hash)));
-                    self.release_hosted(chat, records.iter().map(|s| s.hash));
+                    self.release_hosted(chat, records.iter().map(|s| s.hash))?;
                 }
                 Err(e) => {
                     tracing::warn!("cannot append to a kept chat: {e}");
@@ -666,15 +666,32 @@ impl Replicas {
         }
     }
 
+    /// Reads a chat again from disk. What was appended to it is flushed
+    /// first (the reopened log would not know it still needs a sync, and
+    /// the round's answers wait on that sync). If this fails, the kept
+    /// chats stop, as after a failed commit: memory would no longer match
+    /// the disk.
     fn reload(&mut self, chat: ChatId) -> Result<(), ReplicaError> {
-        self.chats.remove(&chat);
+        let result = self.reload_inner(chat);
+        if let Err(e) = &result {
+            self.failed = Some(format!(
+                "stopped after a storage failure ({e}); restart the node"
+            ));
+        }
+        result
+    }
+
+    fn reload_inner(&mut self, chat: ChatId) -> Result<(), ReplicaError> {
+        if let Some(mut r) = self.chats.remove(&chat) {
+            r.store.sync()?;
+        }
         let dir = chat_dir(&self.root, &chat);
         if dir.exists()
             && let Some((replica, _)) = load_chat(chat, &dir)?
         {
             let hashes: Vec<EntryHash> = replica.log.in_display_order().map(|(h, _)| h).collect();
             self.chats.insert(chat, replica);
-            self.release_hosted(chat, hashes.into_iter());
+            self.release_hosted(chat, hashes.into_iter())?;
         }
         self.used = self.chats.values().map(|r| r.store.disk_bytes()).sum();
         Ok(())
@@ -778,7 +795,11 @@ impl Replicas {
         for entry in &mut response.entries {
             if entry.body.is_none() {
                 let hash = entry.hash();
-                r.put_body_back(&hash, entry)?;
+                // A body damaged on disk goes without: the asker holds the
+                // entry as missing its body and asks other holders for it.
+                if let Err(e) = r.put_body_back(&hash, entry) {
+                    tracing::warn!("serving an entry without its body: {e}");
+                }
             }
         }
         Ok(response)
@@ -814,21 +835,23 @@ impl Replicas {
     /// are on disk, appended already). A chat this account has joined
     /// since its bodies were released is reloaded, bodies and all: its
     /// history is read from memory.
-    fn release_hosted(&mut self, chat: ChatId, hashes: impl Iterator<Item = EntryHash>) {
+    fn release_hosted(
+        &mut self,
+        chat: ChatId,
+        hashes: impl Iterator<Item = EntryHash>,
+    ) -> Result<(), ReplicaError> {
         if self.account.is_none() {
-            return;
+            return Ok(());
         }
         if self.is_member(&chat) {
             if self.released.remove(&chat) {
                 tracing::info!("this account joined a chat this node hosted: loading its bodies");
-                if let Err(e) = self.reload(chat) {
-                    tracing::warn!("cannot reload a joined chat: {e}");
-                }
+                self.reload(chat)?;
             }
-            return;
+            return Ok(());
         }
         let Some(r) = self.chats.get_mut(&chat) else {
-            return;
+            return Ok(());
         };
         let mut any = false;
         for hash in hashes {
@@ -837,6 +860,7 @@ impl Replicas {
         if any {
             self.released.insert(chat);
         }
+        Ok(())
     }
 }
 
@@ -974,6 +998,29 @@ mod tests {
         let mut replicas = Replicas::open_as(tmp.path(), Some(host)).unwrap();
         assert_eq!(held(&replicas), 0);
         assert_eq!(serve_all(&replicas).len(), all.len());
+
+        // A body damaged on disk after it was loaded is not served: its
+        // entry goes without it (the asker fetches it elsewhere), and every
+        // other entry still comes whole.
+        let damaged = &said[7];
+        let ct = &damaged.body.as_ref().unwrap().ciphertext;
+        let file = files_containing(tmp.path(), ct).pop().unwrap();
+        let mut bytes = std::fs::read(&file).unwrap();
+        let at = bytes
+            .windows(ct.len())
+            .position(|w| w == ct.as_slice())
+            .unwrap();
+        bytes[at + ct.len() / 2] ^= 0x40;
+        std::fs::write(&file, &bytes).unwrap();
+        let fresh = serve_all(&replicas);
+        assert_eq!(fresh.len(), all.len());
+        assert_eq!(
+            fresh.missing_bodies().copied().collect::<Vec<_>>(),
+            vec![damaged.hash()]
+        );
+        assert!(replicas.entry_for_peer(&CHAT, &damaged.hash()).is_err());
+        bytes[at + ct.len() / 2] ^= 0x40;
+        std::fs::write(&file, &bytes).unwrap();
 
         // A purge of a body kept on disk erases it there.
         let target = &said[3];
