@@ -13,6 +13,7 @@
 //! purges. Acknowledgements wait for the commit.
 
 use std::{
+    cell::RefCell,
     collections::{BTreeSet, HashMap, HashSet},
     path::{Path, PathBuf},
 };
@@ -129,6 +130,9 @@ pub struct Replicas {
     account: Option<AccountId>,
     /// Hosted chats whose logs released bodies to disk.
     released: HashSet<ChatId>,
+    /// Released bodies found damaged on disk when read, to be fetched
+    /// again ([`ChatLog::body_lost`]) at the next change.
+    lost: RefCell<Vec<(ChatId, EntryHash)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -323,6 +327,7 @@ impl Replicas {
             unflushed: 0,
             account,
             released: HashSet::new(),
+            lost: RefCell::new(Vec::new()),
         };
         let dirs = std::fs::read_dir(&root).map_err(|source| ReplicaError::Io {
             path: root.display().to_string(),
@@ -553,7 +558,11 @@ impl Replicas {
         let is_purge = matches!(entry.header.header.kind, EntryKind::Purge { .. });
         let known = self.chats.contains_key(&chat);
         if known && self.chats[&chat].log.contains(&hash) {
-            return Ok((Outcome::Duplicate, true));
+            // Unless it brings a body the log lacks: the log attaches it.
+            let brings_body = entry.body.is_some() && self.chats[&chat].log.is_missing_body(&hash);
+            if !brings_body {
+                return Ok((Outcome::Duplicate, true));
+            }
         }
         let creator = if known {
             self.chats[&chat].creator()
@@ -796,9 +805,11 @@ impl Replicas {
             if entry.body.is_none() {
                 let hash = entry.hash();
                 // A body damaged on disk goes without: the asker holds the
-                // entry as missing its body and asks other holders for it.
+                // entry as missing its body and asks other holders for it,
+                // and so does this node.
                 if let Err(e) = r.put_body_back(&hash, entry) {
                     tracing::warn!("serving an entry without its body: {e}");
+                    self.lost.borrow_mut().push((request.chat, hash));
                 }
             }
         }
@@ -819,8 +830,26 @@ impl Replicas {
             return Ok(None);
         };
         let mut entry = entry.clone();
-        r.put_body_back(hash, &mut entry)?;
+        if let Err(e) = r.put_body_back(hash, &mut entry) {
+            self.lost.borrow_mut().push((*chat, *hash));
+            return Err(e);
+        }
         Ok(Some(entry))
+    }
+
+    /// Marks the bodies found damaged since the last call as missing, so
+    /// sync fetches them again; whether there were any.
+    pub fn forget_lost_bodies(&mut self) -> bool {
+        let lost = self.lost.take();
+        let any = !lost.is_empty();
+        for (chat, hash) in lost {
+            if let Some(r) = self.chats.get_mut(&chat)
+                && r.log.body_lost(&hash)
+            {
+                tracing::warn!(?chat, ?hash, "a body on disk is damaged; fetching it again");
+            }
+        }
+        any
     }
 
     /// Whether this node's account is a member of `chat` now.
@@ -1019,8 +1048,34 @@ mod tests {
             vec![damaged.hash()]
         );
         assert!(replicas.entry_for_peer(&CHAT, &damaged.hash()).is_err());
-        bytes[at + ct.len() / 2] ^= 0x40;
-        std::fs::write(&file, &bytes).unwrap();
+        // This node wants it again, and takes it from whoever has it.
+        assert!(replicas.forget_lost_bodies());
+        let log = replicas.log(&CHAT).unwrap();
+        assert_eq!(
+            log.missing_bodies().copied().collect::<Vec<_>>(),
+            vec![damaged.hash()]
+        );
+        assert_eq!(SyncRequest::for_log(log).want_bodies, vec![damaged.hash()]);
+        let out = replicas
+            .accept(Some(&open_policy()), vec![damaged.clone()])
+            .unwrap();
+        assert_eq!(out, vec![Outcome::Stored]);
+        replicas.commit().unwrap();
+        assert_eq!(held(&replicas), 0, "the body fetched again is on disk only");
+        let fresh = serve_all(&replicas);
+        assert_eq!(fresh.missing_bodies().count(), 0);
+        assert_eq!(fresh.get(&damaged.hash()), Some(damaged));
+        // (The damaged copy is a replaced record now; mend it, so the
+        // reloads below do not set the chat aside as damaged.)
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+            f.write_all_at(
+                &[bytes[at + ct.len() / 2] ^ 0x40],
+                (at + ct.len() / 2) as u64,
+            )
+            .unwrap();
+        }
 
         // A purge of a body kept on disk erases it there.
         let target = &said[3];
@@ -1063,7 +1118,9 @@ mod tests {
             .accept(Some(&open_policy()), vec![add.into()])
             .unwrap();
         assert_eq!(out, vec![Outcome::Stored]);
+        assert_eq!(replicas.failure(), None);
         replicas.commit().unwrap();
+
         let with_bodies = all.iter().filter(|e| e.body.is_some()).count();
         assert_eq!(
             held(&replicas),

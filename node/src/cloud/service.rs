@@ -608,7 +608,8 @@ impl CloudService {
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
                 _ = tick.tick() => {
-                    self.schedule_compares(false);
+                    let lost = self.replicas.forget_lost_bodies();
+                    self.schedule_compares(lost);
                     self.save_acks();
                 }
             }
@@ -1270,6 +1271,9 @@ impl CloudService {
             Some((_, counts)) => settled && counts.iter().any(|(d, c)| *c > log.next_seq(d)),
             None => they_have_more(log, &theirs),
         };
+        // Entries held without a body that was not purged (it came without,
+        // or was found damaged here): a pull asks for them.
+        let pull = pull || (settled && log.missing_bodies().next().is_some());
         // What one compare may queue for the peer.
         let room = self
             .links

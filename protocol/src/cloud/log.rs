@@ -853,6 +853,27 @@ impl ChatLog {
         Some(body)
     }
 
+    /// A body released to the driver that the driver can no longer read
+    /// (damaged on its disk): the entry is held without its body again,
+    /// and [`Self::missing_bodies`] names it, so a sync round fetches it
+    /// from another holder. Returns whether the body was released.
+    pub fn body_lost(&mut self, hash: &EntryHash) -> bool {
+        let Some(stored) = self.entries.get_mut(hash) else {
+            return false;
+        };
+        if stored.released.take().is_none() {
+            return false;
+        }
+        self.missing_bodies.insert(*hash);
+        true
+    }
+
+    /// Whether the entry is held without a body it should have (see
+    /// [`Self::missing_bodies`]): a copy with the body is not a duplicate.
+    pub fn is_missing_body(&self, hash: &EntryHash) -> bool {
+        self.missing_bodies.contains(hash)
+    }
+
     /// Whether the entry's body was released to the driver.
     pub fn body_released(&self, hash: &EntryHash) -> bool {
         self.entries.get(hash).is_some_and(|s| s.released.is_some())
