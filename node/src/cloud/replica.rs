@@ -346,10 +346,7 @@ impl Replicas {
             match load_chat(chat, &dir.path()) {
                 Ok(None) => {}
                 Ok(Some((replica, purges))) => {
-                    let hashes: Vec<EntryHash> =
-                        replica.log.in_display_order().map(|(h, _)| h).collect();
-                    this.chats.insert(chat, replica);
-                    this.release_hosted(chat, hashes.into_iter())?;
+                    this.insert_loaded(chat, replica)?;
                     this.purges
                         .extend(purges.into_iter().map(|(h, b)| (chat, h, b)));
                 }
@@ -698,9 +695,7 @@ impl Replicas {
         if dir.exists()
             && let Some((replica, _)) = load_chat(chat, &dir)?
         {
-            let hashes: Vec<EntryHash> = replica.log.in_display_order().map(|(h, _)| h).collect();
-            self.chats.insert(chat, replica);
-            self.release_hosted(chat, hashes.into_iter())?;
+            self.insert_loaded(chat, replica)?;
         }
         self.used = self.chats.values().map(|r| r.store.disk_bytes()).sum();
         Ok(())
@@ -850,6 +845,13 @@ impl Replicas {
             }
         }
         any
+    }
+
+    /// Keeps a chat loaded from disk; a hosted one releases its bodies.
+    fn insert_loaded(&mut self, chat: ChatId, replica: Replica) -> Result<(), ReplicaError> {
+        let hashes: Vec<EntryHash> = replica.log.in_display_order().map(|(h, _)| h).collect();
+        self.chats.insert(chat, replica);
+        self.release_hosted(chat, hashes.into_iter())
     }
 
     /// Whether this node's account is a member of `chat` now.
