@@ -123,7 +123,7 @@ impl Member {
             .max()
             .unwrap_or(0)
             + 1;
-        header.author = cert;
+        header.author = cert.into();
         header.parents = parents;
         Entry {
             header: header.sign(&key),
@@ -362,7 +362,7 @@ fn entries_that_break_the_rules_are_rejected_with_a_logged_reason_and_the_node_k
                 .max()
                 .unwrap()
                 + 1,
-            author: cert,
+            author: cert.into(),
             parents: heads,
             epoch: 0,
             kind: EntryKind::Purge {

@@ -11,7 +11,7 @@
 //! The body is only referenced by hash, so a purge can drop the ciphertext
 //! from every disk while the header, and with it the chain, still verifies.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -205,7 +205,8 @@ pub enum EntryError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryHeader {
     pub chat: ChatId,
-    pub author: DeviceCertificate,
+    /// Shared: a log holds one copy per certificate, not one per entry.
+    pub author: Arc<DeviceCertificate>,
     /// The heads the author had seen; empty only for genesis.
     pub parents: Vec<EntryHash>,
     /// Per author device: 0, 1, 2, … Two entries with the same device and
@@ -609,7 +610,7 @@ mod tests {
         };
         let header = EntryHeader {
             chat: ChatId([3; 16]),
-            author: certificate(1, 2),
+            author: certificate(1, 2).into(),
             parents: vec![EntryHash([4; 32])],
             seq: 1,
             lamport: 1,
@@ -661,7 +662,7 @@ mod tests {
         );
 
         let mut other_account = entry.clone();
-        other_account.header.header.author.account =
+        Arc::make_mut(&mut other_account.header.header.author).account =
             AccountKeypair::from_secret_bytes(&[9; 32]).id();
         assert_eq!(
             other_account.verify_alone(),
@@ -687,7 +688,7 @@ mod tests {
             .collect();
         entries[2].header.header.lamport = 9;
         entries[7].header = entries[7].header.header.clone().sign(&device_key(3));
-        entries[10].header.header.author.device =
+        Arc::make_mut(&mut entries[10].header.header.author).device =
             DevicePublicKey::from_bytes(device_key(4).verifying_key().to_bytes()).unwrap();
         let alone: Vec<Result<(), EntryError>> = entries
             .iter()

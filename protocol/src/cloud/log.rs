@@ -14,7 +14,10 @@
 //! (one device signing two entries with the same seq): whichever half
 //! arrives second is refused and both are kept as [`ForkEvidence`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -255,7 +258,10 @@ pub struct ChatLog {
     verified_certificates: HashSet<[u8; 32]>,
     /// The certificate verified last, compared whole before hashing: most
     /// entries in a row are one device's.
-    last_certificate: Option<DeviceCertificate>,
+    last_certificate: Option<Arc<DeviceCertificate>>,
+    /// One shared copy of each device's certificate, for the entries kept
+    /// (a certificate is 160 bytes; every entry of a device carries it).
+    certificates: HashMap<DevicePublicKey, Arc<DeviceCertificate>>,
 }
 
 impl ChatLog {
@@ -284,6 +290,7 @@ impl ChatLog {
             missing_bodies: BTreeSet::new(),
             verified_certificates: HashSet::new(),
             last_certificate: None,
+            certificates: HashMap::new(),
         }
     }
 
@@ -373,7 +380,7 @@ impl ChatLog {
     /// signature checks per entry.
     fn verify_certificate(&mut self, entry: &Entry) -> Result<(), LogError> {
         let certificate = &entry.header.header.author;
-        if self.last_certificate.as_ref() == Some(certificate) {
+        if self.last_certificate.as_deref() == Some(&**certificate) {
             return Ok(());
         }
         let fingerprint = *blake3::hash(&certificate.encode()).as_bytes();
@@ -386,6 +393,21 @@ impl ChatLog {
         }
         self.last_certificate = Some(certificate.clone());
         Ok(())
+    }
+
+    /// Makes the entry's certificate the log's shared copy of it.
+    fn share_certificate(&mut self, entry: &mut Entry) {
+        let author = &mut entry.header.header.author;
+        match self.certificates.get(&author.device) {
+            Some(shared) if Arc::ptr_eq(shared, author) => {}
+            Some(shared) if **shared == **author => *author = shared.clone(),
+            _ => {
+                if self.certificates.len() >= MAX_REMEMBERED_CERTIFICATES {
+                    self.certificates.clear();
+                }
+                self.certificates.insert(author.device, author.clone());
+            }
+        }
     }
 
     /// A known entry again: a replay, unless it brings a body we lack.
@@ -644,7 +666,7 @@ impl ChatLog {
     fn accept(
         &mut self,
         hash: EntryHash,
-        entry: Entry,
+        mut entry: Entry,
         state: ParentState,
         out: &mut Vec<LogOutput>,
     ) {
@@ -700,6 +722,7 @@ impl ChatLog {
         if !self.waiting_for.is_empty() {
             self.unblocked.push(hash);
         }
+        self.share_certificate(&mut entry);
         self.entries.insert(
             hash,
             Box::new(Stored {

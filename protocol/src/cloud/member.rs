@@ -13,7 +13,10 @@
 //! device of a member account reads the whole history with nothing but the
 //! account key.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use ed25519_dalek::SigningKey;
 
@@ -149,7 +152,7 @@ pub struct ChatMember {
     account: AccountId,
     encryption: AccountEncryptionKey,
     device_key: SigningKey,
-    certificate: DeviceCertificate,
+    certificate: Arc<DeviceCertificate>,
     /// Chat keys found so far, by the key path (genesis and rotations)
     /// they belong to.
     keys: HashMap<Vec<EntryHash>, ChatKey>,
@@ -185,7 +188,7 @@ impl ChatMember {
             account: certificate.account,
             encryption,
             device_key,
-            certificate,
+            certificate: Arc::new(certificate),
             keys: HashMap::new(),
         })
     }

@@ -185,7 +185,7 @@ pub(crate) fn hand_made(
     let lamport = parents.iter().filter_map(|p| log.lamport(p)).max().unwrap() + 1;
     let header = EntryHeader {
         chat: log.chat(),
-        author: cert.clone(),
+        author: cert.clone().into(),
         seq: log.next_seq(&cert.device),
         lamport,
         epoch: log.membership_for_parents(&parents).epoch(),
@@ -285,7 +285,7 @@ fn forged_altered_replayed_and_outsider_entries_are_refused() {
 
     // Altered certificate inside the header.
     let mut altered_cert = proper.clone();
-    altered_cert.header.header.author.name = "evil".into();
+    std::sync::Arc::make_mut(&mut altered_cert.header.header.author).name = "evil".into();
     assert_refused(log, altered_cert, LogError::BadCertificate);
 
     // Altered body: no longer matches the signed body hash.
@@ -681,6 +681,33 @@ fn storage_peer_verifies_everything_and_reads_nothing() {
     assert!(history.messages.is_empty());
     assert!(history.title.is_none());
     assert!(history.unreadable >= 3);
+}
+
+#[test]
+fn a_log_keeps_one_copy_of_each_certificate() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let a = devices[0].say("one", &mut dice);
+    let b = devices[0].say("two", &mut dice);
+    // As from the wire: every entry decoded with a certificate of its own.
+    let mut storage = ChatLog::new(CHAT);
+    let all: Vec<Entry> = devices[0]
+        .log
+        .in_display_order()
+        .map(|(_, e)| Entry::decode(&e.encode()).unwrap())
+        .collect();
+    for e in all {
+        storage.insert(e).unwrap();
+    }
+    let (x, y) = (
+        storage.get(&a.hash()).unwrap(),
+        storage.get(&b.hash()).unwrap(),
+    );
+    assert!(std::sync::Arc::ptr_eq(
+        &x.header.header.author,
+        &y.header.header.author
+    ));
+    assert_eq!(x.hash(), a.hash());
 }
 
 #[test]
