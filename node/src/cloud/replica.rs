@@ -554,12 +554,8 @@ impl Replicas {
         };
         let is_purge = matches!(entry.header.header.kind, EntryKind::Purge { .. });
         let known = self.chats.contains_key(&chat);
-        if known && self.chats[&chat].log.contains(&hash) {
-            // Unless it brings a body the log lacks: the log attaches it.
-            let brings_body = entry.body.is_some() && self.chats[&chat].log.is_missing_body(&hash);
-            if !brings_body {
-                return Ok((Outcome::Duplicate, true));
-            }
+        if known && self.chats[&chat].log.is_duplicate(&hash, entry) {
+            return Ok((Outcome::Duplicate, true));
         }
         let creator = if known {
             self.chats[&chat].creator()
@@ -951,20 +947,19 @@ mod tests {
         genesis.into_entry()
     }
 
-    fn say(p: &mut Person, text: &str, n: u8) -> Entry {
-        let e = p
-            .member
-            .compose(
-                &p.log,
-                Draft::Text {
-                    text: text.into(),
-                    reply_to: None,
-                },
-                [n; 32],
-            )
-            .unwrap();
+    /// `p` writes `draft` and keeps it; returns the entry.
+    fn write(p: &mut Person, draft: Draft, n: u8) -> Entry {
+        let e = p.member.compose(&p.log, draft, [n; 32]).unwrap();
         p.log.insert(e.clone()).unwrap();
         e.into_entry()
+    }
+
+    fn say(p: &mut Person, text: &str, n: u8) -> Entry {
+        let text = Draft::Text {
+            text: text.into(),
+            reply_to: None,
+        };
+        write(p, text, n)
     }
 
     fn open_policy() -> HostPolicy {
@@ -1083,20 +1078,14 @@ mod tests {
         let target = &said[3];
         let ciphertext = target.body.as_ref().unwrap().ciphertext.clone();
         assert_eq!(files_containing(tmp.path(), &ciphertext).len(), 1);
-        let purge = alice
-            .member
-            .compose(
-                &alice.log,
-                Draft::Delete {
-                    target: target.hash(),
-                },
-                [90; 32],
-            )
-            .unwrap();
-        alice.log.insert(purge.clone()).unwrap();
-        let out = replicas
-            .accept(Some(&open_policy()), vec![purge.into()])
-            .unwrap();
+        let purge = write(
+            &mut alice,
+            Draft::Delete {
+                target: target.hash(),
+            },
+            90,
+        );
+        let out = replicas.accept(Some(&open_policy()), vec![purge]).unwrap();
         assert_eq!(out, vec![Outcome::Stored]);
         replicas.commit().unwrap();
         assert_eq!(files_containing(tmp.path(), &ciphertext).len(), 0);
@@ -1104,21 +1093,12 @@ mod tests {
         assert!(fresh.get(&target.hash()).unwrap().body.is_none());
 
         // Carol joins: the chat is hers to read now, bodies in memory.
-        let add = alice
-            .member
-            .compose(
-                &alice.log,
-                Draft::AddMember {
-                    account: carol.account.id(),
-                    encryption_key: carol.member.encryption_key(),
-                },
-                [91; 32],
-            )
-            .unwrap();
-        alice.log.insert(add.clone()).unwrap();
-        let out = replicas
-            .accept(Some(&open_policy()), vec![add.into()])
-            .unwrap();
+        let add = Draft::AddMember {
+            account: carol.account.id(),
+            encryption_key: carol.member.encryption_key(),
+        };
+        let add = write(&mut alice, add, 91);
+        let out = replicas.accept(Some(&open_policy()), vec![add]).unwrap();
         assert_eq!(out, vec![Outcome::Stored]);
         assert_eq!(replicas.failure(), None);
         replicas.commit().unwrap();
@@ -1174,21 +1154,15 @@ mod tests {
         );
 
         // Delete for everyone: the body goes from disk, the chain stays.
-        let purge = alice
-            .member
-            .compose(
-                &alice.log,
-                Draft::Delete {
-                    target: secret.hash(),
-                },
-                [6; 32],
-            )
-            .unwrap();
-        alice.log.insert(purge.clone()).unwrap();
+        let purge = write(
+            &mut alice,
+            Draft::Delete {
+                target: secret.hash(),
+            },
+            6,
+        );
         assert_eq!(
-            replicas
-                .accept(Some(&open_policy()), vec![purge.into()])
-                .unwrap(),
+            replicas.accept(Some(&open_policy()), vec![purge]).unwrap(),
             vec![Outcome::Stored]
         );
         replicas.commit().unwrap();

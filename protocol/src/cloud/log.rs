@@ -891,10 +891,14 @@ impl ChatLog {
         true
     }
 
-    /// Whether the entry is held without a body it should have (see
-    /// [`Self::missing_bodies`]): a copy with the body is not a duplicate.
-    pub fn is_missing_body(&self, hash: &EntryHash) -> bool {
-        self.missing_bodies.contains(hash)
+    /// Whether inserting `entry` (named `hash`) would be a duplicate: the
+    /// log holds it, and it brings no body the log lacks (a copy that does
+    /// is attached; see [`Self::missing_bodies`]). The same rule as
+    /// [`Self::insert`]'s, for a driver that answers duplicates before
+    /// anything else (a hosting quota, say).
+    pub fn is_duplicate(&self, hash: &EntryHash, entry: &Entry) -> bool {
+        self.entries.contains_key(hash)
+            && !(entry.body.is_some() && self.missing_bodies.contains(hash))
     }
 
     /// Whether the entry's body was released to the driver.
