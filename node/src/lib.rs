@@ -16,6 +16,7 @@ pub mod net;
 pub mod node;
 pub mod secret;
 pub mod segments;
+pub mod service_thread;
 pub mod store;
 #[cfg(test)]
 mod test_util;

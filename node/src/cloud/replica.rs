@@ -50,6 +50,8 @@ pub enum Outcome {
 /// A segment record's bytes beyond its value (header and checksum), as
 /// counted against the quota.
 const RECORD_OVERHEAD: u64 = 45;
+/// A flush slower than this is logged (at debug level).
+const SLOW_FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A verified entry's record, waiting for its batch's one append.
 struct Staged {
@@ -98,8 +100,14 @@ impl CommitJob {
 
     /// Blocks until everything the commit covers is on disk.
     pub fn run(self) -> Result<(), String> {
+        let started = std::time::Instant::now();
+        let (files, bytes) = (self.syncs.len(), self.bytes);
         for s in self.syncs {
             s.run().map_err(|e| e.to_string())?;
+        }
+        let took = started.elapsed();
+        if took >= SLOW_FLUSH {
+            tracing::debug!(files, bytes, "a flush took {} ms", took.as_millis());
         }
         Ok(())
     }
@@ -550,7 +558,8 @@ impl Replicas {
         let chat = entry.header.header.chat;
         let hash = match &offered {
             Offered::Checked(c) => c.hash(),
-            _ => entry.hash(),
+            Offered::Composed(c) => c.hash(),
+            Offered::Received(e) => e.hash(),
         };
         let is_purge = matches!(entry.header.header.kind, EntryKind::Purge { .. });
         let known = self.chats.contains_key(&chat);

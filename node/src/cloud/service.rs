@@ -51,6 +51,7 @@ use crate::{
     events::{Event, EventBus},
     keys::{device_of_peer, peer_id_of},
     net::NetworkHandle,
+    service_thread::{self, MainRuntime},
     store::Keyspace,
 };
 
@@ -276,6 +277,8 @@ pub struct CloudService {
     me: PeerId,
     hidden: Keyspace,
     done_tx: mpsc::Sender<Done>,
+    /// Where requests to peers run (see [`crate::service_thread`]).
+    io: MainRuntime,
     done_rx: mpsc::Receiver<Done>,
     links: HashMap<PeerId, Link>,
     views: HashMap<(ChatId, PeerId), View>,
@@ -519,6 +522,7 @@ impl CloudService {
             hidden: parts.hidden,
             done_tx,
             done_rx,
+            io: MainRuntime::default(),
             links: HashMap::new(),
             views: HashMap::new(),
             acks_dirty: BTreeSet::new(),
@@ -560,26 +564,9 @@ impl CloudService {
     }
 
     /// Runs on a thread of its own until `shutdown` flips.
-    pub fn spawn(self, shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
-        let (done_tx, done_rx) = oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name("tern-cloud".into())
-            .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(self.run(shutdown)),
-                    Err(e) => warn!("cannot start the cloud-chat service: {e}"),
-                }
-                let _ = done_tx.send(());
-            });
-        if let Err(e) = spawned {
-            warn!("cannot start the cloud-chat thread: {e}");
-        }
-        tokio::spawn(async move {
-            let _ = done_rx.await;
-        })
+    pub fn spawn(mut self, shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        self.io = MainRuntime::current();
+        service_thread::start("tern-cloud", move || self.run(shutdown))
     }
 
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
@@ -1553,19 +1540,32 @@ impl CloudService {
         };
         let device = entry.header.author_device();
         let seq = entry.header.header.seq;
-        let (set, quorum) = self.storage_of(log, Some(hash));
-        let acked = set
-            .iter()
-            .filter(|(p, _)| {
-                *p == self.me
-                    || self
-                        .views
-                        .get(&(*chat, *p))
-                        .and_then(|v| v.counts.get(&device))
-                        .is_some_and(|c| *c > seq)
-            })
-            .count();
-        (acked, quorum.max(1) as usize, set.len())
+        // Counted on every answer and for every waiting entry: the set is
+        // borrowed from the log, not copied (as `storage_of` does).
+        let holds = |p: &PeerId| {
+            *p == self.me
+                || self
+                    .views
+                    .get(&(*chat, *p))
+                    .and_then(|v| v.counts.get(&device))
+                    .is_some_and(|c| *c > seq)
+        };
+        let count = |peers: &[StoragePeer], quorum: u8| {
+            let (mut acked, mut of) = (0, 0);
+            for p in peers.iter().filter_map(|s| self.peer_of(&s.node)) {
+                of += 1;
+                acked += usize::from(holds(&p));
+            }
+            (acked, quorum.max(1) as usize, of)
+        };
+        match log.membership_for(hash).and_then(|m| m.storage_set()) {
+            Some((peers, quorum)) => count(peers, quorum),
+            // The genesis comes before any storage entry.
+            None => match log.storage_set() {
+                Some((peers, quorum)) => count(&peers, quorum),
+                None => (0, 1, 0),
+            },
+        }
     }
 
     // ------------------------------------------------------------- requests
@@ -1589,7 +1589,7 @@ impl CloudService {
                 let addrs = link.addrs.clone();
                 let net = self.net.clone();
                 let done = self.done_tx.clone();
-                tokio::spawn(async move {
+                let task = async move {
                     let result = net
                         .store_request(peer, addrs, request)
                         .await
@@ -1601,7 +1601,8 @@ impl CloudService {
                             result,
                         })
                         .await;
-                });
+                };
+                self.io.spawn(task);
             }
         }
     }

@@ -42,6 +42,7 @@ use crate::{
     keys::{device_of_peer, peer_id_of},
     metrics::NodeMetrics,
     net::{InboundSecret, NetError, NetworkHandle},
+    service_thread::{self, MainRuntime},
 };
 
 /// Most secret chats one device keeps.
@@ -342,6 +343,8 @@ pub struct SecretService {
     commands: mpsc::Receiver<Command>,
     inbound: mpsc::Receiver<InboundSecret>,
     delivered_tx: mpsc::Sender<Delivered>,
+    /// Where requests to the other device run (see [`crate::service_thread`]).
+    io: MainRuntime,
     delivered: mpsc::Receiver<Delivered>,
     /// Effects held back until the batch's writes are on disk.
     replies: Vec<DeferredReply>,
@@ -383,6 +386,7 @@ impl SecretService {
             commands,
             inbound: parts.inbound,
             delivered_tx,
+            io: MainRuntime::default(),
             delivered,
             replies: Vec::new(),
             responses: Vec::new(),
@@ -463,26 +467,9 @@ impl SecretService {
     }
 
     /// Runs the service on a thread of its own until `shutdown` flips.
-    pub fn spawn(self, shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
-        let (done_tx, done_rx) = oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name("tern-secret".into())
-            .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(self.run(shutdown)),
-                    Err(e) => warn!("cannot start the secret-chat service: {e}"),
-                }
-                let _ = done_tx.send(());
-            });
-        if let Err(e) = spawned {
-            warn!("cannot start the secret-chat thread: {e}");
-        }
-        tokio::spawn(async move {
-            let _ = done_rx.await;
-        })
+    pub fn spawn(mut self, shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        self.io = MainRuntime::current();
+        service_thread::start("tern-secret", move || self.run(shutdown))
     }
 
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
@@ -1219,7 +1206,7 @@ impl SecretService {
         let net = self.net.clone();
         let done = self.delivered_tx.clone();
         let id = *id;
-        tokio::spawn(async move {
+        self.io.spawn(async move {
             let result = match tokio::time::timeout(
                 REQUEST_TIMEOUT,
                 net.secret_request(peer, addrs, request.clone()),

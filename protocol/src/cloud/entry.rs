@@ -38,6 +38,9 @@ pub const MAX_BODY_CIPHERTEXT: usize = super::content::MAX_PADDED_LEN + 16;
 pub const MAX_HEADER_LEN: usize = 128 * 1024;
 
 const SIGNATURE_DOMAIN: &[u8] = b"tern cloud entry header v1\0";
+/// Room reserved for encoding a header: a message's header (certificate,
+/// parents, body hash) fits, so it is encoded without growing.
+const TYPICAL_HEADER_LEN: usize = 512;
 const ENTRY_HASH_CONTEXT: &str = "tern cloud entry hash v1";
 const BODY_HASH_CONTEXT: &str = "tern cloud body hash v1";
 
@@ -294,10 +297,10 @@ impl EntryHeader {
     }
 
     fn signed_bytes(&self) -> Vec<u8> {
-        let mut m = SIGNATURE_DOMAIN.to_vec();
+        let mut m = Vec::with_capacity(SIGNATURE_DOMAIN.len() + TYPICAL_HEADER_LEN);
+        m.extend_from_slice(SIGNATURE_DOMAIN);
         // Plain structs and enums: postcard cannot fail on them.
-        m.extend_from_slice(&postcard::to_allocvec(self).expect("headers are serialisable"));
-        m
+        postcard::to_extend(self, m).expect("headers are serialisable")
     }
 
     /// Signs the header with the author device's key.
@@ -327,7 +330,8 @@ pub struct SignedHeader {
 impl SignedHeader {
     /// The entry's name: blake3 over the encoded header and signature.
     pub fn hash(&self) -> EntryHash {
-        let encoded = postcard::to_allocvec(self).expect("headers are serialisable");
+        let encoded = postcard::to_extend(self, Vec::with_capacity(TYPICAL_HEADER_LEN))
+            .expect("headers are serialisable");
         let mut hasher = blake3::Hasher::new_derive_key(ENTRY_HASH_CONTEXT);
         hasher.update(&encoded);
         EntryHash(*hasher.finalize().as_bytes())
@@ -452,33 +456,45 @@ impl Entry {
 /// without checking the signature again: nothing but this process's own
 /// signing could have produced it. Entries from anywhere else are plain
 /// [`Entry`] values and are always verified.
+///
+/// It carries its hash, computed once: the author names, keeps and pushes
+/// it by that hash, and it cannot change (no mutable access).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Composed(Entry);
+pub struct Composed {
+    entry: Entry,
+    hash: EntryHash,
+}
 
 impl Composed {
     pub(crate) fn new(entry: Entry) -> Self {
-        Self(entry)
+        let hash = entry.hash();
+        Self { entry, hash }
     }
 
     pub fn entry(&self) -> &Entry {
-        &self.0
+        &self.entry
+    }
+
+    /// The entry's hash ([`Entry::hash`]), computed when it was composed.
+    pub fn hash(&self) -> EntryHash {
+        self.hash
     }
 
     pub fn into_entry(self) -> Entry {
-        self.0
+        self.entry
     }
 }
 
 impl std::ops::Deref for Composed {
     type Target = Entry;
     fn deref(&self) -> &Entry {
-        &self.0
+        &self.entry
     }
 }
 
 impl From<Composed> for Entry {
     fn from(c: Composed) -> Entry {
-        c.0
+        c.entry
     }
 }
 

@@ -756,7 +756,12 @@ fn only_the_signature_check_is_skipped_for_an_entry_composed_here() {
         .compose(&alice.log, text("other"), dice.roll())
         .unwrap();
     let first = one.entry().clone();
+    // It carries its hash: the one every holder computes from its bytes,
+    // and the one the author's log names it by.
+    let named = one.hash();
+    assert_eq!(named, Entry::decode(&first.encode()).unwrap().hash());
     alice.log.insert_composed(one).unwrap();
+    assert_eq!(alice.log.get(&named), Some(&first));
     // Two entries at one seq: a fork, whoever composed them.
     let device = alice.cert.device;
     assert_eq!(
