@@ -80,14 +80,16 @@ const RECYCLE_MAX: usize = 2 << 20;
 /// a catching-up storage peer's time.
 static BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
-/// A zeroed buffer of `len` bytes (`len` is bounded by the caller).
+/// A buffer of `len` bytes for a frame to be read into whole (`len` is
+/// bounded by the caller). A recycled one keeps the bytes of its last frame
+/// where the new one will overwrite them: only bytes beyond those are
+/// zeroed.
 fn frame_buffer(len: usize) -> Vec<u8> {
     let recycled = match len >= RECYCLE_MIN {
         true => BUFFERS.lock().ok().and_then(|mut b| b.pop()),
         false => None,
     };
     let mut buf = recycled.unwrap_or_default();
-    buf.clear();
     buf.resize(len, 0);
     buf
 }
