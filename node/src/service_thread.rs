@@ -58,3 +58,48 @@ impl MainRuntime {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    /// A service loop that never waits (as under a stream of work) still
+    /// gets what it asked of peers: the request runs on the main runtime.
+    /// Spawned on the service's own runtime, it would not run until the
+    /// loop waited.
+    #[test]
+    fn a_request_moves_while_the_service_loop_is_busy() {
+        let main = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let answered = Arc::new(AtomicBool::new(false));
+        let seen = answered.clone();
+        let service = main.block_on(async move {
+            let io = MainRuntime::current();
+            start("tern-test", move || async move {
+                let flag = answered.clone();
+                io.spawn(async move { flag.store(true, Ordering::SeqCst) });
+                // Busy: no await until the request is answered (or a
+                // generous deadline passes).
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !answered.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    std::thread::yield_now();
+                }
+            })
+        });
+        main.block_on(service).unwrap();
+        assert!(
+            seen.load(Ordering::SeqCst),
+            "the request did not run while the service loop was busy"
+        );
+    }
+}
