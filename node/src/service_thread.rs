@@ -83,7 +83,8 @@ mod tests {
             .unwrap();
         let answered = Arc::new(AtomicBool::new(false));
         let seen = answered.clone();
-        let service = main.block_on(async move {
+        let service = {
+            let _inside = main.enter();
             let io = MainRuntime::current();
             start("tern-test", move || async move {
                 let flag = answered.clone();
@@ -95,7 +96,7 @@ mod tests {
                     std::thread::yield_now();
                 }
             })
-        });
+        };
         main.block_on(service).unwrap();
         assert!(
             seen.load(Ordering::SeqCst),
