@@ -731,7 +731,9 @@ impl CloudService {
         // The genesis comes before any storage entry: it is kept where the
         // chat is.
         let set = match at {
-            Some(h) => log.storage_set_for(h).or_else(|| log.storage_set()),
+            Some(h) => log
+                .storage_set_counting(h)
+                .map(|(peers, quorum)| (peers.into_owned(), quorum)),
             None => log.storage_set(),
         };
         let Some((peers, quorum)) = set else {
@@ -1540,8 +1542,9 @@ impl CloudService {
         };
         let device = entry.header.author_device();
         let seq = entry.header.header.seq;
-        // Counted on every answer and for every waiting entry: the set is
-        // borrowed from the log, not copied (as `storage_of` does).
+        let Some((peers, quorum)) = log.storage_set_counting(hash) else {
+            return (0, 1, 0);
+        };
         let holds = |p: &PeerId| {
             *p == self.me
                 || self
@@ -1550,22 +1553,12 @@ impl CloudService {
                     .and_then(|v| v.counts.get(&device))
                     .is_some_and(|c| *c > seq)
         };
-        let count = |peers: &[StoragePeer], quorum: u8| {
-            let (mut acked, mut of) = (0, 0);
-            for p in peers.iter().filter_map(|s| self.peer_of(&s.node)) {
-                of += 1;
-                acked += usize::from(holds(&p));
-            }
-            (acked, quorum.max(1) as usize, of)
-        };
-        match log.membership_for(hash).and_then(|m| m.storage_set()) {
-            Some((peers, quorum)) => count(peers, quorum),
-            // The genesis comes before any storage entry.
-            None => match log.storage_set() {
-                Some((peers, quorum)) => count(&peers, quorum),
-                None => (0, 1, 0),
-            },
+        let (mut acked, mut of) = (0, 0);
+        for p in peers.iter().filter_map(|s| self.peer_of(&s.node)) {
+            of += 1;
+            acked += usize::from(holds(&p));
         }
+        (acked, quorum.max(1) as usize, of)
     }
 
     // ------------------------------------------------------------- requests

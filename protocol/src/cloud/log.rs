@@ -989,6 +989,23 @@ impl ChatLog {
         Some((peers.to_vec(), quorum))
     }
 
+    /// The storage set whose write quorum decides when entry `hash` is
+    /// stored: the one in force for it, or the current one for an entry
+    /// no Storage entry precedes (the genesis, and the first Storage entry
+    /// itself). Borrowed where the log holds it: this is asked for every
+    /// answer and every entry waiting for its quorum.
+    pub fn storage_set_counting(
+        &self,
+        hash: &EntryHash,
+    ) -> Option<(std::borrow::Cow<'_, [StoragePeer]>, u8)> {
+        match self.membership_for(hash).and_then(Membership::storage_set) {
+            Some((peers, quorum)) => Some((peers.into(), quorum)),
+            None => self
+                .storage_set()
+                .map(|(peers, quorum)| (peers.into(), quorum)),
+        }
+    }
+
     /// AddMember entries, in arrival order.
     pub fn additions(&self) -> &[EntryHash] {
         &self.additions

@@ -1054,6 +1054,12 @@ fn the_storage_set_is_in_the_log_and_every_replica_agrees() {
         devices[0].log.storage_set_for(&after.hash()),
         Some(first_set.clone())
     );
+    // The quorum of the genesis and of the Storage entry itself is counted
+    // on the set in force now.
+    for hash in [genesis, first.hash(), after.hash()] {
+        let (peers, quorum) = devices[0].log.storage_set_counting(&hash).unwrap();
+        assert_eq!((peers.into_owned(), quorum), first_set);
+    }
 
     for to in 1..3 {
         sync_devices(&mut devices, to, 0);
