@@ -14,6 +14,10 @@ use tokio::sync::broadcast;
 /// a `chat_message` and a `chat_status` or two), a few MiB at most.
 pub const CAPACITY: usize = 16 * 1024;
 
+/// How many peer events (connected, identified, disconnected) a service
+/// may fall behind on. Peers come and go far more slowly than messages.
+pub const PEER_CAPACITY: usize = 1024;
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
@@ -126,30 +130,58 @@ pub struct Stamped {
     pub event: Event,
 }
 
+impl Event {
+    /// Whether this event is about a peer coming, proving its account, or
+    /// going: what the node's services follow (`EventBus::subscribe_peers`).
+    pub fn is_peer_event(&self) -> bool {
+        matches!(
+            self,
+            Event::PeerConnected { .. }
+                | Event::PeerIdentified { .. }
+                | Event::PeerDisconnected { .. }
+        )
+    }
+}
+
+/// Every event goes to `subscribe`rs (the user's streams); peer events also
+/// go to `subscribe_peers`, so that the node's services, which only follow
+/// peers, are not woken for every message, status and receipt.
 #[derive(Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<Stamped>,
+    peers: broadcast::Sender<Stamped>,
 }
 
 impl Default for EventBus {
     fn default() -> Self {
         Self {
             tx: broadcast::channel(CAPACITY).0,
+            peers: broadcast::channel(PEER_CAPACITY).0,
         }
     }
 }
 
 impl EventBus {
     pub fn emit(&self, event: Event) {
-        // No subscriber is not an error: events are for whoever is watching.
-        let _ = self.tx.send(Stamped {
+        let stamped = Stamped {
             at_ms: now_ms(),
             event,
-        });
+        };
+        // No subscriber is not an error: events are for whoever is watching.
+        if stamped.event.is_peer_event() {
+            let _ = self.peers.send(stamped.clone());
+        }
+        let _ = self.tx.send(stamped);
     }
 
+    /// Every event from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Stamped> {
         self.tx.subscribe()
+    }
+
+    /// Peer events only, from now on.
+    pub fn subscribe_peers(&self) -> broadcast::Receiver<Stamped> {
+        self.peers.subscribe()
     }
 }
 
@@ -158,4 +190,37 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_subscribers_get_peer_events_only_and_user_streams_get_everything() {
+        let bus = EventBus::default();
+        let mut all = bus.subscribe();
+        let mut peers = bus.subscribe_peers();
+        let connected = Event::PeerConnected {
+            peer_id: "p".into(),
+            address: "/ip4/127.0.0.1/tcp/1".into(),
+        };
+        let status = Event::ChatStatus {
+            chat_id: "c".into(),
+            message_id: "m".into(),
+            status: "stored".into(),
+        };
+        let gone = Event::PeerDisconnected {
+            peer_id: "p".into(),
+        };
+        for e in [connected.clone(), status.clone(), gone.clone()] {
+            bus.emit(e);
+        }
+        let seen: Vec<Event> =
+            std::iter::from_fn(|| all.try_recv().ok().map(|s| s.event)).collect();
+        assert_eq!(seen, vec![connected.clone(), status, gone.clone()]);
+        let seen: Vec<Event> =
+            std::iter::from_fn(|| peers.try_recv().ok().map(|s| s.event)).collect();
+        assert_eq!(seen, vec![connected, gone]);
+    }
 }

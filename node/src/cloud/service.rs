@@ -570,7 +570,7 @@ impl CloudService {
     }
 
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut events = self.bus.subscribe();
+        let mut events = self.bus.subscribe_peers();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.schedule_compares(true);

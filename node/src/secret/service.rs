@@ -473,7 +473,7 @@ impl SecretService {
     }
 
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut events = self.bus.subscribe();
+        let mut events = self.bus.subscribe_peers();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let ids: Vec<SecretId> = self.chats.keys().copied().collect();
