@@ -17,7 +17,7 @@ use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    account::{MAX_ADDR_LEN, MAX_ADDRS, MAX_STORAGE_PEERS, StoragePeer},
+    account::{MAX_ADDR_LEN, MAX_ADDRS, MAX_DEVICES, MAX_STORAGE_PEERS, StoragePeer},
     keys::{EncryptionPublicKey, WrappedKey, short_hex},
     signatures::{self, Signed},
 };
@@ -96,6 +96,27 @@ pub struct KeyGrant {
     pub wrapped_key: WrappedKey,
 }
 
+/// An account's new encryption key sealed to one of its devices.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceKeyGrant {
+    pub device: DevicePublicKey,
+    pub wrapped_key: WrappedKey,
+}
+
+/// The author's account revoked some of its devices and took a new
+/// encryption key: its public half, the key sealed to each device that
+/// stays (the author's among them), and the devices revoked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountKeyChange {
+    /// Counts the account's keys: the one derived from the account key is
+    /// 0, each revocation takes the next. The highest one known is the
+    /// account's current key.
+    pub generation: u32,
+    pub encryption_key: EncryptionPublicKey,
+    pub devices: Vec<DeviceKeyGrant>,
+    pub revoked: Vec<DevicePublicKey>,
+}
+
 /// What an entry does. In cleartext, because storage peers must check who
 /// may do what without reading content.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +153,16 @@ pub enum EntryKind {
     /// quorum among them. The latest one among an entry's ancestors (in
     /// display order) is in force. No body.
     Storage { peers: Vec<StoragePeer>, quorum: u8 },
+    /// The author's account revoked devices: the key rotates as in
+    /// `Rekey`, with the author's account's grant wrapped to its new
+    /// encryption key, which every other member wraps to from now on.
+    /// Entries of the revoked devices that follow this one are refused.
+    /// (Last, so that the variants before it keep their encodings.)
+    AccountKey {
+        new_epoch: u32,
+        grants: Vec<KeyGrant>,
+        change: AccountKeyChange,
+    },
 }
 
 impl EntryKind {
@@ -144,6 +175,7 @@ impl EntryKind {
             Self::Rekey { .. } => "rekey",
             Self::Purge { .. } => "purge",
             Self::Storage { .. } => "storage",
+            Self::AccountKey { .. } => "account-key",
         }
     }
 
@@ -155,6 +187,7 @@ impl EntryKind {
                 | Self::AddMember { .. }
                 | Self::RemoveMember { .. }
                 | Self::Rekey { .. }
+                | Self::AccountKey { .. }
         )
     }
 
@@ -163,6 +196,36 @@ impl EntryKind {
     pub fn changes_state(&self) -> bool {
         self.changes_membership() || matches!(self, Self::Storage { .. })
     }
+}
+
+/// An account key change's bounds: 1 to [`MAX_DEVICES`] devices that keep
+/// the key (the author's among them) and 1 to [`MAX_DEVICES`] revoked ones,
+/// each named once, none both.
+fn check_account_key_change(
+    change: &AccountKeyChange,
+    author: &DevicePublicKey,
+) -> Result<(), EntryError> {
+    let bad = |why| Err(EntryError::Shape(why));
+    if change.generation == 0 {
+        return bad("generation 0 is the account's derived key; a change takes a later one");
+    }
+    let kept: Vec<DevicePublicKey> = change.devices.iter().map(|g| g.device).collect();
+    if kept.is_empty() || kept.len() > MAX_DEVICES {
+        return bad("an account key goes to 1 to 16 devices");
+    }
+    if change.revoked.is_empty() || change.revoked.len() > MAX_DEVICES {
+        return bad("an account key change revokes 1 to 16 devices");
+    }
+    if has_duplicates(&kept) || has_duplicates(&change.revoked) {
+        return bad("a device is named twice in an account key change");
+    }
+    if !kept.contains(author) {
+        return bad("the author's own device keeps the new account key");
+    }
+    if change.revoked.iter().any(|d| kept.contains(d)) {
+        return bad("a revoked device cannot keep the new account key");
+    }
+    Ok(())
 }
 
 /// A storage set's bounds: 1 to [`MAX_STORAGE_PEERS`] distinct nodes, each
@@ -267,7 +330,10 @@ impl EntryHeader {
             EntryKind::RemoveMember {
                 new_epoch, grants, ..
             }
-            | EntryKind::Rekey { new_epoch, grants } => {
+            | EntryKind::Rekey { new_epoch, grants }
+            | EntryKind::AccountKey {
+                new_epoch, grants, ..
+            } => {
                 if self.epoch.checked_add(1) != Some(*new_epoch) {
                     return bad("a rotation opens the epoch after its own");
                 }
@@ -277,6 +343,9 @@ impl EntryHeader {
                 let accounts: Vec<_> = grants.iter().map(|g| g.account).collect();
                 if has_duplicates(&accounts) {
                     return bad("a key grant is listed twice");
+                }
+                if let EntryKind::AccountKey { change, .. } = &self.kind {
+                    check_account_key_change(change, &self.author.device)?;
                 }
             }
             EntryKind::Purge { targets } => {

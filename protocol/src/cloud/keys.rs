@@ -26,6 +26,7 @@ use chacha20poly1305::{
     AeadInPlace, KeyInit, Tag, XChaCha20Poly1305, XNonce,
     aead::{Aead, Payload},
 };
+use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
@@ -48,6 +49,8 @@ const WRAP_KEY_CONTEXT: &str = "tern chat key wrap v1";
 const WRAP_EPHEMERAL_CONTEXT: &str = "tern chat key wrap ephemeral v1";
 const EPOCH_CHAIN_CONTEXT: &str = "tern chat epoch key v1";
 const BODY_AAD_DOMAIN: &[u8] = b"tern cloud body v1\0";
+const GENERATED_KEY_CONTEXT: &str = "tern account encryption key generated v1";
+const DEVICE_WRAP_CONTEXT: &str = "tern account key to device v1";
 
 /// An account's X25519 key for receiving chat keys. Zeroized when dropped.
 pub struct AccountEncryptionKey(StaticSecret);
@@ -78,8 +81,57 @@ impl AccountEncryptionKey {
         Self(StaticSecret::from(*secret))
     }
 
+    /// A key no other secret derives: the one an account takes when it
+    /// revokes a device, which holds the account key and so every derived
+    /// key. `random` must be fresh.
+    pub fn generate(random: &[u8; 32]) -> Self {
+        let secret = Zeroizing::new(blake3::derive_key(GENERATED_KEY_CONTEXT, random));
+        Self(StaticSecret::from(*secret))
+    }
+
     pub fn public(&self) -> EncryptionPublicKey {
         EncryptionPublicKey(PublicKey::from(&self.0).to_bytes())
+    }
+
+    /// Seals this key to one device of the account (to the X25519 form of
+    /// its Ed25519 device key), bound to the chat and epoch of the entry
+    /// that carries it. `random` must be fresh.
+    pub fn seal_to_device(
+        &self,
+        device: &DevicePublicKey,
+        chat: ChatId,
+        epoch: u32,
+        random: &[u8; 32],
+    ) -> Result<WrappedKey, KeyError> {
+        let recipient = EncryptionPublicKey(device_x25519(device)?);
+        let secret = self.secret_bytes();
+        let public = self.public();
+        let mut seed = Zeroizing::new(Vec::with_capacity(32 * 3));
+        seed.extend_from_slice(random);
+        seed.extend_from_slice(secret.as_ref());
+        seed.extend_from_slice(&recipient.0);
+        seal_secret(&secret, &recipient, &seed, |ephemeral| {
+            device_wrap_context(ephemeral, &recipient, &public, chat, epoch)
+        })
+    }
+
+    /// Opens a key sealed to this device by [`Self::seal_to_device`]. It
+    /// must be the key `expected` names: a grant cannot swap in another.
+    pub fn open_from_device(
+        device_key: &SigningKey,
+        wrapped: &WrappedKey,
+        expected: &EncryptionPublicKey,
+        chat: ChatId,
+        epoch: u32,
+    ) -> Result<Self, KeyError> {
+        let own = StaticSecret::from(device_key.to_scalar_bytes());
+        let recipient = EncryptionPublicKey(PublicKey::from(&own).to_bytes());
+        let context = device_wrap_context(&wrapped.ephemeral, &recipient, expected, chat, epoch);
+        let key = Self::from_secret_bytes(&*open_secret(&own, wrapped, &context)?);
+        if key.public() != *expected {
+            return Err(KeyError::UnwrapFailed);
+        }
+        Ok(key)
     }
 
     /// Opens a chat key wrapped to this account for `chat` at `epoch`.
@@ -90,23 +142,22 @@ impl AccountEncryptionKey {
         epoch: u32,
     ) -> Result<ChatKey, KeyError> {
         let recipient = self.public();
-        let shared = self.0.diffie_hellman(&PublicKey::from(wrapped.ephemeral));
-        if !shared.was_contributory() {
-            return Err(KeyError::UnwrapFailed);
-        }
         let context = wrap_context(&wrapped.ephemeral, &recipient, chat, epoch);
-        let kek = wrap_kek(shared.as_bytes(), &context);
-        let mut key = ChatKey([0; 32]);
-        key.0 = wrapped.ciphertext;
-        XChaCha20Poly1305::new(kek.as_ref().into())
-            .decrypt_in_place_detached(
-                XNonce::from_slice(&[0; 24]),
-                &context,
-                &mut key.0,
-                Tag::from_slice(&wrapped.tag),
-            )
-            .map_err(|_| KeyError::UnwrapFailed)?;
-        Ok(key)
+        Ok(ChatKey(*open_secret(&self.0, wrapped, &context)?))
+    }
+
+    /// Opens a chat key with whichever of `keys` it was wrapped to (an
+    /// account holds one key per revocation, and older epochs were wrapped
+    /// to older keys). Newest first.
+    pub fn unwrap_any<'a>(
+        keys: impl DoubleEndedIterator<Item = &'a AccountEncryptionKey>,
+        wrapped: &WrappedKey,
+        chat: ChatId,
+        epoch: u32,
+    ) -> Result<ChatKey, KeyError> {
+        keys.rev()
+            .find_map(|k| k.unwrap(wrapped, chat, epoch).ok())
+            .ok_or(KeyError::UnwrapFailed)
     }
 }
 
@@ -169,26 +220,8 @@ impl ChatKey {
         seed.extend_from_slice(&recipient.0);
         seed.extend_from_slice(&chat.0);
         seed.extend_from_slice(&epoch.to_le_bytes());
-        let ephemeral_secret = Zeroizing::new(blake3::derive_key(WRAP_EPHEMERAL_CONTEXT, &seed));
-        let ephemeral = StaticSecret::from(*ephemeral_secret);
-        let ephemeral_public = PublicKey::from(&ephemeral).to_bytes();
-        let shared = ephemeral.diffie_hellman(&PublicKey::from(recipient.0));
-        if !shared.was_contributory() {
-            return Err(KeyError::WeakPublicKey);
-        }
-        let context = wrap_context(&ephemeral_public, recipient, chat, epoch);
-        let kek = wrap_kek(shared.as_bytes(), &context);
-        let mut ciphertext = self.0;
-        // Each key-encryption key comes from a one-time X25519 key and is
-        // used once, so a fixed nonce is safe. Encrypting 32 bytes cannot
-        // hit the AEAD's size limit.
-        let tag = XChaCha20Poly1305::new(kek.as_ref().into())
-            .encrypt_in_place_detached(XNonce::from_slice(&[0; 24]), &context, &mut ciphertext)
-            .expect("32 bytes are far below the AEAD's size limit");
-        Ok(WrappedKey {
-            ephemeral: ephemeral_public,
-            ciphertext,
-            tag: tag.into(),
+        seal_secret(&self.0, recipient, &seed, |ephemeral| {
+            wrap_context(ephemeral, recipient, chat, epoch)
         })
     }
 
@@ -289,6 +322,91 @@ fn wrap_kek(shared: &[u8; 32], context: &[u8]) -> Zeroizing<[u8; 32]> {
     Zeroizing::new(blake3::derive_key(WRAP_KEY_CONTEXT, &input))
 }
 
+/// Seals 32 secret bytes to `recipient` with a one-time X25519 key
+/// derived from `seed` (which must hold fresh randomness and everything
+/// that distinguishes this sealing), under a key-encryption key bound to
+/// the context `context_for` builds around the one-time public key.
+fn seal_secret(
+    secret: &[u8; 32],
+    recipient: &EncryptionPublicKey,
+    seed: &[u8],
+    context_for: impl FnOnce(&[u8; 32]) -> Vec<u8>,
+) -> Result<WrappedKey, KeyError> {
+    let ephemeral_secret = Zeroizing::new(blake3::derive_key(WRAP_EPHEMERAL_CONTEXT, seed));
+    let ephemeral = StaticSecret::from(*ephemeral_secret);
+    let ephemeral_public = PublicKey::from(&ephemeral).to_bytes();
+    let shared = ephemeral.diffie_hellman(&PublicKey::from(recipient.0));
+    if !shared.was_contributory() {
+        return Err(KeyError::WeakPublicKey);
+    }
+    let context = context_for(&ephemeral_public);
+    let kek = wrap_kek(shared.as_bytes(), &context);
+    let mut ciphertext = *secret;
+    // Each key-encryption key comes from a one-time X25519 key and is used
+    // once, so a fixed nonce is safe. Encrypting 32 bytes cannot hit the
+    // AEAD's size limit.
+    let tag = XChaCha20Poly1305::new(kek.as_ref().into())
+        .encrypt_in_place_detached(XNonce::from_slice(&[0; 24]), &context, &mut ciphertext)
+        .expect("32 bytes are far below the AEAD's size limit");
+    Ok(WrappedKey {
+        ephemeral: ephemeral_public,
+        ciphertext,
+        tag: tag.into(),
+    })
+}
+
+/// Opens what [`seal_secret`] sealed to `own`, given the same context.
+fn open_secret(
+    own: &StaticSecret,
+    wrapped: &WrappedKey,
+    context: &[u8],
+) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+    let shared = own.diffie_hellman(&PublicKey::from(wrapped.ephemeral));
+    if !shared.was_contributory() {
+        return Err(KeyError::UnwrapFailed);
+    }
+    let kek = wrap_kek(shared.as_bytes(), context);
+    let mut secret = Zeroizing::new(wrapped.ciphertext);
+    XChaCha20Poly1305::new(kek.as_ref().into())
+        .decrypt_in_place_detached(
+            XNonce::from_slice(&[0; 24]),
+            context,
+            secret.as_mut(),
+            Tag::from_slice(&wrapped.tag),
+        )
+        .map_err(|_| KeyError::UnwrapFailed)?;
+    Ok(secret)
+}
+
+/// The X25519 form of a device's Ed25519 key (the birational map), which
+/// its holder opens with the scalar of its signing key.
+fn device_x25519(device: &DevicePublicKey) -> Result<[u8; 32], KeyError> {
+    let key = device
+        .verifying_key()
+        .map_err(|_| KeyError::WeakPublicKey)?;
+    if key.is_weak() {
+        return Err(KeyError::WeakPublicKey);
+    }
+    Ok(key.to_montgomery().to_bytes())
+}
+
+fn device_wrap_context(
+    ephemeral: &[u8; 32],
+    recipient: &EncryptionPublicKey,
+    sealed_key: &EncryptionPublicKey,
+    chat: ChatId,
+    epoch: u32,
+) -> Vec<u8> {
+    let mut c = Vec::with_capacity(DEVICE_WRAP_CONTEXT.len() + 32 * 3 + 16 + 4);
+    c.extend_from_slice(DEVICE_WRAP_CONTEXT.as_bytes());
+    c.extend_from_slice(ephemeral);
+    c.extend_from_slice(&recipient.0);
+    c.extend_from_slice(&sealed_key.0);
+    c.extend_from_slice(&chat.0);
+    c.extend_from_slice(&epoch.to_le_bytes());
+    c
+}
+
 pub(crate) fn short_hex(bytes: &[u8]) -> String {
     bytes.iter().take(5).map(|b| format!("{b:02x}")).collect()
 }
@@ -308,6 +426,39 @@ mod tests {
     }
 
     const CHAT: ChatId = ChatId([7; 16]);
+
+    #[test]
+    fn an_account_key_sealed_to_a_device_opens_only_there_and_only_as_named() {
+        let new = AccountEncryptionKey::generate(&[5; 32]);
+        assert_ne!(
+            new.public(),
+            AccountEncryptionKey::derive(&account(1)).public()
+        );
+        let tablet = SigningKey::from_bytes(&[32; 32]);
+        let phone = SigningKey::from_bytes(&[31; 32]);
+        let sealed = new.seal_to_device(&device(32), CHAT, 3, &[9; 32]).unwrap();
+        let opened =
+            AccountEncryptionKey::open_from_device(&tablet, &sealed, &new.public(), CHAT, 3)
+                .unwrap();
+        assert_eq!(opened.public(), new.public());
+        // Not by another device, not in another chat or epoch, not under
+        // another name, not altered.
+        let named = new.public();
+        let open = |key: &SigningKey, sealed: &WrappedKey, named, chat, epoch| {
+            AccountEncryptionKey::open_from_device(key, sealed, named, chat, epoch).map(|_| ())
+        };
+        let fail = Err(KeyError::UnwrapFailed);
+        assert_eq!(open(&phone, &sealed, &named, CHAT, 3), fail);
+        assert_eq!(open(&tablet, &sealed, &named, ChatId([8; 16]), 3), fail);
+        assert_eq!(open(&tablet, &sealed, &named, CHAT, 4), fail);
+        let other = AccountEncryptionKey::generate(&[6; 32]).public();
+        assert_eq!(open(&tablet, &sealed, &other, CHAT, 3), fail);
+        let mut altered = sealed.clone();
+        altered.ciphertext[0] ^= 1;
+        assert_eq!(open(&tablet, &altered, &named, CHAT, 3), fail);
+        // The sealed bytes are not the key.
+        assert_ne!(&sealed.ciphertext, new.secret_bytes().as_ref());
+    }
 
     #[test]
     fn encryption_key_is_a_function_of_the_account_key() {

@@ -69,6 +69,8 @@ pub enum LogError {
     NotMember(AccountId),
     #[error("{0:?} was removed from the chat and cannot write after that")]
     RemovedMember(AccountId),
+    #[error("device {0:?} was revoked by its account and cannot write after that")]
+    RevokedDevice(DevicePublicKey),
     #[error("entry {seq} of its device does not follow the device's entry {} (gap or reorder)", seq.saturating_sub(1))]
     SeqNotChained { device: DevicePublicKey, seq: u64 },
     #[error("lamport clock is {got}, it must be {expected}")]
@@ -568,6 +570,9 @@ impl ChatLog {
             }
             return Err(LogError::NotMember(author));
         }
+        if membership.is_revoked_device(&header.author.device, &author) {
+            return Err(LogError::RevokedDevice(header.author.device));
+        }
 
         if header.seq > 0 {
             let device = header.author.device;
@@ -606,7 +611,8 @@ impl ChatLog {
         match &header.kind {
             EntryKind::AddMember { .. }
             | EntryKind::RemoveMember { .. }
-            | EntryKind::Rekey { .. } => {
+            | EntryKind::Rekey { .. }
+            | EntryKind::AccountKey { .. } => {
                 membership.authorise(&author, &header.kind)?;
                 membership.check_grants(&header.kind)?;
             }

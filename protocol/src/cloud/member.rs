@@ -24,10 +24,11 @@ use super::{
     account::StoragePeer,
     content::{Content, MAX_TEXT},
     entry::{
-        ChatId, Composed, Entry, EntryHash, EntryHeader, EntryKind, KeyGrant, MAX_MEMBERS,
-        MAX_PARENTS, MAX_PURGE_TARGETS, MemberGrant, check_storage_set,
+        AccountKeyChange, ChatId, Composed, DeviceKeyGrant, Entry, EntryHash, EntryHeader,
+        EntryKind, KeyGrant, MAX_MEMBERS, MAX_PARENTS, MAX_PURGE_TARGETS, MemberGrant,
+        check_storage_set,
     },
-    keys::{AccountEncryptionKey, BodyContext, ChatKey, EncryptionPublicKey, KeyError},
+    keys::{AccountEncryptionKey, BodyContext, ChatKey, EncryptionPublicKey, KeyError, WrappedKey},
     log::ChatLog,
     membership::{Membership, MembershipError},
 };
@@ -98,6 +99,14 @@ pub enum Draft {
         account: AccountId,
     },
     Rekey,
+    /// This account revoked `revoked`: rotates the key as `Rekey` does,
+    /// with this account's grant wrapped to its current encryption key
+    /// (added with [`ChatMember::add_encryption_key`] first), which is
+    /// sealed to each of `keep` and to this device.
+    AccountKey {
+        keep: Vec<DevicePublicKey>,
+        revoked: Vec<DevicePublicKey>,
+    },
     /// Sets the chat's storage peers and write quorum. A new chat's creator
     /// composes this right after the genesis; only members (admins, if the
     /// chat has any) may.
@@ -150,7 +159,12 @@ impl Randomness {
 /// A member device's keys for its account's cloud chats.
 pub struct ChatMember {
     account: AccountId,
-    encryption: AccountEncryptionKey,
+    /// The account's encryption keys by generation (and public key, should
+    /// two revocations have raced), oldest first: never empty. The last is
+    /// the current one; older ones open older epochs.
+    encryption: Vec<(u32, AccountEncryptionKey)>,
+    /// Keys taken from `AccountKey` entries since the driver last asked.
+    learned: Vec<(u32, AccountEncryptionKey)>,
     device_key: SigningKey,
     certificate: Arc<DeviceCertificate>,
     /// Chat keys found so far, by the key path (genesis and rotations)
@@ -186,7 +200,8 @@ impl ChatMember {
         }
         Ok(Self {
             account: certificate.account,
-            encryption,
+            encryption: vec![(0, encryption)],
+            learned: Vec::new(),
             device_key,
             certificate: Arc::new(certificate),
             keys: HashMap::new(),
@@ -201,8 +216,55 @@ impl ChatMember {
         self.certificate.device
     }
 
+    /// The account's current encryption key (what others wrap to).
     pub fn encryption_key(&self) -> EncryptionPublicKey {
-        self.encryption.public()
+        self.current().1.public()
+    }
+
+    /// The current key's generation (0 until a device is revoked).
+    pub fn key_generation(&self) -> u32 {
+        self.current().0
+    }
+
+    fn current(&self) -> &(u32, AccountEncryptionKey) {
+        self.encryption
+            .last()
+            .expect("a member holds at least one encryption key")
+    }
+
+    /// Adds a key of this account at `generation`; it becomes the current
+    /// key if its generation is the highest. Returns whether it was new.
+    pub fn add_encryption_key(&mut self, generation: u32, key: AccountEncryptionKey) -> bool {
+        let public = key.public();
+        if self.encryption.iter().any(|(_, k)| k.public() == public) {
+            return false;
+        }
+        let at = self
+            .encryption
+            .partition_point(|(g, k)| (*g, k.public()) < (generation, public));
+        self.encryption.insert(at, (generation, key));
+        true
+    }
+
+    /// The keys this device took from `AccountKey` entries (sealed to it by
+    /// another device of the account) since the last call, for the driver
+    /// to keep: chats created later may be wrapped to them alone.
+    pub fn take_learned_keys(&mut self) -> Vec<(u32, AccountEncryptionKey)> {
+        std::mem::take(&mut self.learned)
+    }
+
+    fn holds(&self, key: &EncryptionPublicKey) -> bool {
+        self.encryption.iter().any(|(_, k)| k.public() == *key)
+    }
+
+    fn unwrap_any(&self, wrapped: &WrappedKey, chat: ChatId, epoch: u32) -> Option<ChatKey> {
+        AccountEncryptionKey::unwrap_any(
+            self.encryption.iter().map(|(_, k)| k),
+            wrapped,
+            chat,
+            epoch,
+        )
+        .ok()
     }
 
     /// The genesis of a new chat with `others`, this account included as a
@@ -218,7 +280,7 @@ impl ChatMember {
         let random = Randomness(random);
         let key = ChatKey::from_bytes(random.derive("first key"));
         let wrap_random = random.derive("wrap");
-        let mut members = vec![(self.account, self.encryption.public())];
+        let mut members = vec![(self.account, self.encryption_key())];
         for (account, encryption_key) in others {
             if !members.iter().any(|(a, _)| a == account) {
                 members.push((*account, *encryption_key));
@@ -359,7 +421,7 @@ impl ChatMember {
                 };
                 membership.authorise(&self.account, &probe)?;
                 let (new_epoch, grants) =
-                    rotation_grants(&membership, Some(&account), chat, &random)?;
+                    rotation_grants(&membership, Some(&account), None, chat, &random)?;
                 (
                     EntryKind::RemoveMember {
                         account,
@@ -370,8 +432,61 @@ impl ChatMember {
                 )
             }
             Draft::Rekey => {
-                let (new_epoch, grants) = rotation_grants(&membership, None, chat, &random)?;
+                let (new_epoch, grants) = rotation_grants(&membership, None, None, chat, &random)?;
                 (EntryKind::Rekey { new_epoch, grants }, None)
+            }
+            Draft::AccountKey { keep, revoked } => {
+                membership.authorise(
+                    &self.account,
+                    &EntryKind::Rekey {
+                        new_epoch: 0,
+                        grants: Vec::new(),
+                    },
+                )?;
+                let (generation, current) = self.current();
+                let encryption_key = current.public();
+                let (new_epoch, grants) = rotation_grants(
+                    &membership,
+                    None,
+                    Some((&self.account, &encryption_key)),
+                    chat,
+                    &random,
+                )?;
+                let mut devices = vec![self.device()];
+                for device in keep {
+                    if !devices.contains(&device) {
+                        devices.push(device);
+                    }
+                }
+                let wrap_random = random.derive("device wrap");
+                let devices = devices
+                    .iter()
+                    .map(|device| {
+                        Ok(DeviceKeyGrant {
+                            device: *device,
+                            wrapped_key: current.seal_to_device(
+                                device,
+                                chat,
+                                new_epoch,
+                                &wrap_random,
+                            )?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, KeyError>>()?;
+                let change = AccountKeyChange {
+                    generation: *generation,
+                    encryption_key,
+                    devices,
+                    revoked,
+                };
+                (
+                    EntryKind::AccountKey {
+                        new_epoch,
+                        grants,
+                        change,
+                    },
+                    None,
+                )
             }
             Draft::Storage { peers, quorum } => {
                 check_storage_set(&peers, quorum)?;
@@ -514,7 +629,7 @@ impl ChatMember {
         self.keys.get(path).cloned()
     }
 
-    fn find_key(&self, log: &ChatLog, path: &[EntryHash]) -> Option<ChatKey> {
+    fn find_key(&mut self, log: &ChatLog, path: &[EntryHash]) -> Option<ChatKey> {
         let chat = log.chat();
         // An addition of this account made under exactly this key.
         for addition in log.additions() {
@@ -526,9 +641,8 @@ impl ChatMember {
             };
             if member.account == self.account
                 && log.membership_for(addition).map(|m| m.key_path()) == Some(path)
-                && let Ok(key) =
-                    self.encryption
-                        .unwrap(&member.wrapped_key, chat, entry.header.header.epoch)
+                && let Some(key) =
+                    self.unwrap_any(&member.wrapped_key, chat, entry.header.header.epoch)
             {
                 return Some(key);
             }
@@ -538,7 +652,7 @@ impl ChatMember {
         match &entry.header.header.kind {
             EntryKind::Genesis { members, .. } if before.is_empty() => {
                 let grant = members.iter().find(|m| m.account == self.account)?;
-                self.encryption.unwrap(&grant.wrapped_key, chat, 0).ok()
+                self.unwrap_any(&grant.wrapped_key, chat, 0)
             }
             EntryKind::RemoveMember {
                 new_epoch, grants, ..
@@ -546,10 +660,36 @@ impl ChatMember {
             | EntryKind::Rekey { new_epoch, grants } => {
                 let previous = self.keys.get(before)?;
                 let grant = grants.iter().find(|g| g.account == self.account)?;
-                let fresh = self
-                    .encryption
-                    .unwrap(&grant.wrapped_key, chat, *new_epoch)
+                let fresh = self.unwrap_any(&grant.wrapped_key, chat, *new_epoch)?;
+                Some(previous.rotate(&fresh))
+            }
+            EntryKind::AccountKey {
+                new_epoch,
+                grants,
+                change,
+            } => {
+                let previous = self.keys.get(before)?.clone();
+                if entry.header.author_account() == self.account
+                    && !self.holds(&change.encryption_key)
+                {
+                    // Another device of this account revoked one: the new
+                    // key is sealed to each device that stays.
+                    let sealed = change.devices.iter().find(|g| g.device == self.device())?;
+                    let key = AccountEncryptionKey::open_from_device(
+                        &self.device_key,
+                        &sealed.wrapped_key,
+                        &change.encryption_key,
+                        chat,
+                        *new_epoch,
+                    )
                     .ok()?;
+                    let again = AccountEncryptionKey::from_secret_bytes(&key.secret_bytes());
+                    if self.add_encryption_key(change.generation, key) {
+                        self.learned.push((change.generation, again));
+                    }
+                }
+                let grant = grants.iter().find(|g| g.account == self.account)?;
+                let fresh = self.unwrap_any(&grant.wrapped_key, chat, *new_epoch)?;
                 Some(previous.rotate(&fresh))
             }
             _ => None,
@@ -657,10 +797,11 @@ fn checked(text: &str) -> Result<String, MemberError> {
 }
 
 /// A fresh secret for the next epoch, wrapped to every member but
-/// `leaving`.
+/// `leaving`; to `own`'s key instead of the one in force for that account.
 fn rotation_grants(
     membership: &Membership,
     leaving: Option<&AccountId>,
+    own: Option<(&AccountId, &EncryptionPublicKey)>,
     chat: ChatId,
     random: &Randomness,
 ) -> Result<(u32, Vec<KeyGrant>), MemberError> {
@@ -674,6 +815,10 @@ fn rotation_grants(
         .members()
         .filter(|(account, _)| Some(*account) != leaving)
         .map(|(account, encryption_key)| {
+            let encryption_key = match own {
+                Some((a, key)) if a == account => key,
+                _ => encryption_key,
+            };
             Ok(KeyGrant {
                 account: *account,
                 wrapped_key: fresh.wrap_to(encryption_key, chat, new_epoch, &wrap_random)?,

@@ -16,7 +16,7 @@ use super::{
     entry::{EntryHash, EntryKind, KeyGrant},
     keys::EncryptionPublicKey,
 };
-use crate::identity::AccountId;
+use crate::identity::{AccountId, DevicePublicKey};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum MembershipError {
@@ -46,6 +46,8 @@ pub struct Membership {
     key_path: Vec<EntryHash>,
     /// The storage set and write quorum of the latest Storage entry applied.
     storage: Option<(Vec<StoragePeer>, u8)>,
+    /// Devices their own account revoked (`AccountKey`), with that account.
+    revoked_devices: BTreeMap<DevicePublicKey, AccountId>,
 }
 
 impl Membership {
@@ -71,6 +73,12 @@ impl Membership {
 
     pub fn admins(&self) -> impl Iterator<Item = &AccountId> {
         self.admins.iter()
+    }
+
+    /// Whether `account` revoked its `device` here: its later entries are
+    /// refused.
+    pub fn is_revoked_device(&self, device: &DevicePublicKey, account: &AccountId) -> bool {
+        self.revoked_devices.get(device) == Some(account)
     }
 
     /// Removed and not added back since.
@@ -142,7 +150,7 @@ impl Membership {
                 }
                 Ok(())
             }
-            EntryKind::Rekey { .. } => {
+            EntryKind::Rekey { .. } | EntryKind::AccountKey { .. } => {
                 if self.is_member(author) {
                     Ok(())
                 } else {
@@ -164,7 +172,9 @@ impl Membership {
             EntryKind::RemoveMember {
                 account, grants, ..
             } => (Some(account), grants),
-            EntryKind::Rekey { grants, .. } => (None, grants),
+            EntryKind::Rekey { grants, .. } | EntryKind::AccountKey { grants, .. } => {
+                (None, grants)
+            }
             _ => return Ok(()),
         };
         let expected: BTreeSet<&AccountId> = self
@@ -195,6 +205,7 @@ impl Membership {
                     epoch: 0,
                     key_path: vec![hash],
                     storage: None,
+                    revoked_devices: BTreeMap::new(),
                 };
             }
             return;
@@ -223,6 +234,13 @@ impl Membership {
                 self.rotate(hash);
             }
             EntryKind::Rekey { .. } => self.rotate(hash),
+            EntryKind::AccountKey { change, .. } => {
+                self.members.insert(*author, change.encryption_key);
+                for device in &change.revoked {
+                    self.revoked_devices.insert(*device, *author);
+                }
+                self.rotate(hash);
+            }
             EntryKind::Genesis { .. }
             | EntryKind::Message
             | EntryKind::Purge { .. }

@@ -73,8 +73,9 @@ pub mod sync;
 
 pub use content::Content;
 pub use entry::{
-    BodyHash, ChatId, Composed, Entry, EntryBody, EntryError, EntryHash, EntryHeader, EntryKind,
-    KeyGrant, MemberGrant, SignatureChecked, SignedHeader, check_storage_set,
+    AccountKeyChange, BodyHash, ChatId, Composed, DeviceKeyGrant, Entry, EntryBody, EntryError,
+    EntryHash, EntryHeader, EntryKind, KeyGrant, MemberGrant, SignatureChecked, SignedHeader,
+    check_storage_set,
 };
 pub use keys::{
     AccountEncryptionKey, BodyContext, ChatKey, EncryptionPublicKey, KeyError, WrappedKey,

@@ -5,9 +5,9 @@
 use ed25519_dalek::SigningKey;
 
 use super::{
-    ChatHistory, ChatId, ChatLog, ChatMember, ChatSummary, Composed, Content, Draft, Entry,
-    EntryBody, EntryError, EntryHash, EntryHeader, EntryKind, LogError, LogOutput, MemberError,
-    SyncRequest,
+    AccountEncryptionKey, ChatHistory, ChatId, ChatLog, ChatMember, ChatSummary, Composed, Content,
+    Draft, Entry, EntryBody, EntryError, EntryHash, EntryHeader, EntryKind, LogError, LogOutput,
+    MemberError, SyncRequest,
     account::{MAX_ADDR_LEN, MAX_STORAGE_PEERS, StoragePeer},
     in_sync, respond,
 };
@@ -1239,4 +1239,158 @@ fn a_storage_peer_reads_the_storage_set_without_keys() {
         rebuilt.insert(entry.clone()).unwrap();
     }
     assert_eq!(rebuilt.storage_set(), peer.storage_set());
+}
+
+#[test]
+fn a_revoked_device_reads_nothing_after_and_cannot_write() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let alice = devices[0].member.account();
+    let mut storage = ChatLog::new(CHAT);
+    devices[0].say("before", &mut dice);
+    pull(&mut storage, &devices[0].log);
+    // Alice's phone (to be revoked) syncs; her tablet stays offline.
+    let mut phone = Device::new(1, 31);
+    let mut tablet = Device::new(1, 32);
+    pull(&mut phone.log, &storage);
+    assert_eq!(phone.texts(), ["before"]);
+
+    // Her laptop revokes the phone: a fresh account key, sealed to the
+    // laptop and the tablet, and a key rotation.
+    let new_key = AccountEncryptionKey::generate(&dice.roll());
+    let new_public = new_key.public();
+    assert!(devices[0].member.add_encryption_key(1, new_key));
+    assert_eq!(devices[0].member.encryption_key(), new_public);
+    devices[0].write(
+        Draft::AccountKey {
+            keep: vec![tablet.cert.device],
+            revoked: vec![phone.cert.device],
+        },
+        &mut dice,
+    );
+    devices[0].say("after", &mut dice);
+    // The storage peer verifies all of it without any key.
+    pull(&mut storage, &devices[0].log);
+
+    // Bob reads on, and wraps to Alice's new key from now on.
+    pull(&mut devices[1].log, &storage);
+    assert_eq!(devices[1].texts(), ["before", "after"]);
+    let heads = devices[1].log.heads();
+    assert_eq!(
+        devices[1]
+            .log
+            .membership_for_parents(&heads)
+            .encryption_key(&alice),
+        Some(&new_public)
+    );
+
+    // The phone holds the account key and the old chat key, and gets every
+    // entry, but reads nothing written after the revocation.
+    pull(&mut phone.log, &storage);
+    assert_eq!(phone.log.len(), storage.len());
+    assert_eq!(phone.texts(), ["before"]);
+    assert_eq!(phone.history().unreadable, 1);
+    assert!(phone.member.take_learned_keys().is_empty());
+    // What it writes after the revocation is refused by every holder.
+    let late = hand_made(
+        &phone.log,
+        &phone.key,
+        &phone.cert,
+        EntryKind::Message,
+        Some(EntryBody {
+            nonce: [7; 24],
+            ciphertext: vec![7; 300],
+        }),
+    );
+    let revoked = LogError::RevokedDevice(phone.cert.device);
+    assert_refused(&mut storage, late.clone(), revoked.clone());
+    assert_refused(&mut devices[1].log, late, revoked);
+
+    // The tablet, offline throughout, takes the new key from the log (it
+    // was sealed to its device key) and reads everything.
+    pull(&mut tablet.log, &storage);
+    assert_eq!(tablet.texts(), ["before", "after"]);
+    let learned = tablet.member.take_learned_keys();
+    assert_eq!(learned.len(), 1);
+    assert_eq!((learned[0].0, learned[0].1.public()), (1, new_public));
+    assert_eq!(tablet.member.encryption_key(), new_public);
+    assert_eq!(tablet.member.key_generation(), 1);
+
+    // Bob's later rotation goes to the new key: the tablet reads past it,
+    // the phone does not.
+    devices[1].write(Draft::Rekey, &mut dice);
+    devices[1].say("bob, later", &mut dice);
+    pull(&mut storage, &devices[1].log);
+    pull(&mut tablet.log, &storage);
+    pull(&mut phone.log, &storage);
+    assert_eq!(tablet.texts(), ["before", "after", "bob, later"]);
+    assert_eq!(phone.texts(), ["before"]);
+}
+
+#[test]
+fn an_account_key_change_is_bounded_and_revokes_only_its_own_devices() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let mut storage = ChatLog::new(CHAT);
+    let mut alice_phone = Device::new(1, 31);
+    pull(&mut alice_phone.log, &devices[0].log);
+    // Bob names Alice's phone as revoked in his own key change: it is his
+    // rotation, and it revokes nothing of Alice's.
+    assert!(
+        devices[1]
+            .member
+            .add_encryption_key(1, AccountEncryptionKey::generate(&dice.roll()))
+    );
+    let rotation = devices[1].write(
+        Draft::AccountKey {
+            keep: vec![],
+            revoked: vec![alice_phone.cert.device],
+        },
+        &mut dice,
+    );
+    pull(&mut storage, &devices[1].log);
+    pull(&mut alice_phone.log, &storage);
+    let from_phone = alice_phone.say("still here", &mut dice);
+    assert!(storage.insert(from_phone).is_ok());
+
+    // Bounds: generation 0 is the derived key; the author's device keeps
+    // the key; nobody is both kept and revoked; something is revoked.
+    let EntryKind::AccountKey {
+        new_epoch,
+        grants,
+        change,
+    } = rotation.header.header.kind
+    else {
+        panic!("not an account key change")
+    };
+    let bob = &devices[1];
+    type Mutation = fn(&mut super::AccountKeyChange, DevicePublicKey);
+    let cases: [(&str, Mutation); 4] = [
+        ("generation 0", |c, _| c.generation = 0),
+        ("author revoked", |c, me| c.revoked.push(me)),
+        ("author not kept", |c, _| c.devices.clear()),
+        ("nothing revoked", |c, _| c.revoked.clear()),
+    ];
+    for (why, mutate) in cases {
+        let mut changed = change.clone();
+        mutate(&mut changed, bob.cert.device);
+        let header = EntryHeader {
+            chat: CHAT,
+            author: bob.cert.clone().into(),
+            parents: vec![EntryHash([1; 32])],
+            seq: 1,
+            lamport: 2,
+            epoch: new_epoch - 1,
+            kind: EntryKind::AccountKey {
+                new_epoch,
+                grants: grants.clone(),
+                change: changed,
+            },
+            body_hash: None,
+        };
+        assert!(
+            matches!(header.check_shape(), Err(EntryError::Shape(_))),
+            "{why} passed the shape check"
+        );
+    }
 }
