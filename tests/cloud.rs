@@ -921,3 +921,141 @@ fn by_default_each_member_keeps_the_chat_on_its_own_node_without_hosting_anyone(
     );
     assert!(files_containing(t.dir(2), b"hello").is_empty());
 }
+
+/// Links a new device to node `k`'s account in `dir` (not started).
+fn link_device(t: &Three, k: usize, dir: &Path, name: &str) {
+    let out = tern(t.dir(k), &["device", "link"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let out = tern(dir, &["init", "--link", &code, "--name", name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn texts(history: &[Value]) -> Vec<String> {
+    history
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_revoked_device_reads_nothing_after_and_a_device_offline_at_the_revocation_reads_on() {
+    let mut t = Three::start();
+    let chat = t.chat();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (d0, d1) = (t.dir(0).to_owned(), t.dir(1).to_owned());
+    let send = |dir: &Path, text: &str| {
+        let r: Value = rt
+            .block_on(ApiClient::new(&DataDir::new(dir)).unwrap().post(
+                &format!("/v1/chats/{chat}/messages"),
+                &json!({ "text": text }),
+            ))
+            .unwrap();
+        assert_eq!(r["status"], "stored", "{r}");
+    };
+    send(&d0, "before");
+
+    // Alice links a phone (running) and a tablet (offline for now).
+    let root = t.dir(0).parent().unwrap().to_owned();
+    let (phone_dir, tablet_dir) = (root.join("phone"), root.join("tablet"));
+    link_device(&t, 0, &phone_dir, "alice-phone");
+    link_device(&t, 0, &tablet_dir, "alice-tablet");
+    let phone = NodeProcess::start(&phone_dir, LOOPBACK);
+    let on = |dir: &Path, path: &str| -> Option<Value> {
+        rt.block_on(ApiClient::new(&DataDir::new(dir)).ok()?.get::<Value>(path))
+            .ok()
+    };
+    let history_on = |dir: &Path| -> Option<Vec<Value>> {
+        Some(
+            on(dir, &format!("/v1/chats/{chat}/messages"))?
+                .as_array()?
+                .clone(),
+        )
+    };
+    poll("the phone to read the chat", || {
+        (texts(&history_on(&phone_dir)?) == ["before"]).then_some(())
+    });
+    let record_key = |dir: &Path| {
+        on(dir, "/v1/account")?["encryption_key"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let key_before = record_key(&d0).expect("alice's own record");
+
+    // Alice's first device revokes the phone.
+    let phone_id = phone.peer_id();
+    let revoked: Value = rt
+        .block_on(
+            ApiClient::new(&DataDir::new(&d0))
+                .unwrap()
+                .post("/v1/devices/revoke", &json!({ "device": phone_id })),
+        )
+        .unwrap();
+    assert_eq!(revoked["revoked"], true, "{revoked}");
+    assert_eq!(revoked["chats_rekeyed"], 1, "{revoked}");
+    let key_after = record_key(&d0).expect("alice's own record");
+    assert_ne!(key_after, key_before, "the record still names the old key");
+    send(&d0, "after");
+    send(&d1, "bob, after");
+    poll("bob to read on", || {
+        (texts(&t.history(1, &chat)) == ["before", "after", "bob, after"]).then_some(())
+    });
+
+    // The phone still gets every entry (it is still connected and still
+    // holds the account key), but reads nothing written after.
+    let entries_of = |dir: &Path| -> Option<u64> {
+        on(dir, "/v1/chats")?
+            .as_array()?
+            .iter()
+            .find(|c| c["chat_id"] == chat.as_str())?["entries"]
+            .as_u64()
+    };
+    let all = entries_of(&d1).unwrap();
+    poll("the phone to hold every entry", || {
+        (entries_of(&phone_dir)? >= all).then_some(())
+    });
+    assert_eq!(texts(&history_on(&phone_dir).unwrap()), ["before"]);
+    // And it cannot write to the chat any more.
+    let r = rt.block_on(
+        ApiClient::new(&DataDir::new(&phone_dir))
+            .unwrap()
+            .post::<_, Value>(
+                &format!("/v1/chats/{chat}/messages"),
+                &json!({ "text": "from the phone" }),
+            ),
+    );
+    assert!(r.is_err(), "the revoked phone wrote: {r:?}");
+    drop(phone);
+
+    // The tablet comes online with Alice's first device gone: from the
+    // storage peers alone it takes the new key and reads everything.
+    t.kill(0);
+    let _tablet = NodeProcess::start(&tablet_dir, LOOPBACK);
+    poll("the tablet to read the whole chat", || {
+        (texts(&history_on(&tablet_dir)?) == ["before", "after", "bob, after"]).then_some(())
+    });
+    // Its own record names the new key too, and it writes on.
+    poll("the tablet's record to name the new key", || {
+        (record_key(&tablet_dir)? == key_after).then_some(())
+    });
+    let r: Value = rt
+        .block_on(ApiClient::new(&DataDir::new(&tablet_dir)).unwrap().post(
+            &format!("/v1/chats/{chat}/messages"),
+            &json!({ "text": "tablet" }),
+        ))
+        .unwrap();
+    assert_eq!(r["status"], "stored", "{r}");
+    poll("bob to read the tablet", || {
+        texts(&t.history(1, &chat))
+            .contains(&"tablet".to_owned())
+            .then_some(())
+    });
+}

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tern_protocol::{
     AccountId, AccountKeypair,
     cloud::{
-        AccountEncryptionKey,
+        AccountEncryptionKey, EncryptionPublicKey,
         account::{AccountRecord, AccountRecordBody},
     },
 };
@@ -87,7 +87,11 @@ pub fn read_token(dir: &DataDir) -> anyhow::Result<String> {
 /// This device's account record: for now the account's devices as this
 /// device knows them (itself) and its encryption key. Signed anew at every
 /// start, with the time as its sequence number.
-fn own_account_record(identity: &keys::Identity, config: &Config) -> anyhow::Result<AccountRecord> {
+fn own_account_record(
+    identity: &keys::Identity,
+    config: &Config,
+    encryption_key: EncryptionPublicKey,
+) -> anyhow::Result<AccountRecord> {
     let now = crate::events::now_ms();
     let mut storage_peers = config
         .storage_peers
@@ -106,7 +110,7 @@ fn own_account_record(identity: &keys::Identity, config: &Config) -> anyhow::Res
             account: identity.account_id(),
             seq: now,
             issued_at_ms: now,
-            encryption_key: AccountEncryptionKey::derive(&identity.account).public(),
+            encryption_key,
             devices: vec![identity.certificate.clone()],
             storage_peers,
         },
@@ -152,6 +156,14 @@ impl Node {
         let (secret_inbound, inbound_rx) =
             tokio::sync::mpsc::channel(secret::service::INBOUND_QUEUE);
         let (store_inbound, store_rx) = tokio::sync::mpsc::channel(cloud::service::INBOUND_QUEUE);
+        let signing_key = keys::device_signing_key(&identity.device)
+            .context("the device key is not an Ed25519 key")?;
+        let account_keys = cloud::account_keys::AccountKeys::load(
+            store.keyspace("account_keys")?,
+            signing_key.clone(),
+        );
+        let encryption_key =
+            cloud::account_keys::current_public(&identity.account, &account_keys.1);
         let devices = AccountDevices::open(
             store.keyspace(crate::devices::KEYSPACE)?,
             AccountKeypair::from_secret_bytes(&identity.account.secret_bytes()),
@@ -168,18 +180,16 @@ impl Node {
             target_peers: config.target_peers as usize,
             secret_inbound,
             store_inbound,
-            own_record: own_account_record(&identity, &config)?,
+            own_record: own_account_record(&identity, &config, encryption_key)?,
         });
         let erasable = ErasableStore::open(data_dir.erasable())
             .with_context(|| format!("cannot open {}", data_dir.erasable().display()))?;
-        let signing_key = keys::device_signing_key(&identity.device)
-            .context("the device key is not an Ed25519 key")?;
         let (secret_service, secret) = SecretService::new(ServiceParts {
             net: net.clone(),
             bus: bus.clone(),
             metrics: metrics.clone(),
             store: ChatStore::new(erasable),
-            signing_key,
+            signing_key: signing_key.clone(),
             certificate: identity.certificate.clone(),
             inbound: inbound_rx,
         })?;
@@ -212,8 +222,8 @@ impl Node {
             bus: bus.clone(),
             inbound: store_rx,
             encryption: AccountEncryptionKey::derive(&identity.account),
-            signing_key: keys::device_signing_key(&identity.device)
-                .context("the device key is not an Ed25519 key")?,
+            account_keys,
+            signing_key,
             certificate: identity.certificate.clone(),
             hidden: store.keyspace("cloud_hidden")?,
         })?;

@@ -95,6 +95,15 @@ impl Keyspace {
         Ok(())
     }
 
+    /// Inserts and flushes, blocking the calling thread until the write is
+    /// on disk: for a service thread of its own, where a later step must
+    /// not happen unless this write survives a crash.
+    pub fn insert_now(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.tree.insert(key, value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Inserts and asks the background flusher to flush, without waiting:
     /// on disk within milliseconds, for state the node needs after a crash
     /// (its address book, its ports) but must not block on. Without a

@@ -8,6 +8,7 @@
 //! - [`wire`], [`api`], [`cli`]: the protocol, the `/v1/chats` and
 //!   `/v1/host` routes, and `tern chat` / `tern host`.
 
+pub mod account_keys;
 pub mod acks;
 pub mod api;
 pub mod cli;

@@ -43,6 +43,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     ChatInfo, CloudError, MessageView, ReplicaView, SendReceipt,
+    account_keys::AccountKeys,
     hosting::Hosting,
     replica::{Outcome, ReplicaError, Replicas},
     wire::{MAX_CHAT_LIST, MAX_PUSH, MAX_PUSH_BYTES, PushResult, StoreRequest, StoreResponse},
@@ -160,7 +161,11 @@ enum Command {
         quorum: Option<u8>,
         reply: Reply<ChatInfo>,
     },
-    RekeyAll(Reply<usize>),
+    RevokeKeys {
+        keep: Vec<DevicePublicKey>,
+        revoked: Vec<DevicePublicKey>,
+        reply: Reply<usize>,
+    },
 }
 
 /// What one of our requests to a peer was.
@@ -255,8 +260,11 @@ pub struct CloudParts {
     pub net: NetworkHandle,
     pub bus: EventBus,
     pub inbound: mpsc::Receiver<InboundStore>,
-    /// The account's encryption key: what chat keys are wrapped to.
+    /// The account's encryption key derived from the account key: what
+    /// chat keys are wrapped to until a device is revoked.
     pub encryption: AccountEncryptionKey,
+    /// Where the account's later keys are kept, and those kept so far.
+    pub account_keys: (AccountKeys, Vec<(u32, AccountEncryptionKey)>),
     pub signing_key: SigningKey,
     pub certificate: DeviceCertificate,
     /// Messages hidden on this device only (`delete` without
@@ -272,6 +280,7 @@ pub struct CloudService {
     inbound: mpsc::Receiver<InboundStore>,
     commands: mpsc::Receiver<Command>,
     member: ChatMember,
+    account_keys: AccountKeys,
     account: AccountId,
     device: DevicePublicKey,
     me: PeerId,
@@ -419,10 +428,21 @@ impl CloudHandle {
     pub async fn replicas(&self, chat: String) -> Result<Vec<ReplicaView>, CloudError> {
         self.call(|reply| Command::Replicas { chat, reply }).await
     }
-    /// A new chat key in every chat of this account (after a device is
-    /// revoked); returns how many chats.
-    pub async fn rekey_all(&self) -> Result<usize, CloudError> {
-        self.call(Command::RekeyAll).await
+    /// After `revoked` devices of this account were revoked: a new account
+    /// encryption key, kept on disk and sealed to this device and to each
+    /// of `keep`, and a new chat key wrapped to it in every chat of the
+    /// account. Returns how many chats.
+    pub async fn revoke_keys(
+        &self,
+        keep: Vec<DevicePublicKey>,
+        revoked: Vec<DevicePublicKey>,
+    ) -> Result<usize, CloudError> {
+        self.call(|reply| Command::RevokeKeys {
+            keep,
+            revoked,
+            reply,
+        })
+        .await
     }
     pub async fn set_storage(
         &self,
@@ -506,8 +526,12 @@ impl CloudService {
         let (done_tx, done_rx) = mpsc::channel(MAX_LINKS * MAX_IN_FLIGHT);
         let device = parts.certificate.device;
         let me = peer_id_of(&device).ok_or_else(|| CloudError::Store("bad device key".into()))?;
-        let member = ChatMember::new(parts.encryption, parts.signing_key, parts.certificate)
+        let mut member = ChatMember::new(parts.encryption, parts.signing_key, parts.certificate)
             .map_err(|e| CloudError::Store(e.to_string()))?;
+        let (account_keys, kept) = parts.account_keys;
+        for (generation, key) in kept {
+            member.add_encryption_key(generation, key);
+        }
         let mut this = Self {
             replicas: parts.replicas,
             hosting: parts.hosting,
@@ -517,6 +541,7 @@ impl CloudService {
             commands,
             account: member.account(),
             member,
+            account_keys,
             device,
             me,
             hidden: parts.hidden,
@@ -621,6 +646,7 @@ impl CloudService {
             if !round.is_empty() {
                 self.round(round).await;
             }
+            self.keep_learned_keys();
             self.pump();
         }
         self.settle(None).await;
@@ -1838,20 +1864,11 @@ impl CloudService {
                 });
                 Pending::ready(r, reply)
             }
-            Command::RekeyAll(reply) => {
-                let chats: Vec<ChatId> = self
-                    .replicas
-                    .chats()
-                    .copied()
-                    .filter(|c| self.is_member(c))
-                    .collect();
-                let r = chats
-                    .into_iter()
-                    .map(|c| self.write(c, Draft::Rekey))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(|v| v.len());
-                Pending::ready(r, reply)
-            }
+            Command::RevokeKeys {
+                keep,
+                revoked,
+                reply,
+            } => Pending::ready(self.revoke_keys(keep, revoked), reply),
             Command::Replicas { chat, reply } => Pending::ready(
                 self.resolve_chat(&chat).map(|c| self.replica_views(c)),
                 reply,
@@ -1949,6 +1966,77 @@ impl CloudService {
         }
         self.push_out(chat, hash, &[]);
         Ok((chat, hash))
+    }
+
+    /// See [`CloudHandle::revoke_keys`].
+    fn revoke_keys(
+        &mut self,
+        keep: Vec<DevicePublicKey>,
+        revoked: Vec<DevicePublicKey>,
+    ) -> Result<usize, CloudError> {
+        let generation =
+            self.member.key_generation().checked_add(1).ok_or_else(|| {
+                CloudError::Refused("this account has no key generation left".into())
+            })?;
+        let key = AccountEncryptionKey::generate(&random32());
+        // On disk before any chat is wrapped to it: a key lost to a crash
+        // would lock this device out of everything that follows.
+        self.account_keys
+            .keep(generation, &key)
+            .map_err(CloudError::Store)?;
+        self.member.add_encryption_key(generation, key);
+        self.publish_encryption_key();
+        let chats: Vec<ChatId> = self
+            .replicas
+            .chats()
+            .copied()
+            .filter(|c| self.is_member(c))
+            .collect();
+        chats
+            .into_iter()
+            .map(|c| {
+                self.write(
+                    c,
+                    Draft::AccountKey {
+                        keep: keep.clone(),
+                        revoked: revoked.clone(),
+                    },
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.len())
+    }
+
+    /// Keeps the keys this device found sealed to it in chats (another
+    /// device of the account revoked one), and publishes the current one
+    /// in this device's account record: new chats are wrapped to it.
+    fn keep_learned_keys(&mut self) {
+        let learned = self.member.take_learned_keys();
+        if learned.is_empty() {
+            return;
+        }
+        for (generation, key) in &learned {
+            info!(
+                generation,
+                "took the account's new encryption key from a chat"
+            );
+            if let Err(e) = self.account_keys.keep(*generation, key) {
+                // Still held in memory; found again in the chat after a
+                // restart.
+                warn!("{e}");
+            }
+        }
+        self.publish_encryption_key();
+    }
+
+    fn publish_encryption_key(&self) {
+        let net = self.net.clone();
+        let key = self.member.encryption_key();
+        self.io.spawn(async move {
+            if let Err(e) = net.publish_encryption_key(key).await {
+                warn!("cannot publish the account's encryption key: {e}");
+            }
+        });
     }
 
     /// Appends this device's own entry to its copy.

@@ -13,6 +13,7 @@ use super::{DeviceView, RevokeError};
 use crate::{
     api::{ApiError, Shared},
     events::now_ms,
+    keys::device_of_peer,
 };
 
 pub fn routes() -> Router<Shared> {
@@ -77,8 +78,20 @@ pub struct RevokeResponse {
 async fn revoke(State(s): State<Shared>, body: Bytes) -> Result<Json<RevokeResponse>, ApiError> {
     let req: RevokeRequest = crate::api::json_body(&body)?;
     let device = s.net.revoke_device(req.device).await??;
-    // New keys for what follows in every chat of the account.
-    let chats_rekeyed = s.cloud.rekey_all().await?;
+    // A new account key for the devices that stay, and a new chat key
+    // wrapped to it in every chat of the account: the revoked device reads
+    // nothing that follows.
+    let of = |d: &DeviceView| d.device.parse().ok().and_then(|p| device_of_peer(&p));
+    let revoked = of(&device).into_iter().collect();
+    let keep = s
+        .net
+        .account_devices()
+        .await?
+        .iter()
+        .filter(|d| !d.revoked && !d.this_device)
+        .filter_map(of)
+        .collect();
+    let chats_rekeyed = s.cloud.revoke_keys(keep, revoked).await?;
     Ok(Json(RevokeResponse {
         device,
         chats_rekeyed,

@@ -300,6 +300,12 @@ pub struct WrappedKey {
     pub tag: [u8; 16],
 }
 
+/// A wrapped key on its own (an account key kept at rest): fixed size.
+impl crate::codec::Record for WrappedKey {
+    const VERSION: u8 = 1;
+    const MAX_LEN: usize = 1 + 32 + 32 + 16;
+}
+
 fn wrap_context(
     ephemeral: &[u8; 32],
     recipient: &EncryptionPublicKey,

@@ -8,7 +8,7 @@ use libp2p::{Multiaddr, PeerId, multiaddr::Protocol, request_response};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tern_protocol::{
-    cloud::account::AccountRecord,
+    cloud::{EncryptionPublicKey, account::AccountRecord},
     link::{
         CodeId, LinkCode, LinkGrant, LinkRefusal, LinkRequest, LinkResponse, MAX_ADDR_LEN,
         MAX_BOOTSTRAP,
@@ -47,6 +47,12 @@ pub enum DevicesCommand {
         device: String,
         reply: oneshot::Sender<Result<DeviceView, RevokeError>>,
     },
+    /// The account took a new encryption key: this device's record names
+    /// it from now on.
+    EncryptionKey {
+        key: EncryptionPublicKey,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 impl NetworkHandle {
@@ -59,6 +65,13 @@ impl NetworkHandle {
     /// The account's devices as this device knows them.
     pub async fn account_devices(&self) -> Result<Vec<DeviceView>, NetError> {
         self.call(|reply| Command::Devices(DevicesCommand::List { reply }))
+            .await
+    }
+
+    /// Publishes `key` as the account's encryption key in this device's
+    /// record (signed anew).
+    pub async fn publish_encryption_key(&self, key: EncryptionPublicKey) -> Result<(), NetError> {
+        self.call(|reply| Command::Devices(DevicesCommand::EncryptionKey { key, reply }))
             .await
     }
 
@@ -81,6 +94,17 @@ impl EventLoop {
             }
             DevicesCommand::List { reply } => {
                 let _ = reply.send(self.devices.list());
+            }
+            DevicesCommand::EncryptionKey { key, reply } => {
+                if self.own_record.body.encryption_key != key {
+                    let mut current = self.own_record.clone();
+                    current.body.encryption_key = key;
+                    if let Some(r) = self.devices.resign(&current, now_ms()) {
+                        self.own_record = r;
+                        info!("this account's record names its new encryption key");
+                    }
+                }
+                let _ = reply.send(());
             }
             DevicesCommand::Revoke { device, reply } => {
                 let revoked = self.devices.revoke(&device, now_ms());
