@@ -1035,6 +1035,17 @@ fn a_revoked_device_reads_nothing_after_and_a_device_offline_at_the_revocation_r
     assert!(r.is_err(), "the revoked phone wrote: {r:?}");
     drop(phone);
 
+    // A laptop linked after the revocation gets the new key from the linker
+    // and reads everything.
+    let laptop_dir = root.join("laptop");
+    link_device(&t, 0, &laptop_dir, "alice-laptop");
+    let laptop = NodeProcess::start(&laptop_dir, LOOPBACK);
+    poll("the laptop to read the whole chat", || {
+        (texts(&history_on(&laptop_dir)?) == ["before", "after", "bob, after"]).then_some(())
+    });
+    assert_eq!(record_key(&laptop_dir).as_ref(), Some(&key_after));
+    drop(laptop);
+
     // The tablet comes online with Alice's first device gone: from the
     // storage peers alone it takes the new key and reads everything.
     t.kill(0);

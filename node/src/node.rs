@@ -181,6 +181,7 @@ impl Node {
             secret_inbound,
             store_inbound,
             own_record: own_account_record(&identity, &config, encryption_key)?,
+            account_keys: account_keys.0.linkable(),
         });
         let erasable = ErasableStore::open(data_dir.erasable())
             .with_context(|| format!("cannot open {}", data_dir.erasable().display()))?;

@@ -274,11 +274,21 @@ pub struct LinkGrant {
     /// Binary multiaddrs (with `/p2p/`) to start from: the linker's and its
     /// peers'.
     pub bootstrap: Vec<Vec<u8>>,
+    /// The account's encryption keys taken since the one derived from the
+    /// account key (one per revoked device), by generation: without them
+    /// the new device could not read what followed a revocation.
+    pub account_keys: Vec<(u32, [u8; 32])>,
 }
+
+/// Most account encryption keys a grant carries: the newest are kept.
+pub const MAX_LINKED_KEYS: usize = 64;
 
 impl Drop for LinkGrant {
     fn drop(&mut self) {
         self.account_secret.zeroize();
+        for (_, key) in &mut self.account_keys {
+            key.zeroize();
+        }
     }
 }
 
@@ -289,6 +299,7 @@ impl fmt::Debug for LinkGrant {
             .field("certificate", &self.certificate)
             .field("devices", &self.devices.len())
             .field("bootstrap", &self.bootstrap.len())
+            .field("account_keys", &self.account_keys.len())
             .finish()
     }
 }
@@ -339,7 +350,9 @@ impl Record for LinkResponse {
         + 1
         + MAX_DEVICES * DeviceCertificate::MAX_LEN
         + 1
-        + MAX_BOOTSTRAP * (2 + MAX_ADDR_LEN);
+        + MAX_BOOTSTRAP * (2 + MAX_ADDR_LEN)
+        + 1
+        + MAX_LINKED_KEYS * (5 + 32);
 
     fn validate(&self) -> Result<(), DecodeError> {
         let LinkResponse::Granted(g) = self else {
@@ -352,6 +365,12 @@ impl Record for LinkResponse {
             )));
         }
         check_addrs(&g.bootstrap, MAX_BOOTSTRAP)?;
+        if g.account_keys.len() > MAX_LINKED_KEYS {
+            return Err(DecodeError::Invalid(format!(
+                "{} account keys, at most {MAX_LINKED_KEYS}",
+                g.account_keys.len()
+            )));
+        }
         // Certificates nested in a record are not checked by their own
         // decoder: check them here.
         for c in std::iter::once(&g.certificate).chain(&g.devices) {
@@ -793,6 +812,7 @@ mod tests {
             certificate: cert.clone(),
             devices: vec![account.certify(key(1), "old", 1).unwrap(), cert],
             bootstrap: vec![vec![4, 127, 0, 0, 1]],
+            account_keys: vec![(1, [8; 32])],
         }
     }
 
@@ -807,6 +827,7 @@ mod tests {
         assert_eq!(*back, g);
         assert_eq!(back.check(&key(2)).unwrap().id(), alice.id());
         assert!(!format!("{g:?}").contains("account_secret: ["));
+        assert!(!format!("{g:?}").contains("[8, 8"));
 
         assert_eq!(
             g.check(&key(3)).err(),
@@ -845,12 +866,16 @@ mod tests {
             })
             .collect();
         g.bootstrap = vec![vec![0xff; MAX_ADDR_LEN]; MAX_BOOTSTRAP];
+        g.account_keys = vec![(u32::MAX, [0xff; 32]); MAX_LINKED_KEYS];
         let wire = LinkResponse::Granted(Box::new(g.clone())).encode();
         assert!(wire.len() <= LinkResponse::MAX_LEN);
         assert!(LinkResponse::decode(&wire).is_ok());
 
         let mut too_many = g.clone();
         too_many.bootstrap.push(vec![1]);
+        assert!(LinkResponse::decode(&LinkResponse::Granted(Box::new(too_many)).encode()).is_err());
+        let mut too_many = g.clone();
+        too_many.account_keys.push((0, [1; 32]));
         assert!(LinkResponse::decode(&LinkResponse::Granted(Box::new(too_many)).encode()).is_err());
         assert!(LinkResponse::decode(&vec![1; LinkResponse::MAX_LEN + 1]).is_err());
 

@@ -7,10 +7,13 @@
 //! sealing the log uses to hand the key to a device), so it is as safe at
 //! rest as the device key itself: with a passphrase, sealed under it.
 
+use std::sync::{Arc, Mutex};
+
 use ed25519_dalek::SigningKey;
 use tern_protocol::cloud::{AccountEncryptionKey, ChatId, EncryptionPublicKey, WrappedKey};
 use tern_protocol::{AccountKeypair, Record};
 use tracing::warn;
+use zeroize::Zeroizing;
 
 use crate::store::Keyspace;
 
@@ -20,6 +23,37 @@ const AT_REST: ChatId = ChatId(*b"tern key at rest");
 pub struct AccountKeys {
     keyspace: Keyspace,
     device: SigningKey,
+    linkable: LinkableKeys,
+}
+
+/// The kept keys as a linker hands them to a new device of the account
+/// (`LinkGrant::account_keys`), shared with the network's event loop.
+#[derive(Clone, Default)]
+pub struct LinkableKeys(Arc<Mutex<Vec<KeptSecret>>>);
+
+/// A key's generation and its secret, wiped when dropped.
+type KeptSecret = (u32, Zeroizing<[u8; 32]>);
+
+impl LinkableKeys {
+    fn add(&self, generation: u32, key: &AccountEncryptionKey) {
+        if let Ok(mut keys) = self.0.lock() {
+            let secret = key.secret_bytes();
+            if !keys.iter().any(|(_, k)| **k == *secret) {
+                keys.push((generation, secret));
+            }
+        }
+    }
+
+    /// The newest [`tern_protocol::link::MAX_LINKED_KEYS`] keys.
+    pub fn for_grant(&self) -> Vec<(u32, [u8; 32])> {
+        let Ok(keys) = self.0.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<(u32, [u8; 32])> = keys.iter().map(|(g, k)| (*g, **k)).collect();
+        out.sort_by_key(|(g, _)| std::cmp::Reverse(*g));
+        out.truncate(tern_protocol::link::MAX_LINKED_KEYS);
+        out
+    }
 }
 
 impl AccountKeys {
@@ -47,7 +81,22 @@ impl AccountKeys {
             }
         }
         keys.sort_by_key(|(g, _)| *g);
-        (Self { keyspace, device }, keys)
+        let linkable = LinkableKeys::default();
+        for (generation, key) in &keys {
+            linkable.add(*generation, key);
+        }
+        (
+            Self {
+                keyspace,
+                device,
+                linkable,
+            },
+            keys,
+        )
+    }
+
+    pub fn linkable(&self) -> LinkableKeys {
+        self.linkable.clone()
     }
 
     /// Keeps `key` at `generation`, on disk before it returns.
@@ -62,7 +111,9 @@ impl AccountKeys {
             .map_err(|e| e.to_string())?;
         self.keyspace
             .insert_now(&key_name(generation, &key.public()), &sealed.encode())
-            .map_err(|e| format!("cannot keep the account's new encryption key: {e}"))
+            .map_err(|e| format!("cannot keep the account's new encryption key: {e}"))?;
+        self.linkable.add(generation, key);
+        Ok(())
     }
 }
 

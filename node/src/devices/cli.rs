@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use libp2p::{Multiaddr, identity};
 use serde_json::Value;
-use tern_protocol::{Record, link::LinkCode};
+use tern_protocol::{Record, cloud::AccountEncryptionKey, link::LinkCode};
 
 use super::{
     DeviceView, KEYSPACE, StoredDevice,
@@ -14,6 +14,7 @@ use super::{
 use crate::{
     cli::{InitArgs, host_name, init_with_identity},
     client::ApiClient,
+    cloud::account_keys::AccountKeys,
     config::Config,
     data_dir::DataDir,
     keys::{self, Identity},
@@ -133,7 +134,14 @@ pub async fn init_linked(dir: &DataDir, args: InitArgs) -> anyhow::Result<()> {
         passphrase.as_deref().map(|p| p.as_slice()),
         |dir, _, pass| Ok(keys::create_linked(dir, identity, pass)?),
     )?;
-    if let Err(e) = keep_devices(dir, &joined.grant.devices).await {
+    if let Err(e) = keep_devices(
+        dir,
+        &joined.grant.devices,
+        &joined.grant.account_keys,
+        &identity,
+    )
+    .await
+    {
         // Leave nothing half-made.
         for f in dir.init_files() {
             let _ = std::fs::remove_file(f);
@@ -150,13 +158,26 @@ pub async fn init_linked(dir: &DataDir, args: InitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the account's devices, as the linker sent them, into the store.
+/// Writes the account's devices and later encryption keys, as the linker
+/// sent them, into the store.
 async fn keep_devices(
     dir: &DataDir,
     devices: &[tern_protocol::DeviceCertificate],
+    account_keys: &[(u32, [u8; 32])],
+    identity: &Identity,
 ) -> anyhow::Result<()> {
     let store = Store::open(&dir.store(), 8 * 1024 * 1024)
         .with_context(|| format!("cannot open the store in {}", dir.root().display()))?;
+    let signing_key = keys::device_signing_key(&identity.device)
+        .context("the device key is not an Ed25519 key")?;
+    let (kept, _) = AccountKeys::load(store.keyspace("account_keys")?, signing_key);
+    for (generation, secret) in account_keys {
+        kept.keep(
+            *generation,
+            &AccountEncryptionKey::from_secret_bytes(secret),
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
     let ks = store.keyspace(KEYSPACE)?;
     for certificate in devices {
         let d = StoredDevice {

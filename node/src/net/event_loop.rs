@@ -321,6 +321,7 @@ pub struct EventLoop {
     >,
     /// This device's own signed account record, served on request.
     own_record: AccountRecord,
+    account_keys: crate::cloud::account_keys::LinkableKeys,
     /// Account records learned from the devices met (newest per account).
     records: HashMap<AccountId, AccountRecord>,
     /// This account's devices and the link codes this device issued.
@@ -339,6 +340,8 @@ pub struct EventLoopParts {
     pub store_inbound: mpsc::Sender<InboundStore>,
     pub own_record: AccountRecord,
     pub devices: crate::devices::AccountDevices,
+    /// The account's later encryption keys, for link grants.
+    pub account_keys: crate::cloud::account_keys::LinkableKeys,
 }
 
 impl EventLoop {
@@ -364,6 +367,7 @@ impl EventLoop {
             inbound_store: HashMap::new(),
             pending_store: HashMap::new(),
             own_record: parts.own_record,
+            account_keys: parts.account_keys,
             records: HashMap::new(),
             devices: parts.devices,
         };

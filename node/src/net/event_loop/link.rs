@@ -238,6 +238,7 @@ impl EventLoop {
                     certificate,
                     devices: self.devices.active(),
                     bootstrap: self.bootstrap_for(&peer),
+                    account_keys: self.account_keys.for_grant(),
                 }))
             }
         }
