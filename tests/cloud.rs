@@ -1003,6 +1003,14 @@ fn a_revoked_device_reads_nothing_after_and_a_device_offline_at_the_revocation_r
     assert_eq!(revoked["chats_rekeyed"], 1, "{revoked}");
     let key_after = record_key(&d0).expect("alice's own record");
     assert_ne!(key_after, key_before, "the record still names the old key");
+    // Bob's node, which held Alice's record from before, fetches it again
+    // when it keeps her AccountKey entry: a chat it creates with her from
+    // now on is wrapped to the new key.
+    let alice = t.account(0);
+    poll("bob's node to hold alice's new record", || {
+        (on(&d1, &format!("/v1/accounts/{alice}"))?["encryption_key"].as_str()? == key_after)
+            .then_some(())
+    });
     send(&d0, "after");
     send(&d1, "bob, after");
     poll("bob to read on", || {

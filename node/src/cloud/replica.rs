@@ -131,6 +131,9 @@ pub struct Replicas {
     failed: Option<String>,
     /// Entries appended since the last [`Self::take_appended`].
     appended: Vec<(ChatId, EntryHash)>,
+    /// Accounts whose `AccountKey` entries were kept since the last
+    /// [`Self::take_key_changes`].
+    key_changes: Vec<AccountId>,
     /// Bytes appended since the last commit started.
     unflushed: usize,
     /// This node's account, once known: the chats it is not a member of
@@ -332,6 +335,7 @@ impl Replicas {
             used: 0,
             failed: None,
             appended: Vec::new(),
+            key_changes: Vec::new(),
             unflushed: 0,
             account,
             released: HashSet::new(),
@@ -404,6 +408,12 @@ impl Replicas {
     /// in the order they were appended.
     pub fn take_appended(&mut self) -> Vec<(ChatId, EntryHash)> {
         std::mem::take(&mut self.appended)
+    }
+
+    /// Accounts that took a new encryption key (an `AccountKey` entry was
+    /// kept here) since the last call.
+    pub fn take_key_changes(&mut self) -> Vec<AccountId> {
+        std::mem::take(&mut self.key_changes)
     }
 
     /// Whether a failed commit stopped the kept chats.
@@ -562,6 +572,8 @@ impl Replicas {
             Offered::Received(e) => e.hash(),
         };
         let is_purge = matches!(entry.header.header.kind, EntryKind::Purge { .. });
+        let key_change = matches!(entry.header.header.kind, EntryKind::AccountKey { .. })
+            .then(|| entry.header.author_account());
         let known = self.chats.contains_key(&chat);
         if known && self.chats[&chat].log.is_duplicate(&hash, entry) {
             return Ok((Outcome::Duplicate, true));
@@ -651,6 +663,12 @@ impl Replicas {
                 }
                 LogOutput::Event(_) => {}
             }
+        }
+        if outcome == Outcome::Stored
+            && let Some(account) = key_change
+            && !self.key_changes.contains(&account)
+        {
+            self.key_changes.push(account);
         }
         Ok((outcome, true))
     }

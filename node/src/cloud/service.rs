@@ -647,6 +647,7 @@ impl CloudService {
                 self.round(round).await;
             }
             self.keep_learned_keys();
+            self.refresh_changed_accounts();
             self.pump();
         }
         self.settle(None).await;
@@ -2027,6 +2028,22 @@ impl CloudService {
             }
         }
         self.publish_encryption_key();
+    }
+
+    /// Another account took a new encryption key (it revoked a device):
+    /// ask its devices for its record now, so that a chat created with it
+    /// from here on is wrapped to the new key, not the one in the record
+    /// held since they last met.
+    fn refresh_changed_accounts(&mut self) {
+        let changed = self.replicas.take_key_changes();
+        for account in changed.into_iter().filter(|a| *a != self.account) {
+            let net = self.net.clone();
+            self.io.spawn(async move {
+                if let Err(e) = net.refresh_account(account).await {
+                    debug!("cannot ask for an account's record: {e}");
+                }
+            });
+        }
     }
 
     fn publish_encryption_key(&self) {

@@ -143,6 +143,9 @@ pub enum Command {
         account: AccountId,
         reply: oneshot::Sender<Option<AccountRecord>>,
     },
+    RefreshAccount {
+        account: AccountId,
+    },
     StoreRequest {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
@@ -259,6 +262,16 @@ impl NetworkHandle {
     /// of its devices, right after meeting it).
     pub async fn account(&self, account: AccountId) -> Result<Option<AccountRecord>, NetError> {
         self.call(|reply| Command::Account { account, reply }).await
+    }
+
+    /// Asks the connected devices of `account` for its record again (it
+    /// changed its encryption key); the answers replace the record held if
+    /// they are newer.
+    pub async fn refresh_account(&self, account: AccountId) -> Result<(), NetError> {
+        self.tx
+            .send(Command::RefreshAccount { account })
+            .await
+            .map_err(|_| NetError::Stopped)
     }
 
     /// What the node knows about `peer`, if it has met it.
@@ -509,6 +522,16 @@ impl EventLoop {
                     connected: self.swarm.is_connected(&peer),
                 });
                 let _ = reply.send(known);
+            }
+            Command::RefreshAccount { account } => {
+                for peer in self.book.devices_of(&account) {
+                    if self.connected.contains_key(&peer) {
+                        self.swarm
+                            .behaviour_mut()
+                            .account
+                            .send_request(&peer, AccountQuery);
+                    }
+                }
             }
             Command::DevicesOf { account, reply } => {
                 let _ = reply.send(self.book.devices_of(&account));
