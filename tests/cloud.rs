@@ -1065,6 +1065,16 @@ fn a_revoked_device_reads_nothing_after_and_a_device_offline_at_the_revocation_r
     poll("the tablet's record to name the new key", || {
         (record_key(&tablet_dir)? == key_after).then_some(())
     });
+    // It learned the revocation from the chat too: its device list shows
+    // the phone revoked.
+    poll("the tablet to list the phone as revoked", || {
+        let devices = on(&tablet_dir, "/v1/devices")?;
+        let phone = devices
+            .as_array()?
+            .iter()
+            .find(|d| d["device"] == phone_id.as_str())?;
+        (phone["revoked"] == true).then_some(())
+    });
     let r: Value = rt
         .block_on(ApiClient::new(&DataDir::new(&tablet_dir)).unwrap().post(
             &format!("/v1/chats/{chat}/messages"),

@@ -19,7 +19,7 @@ use std::{
 };
 
 use tern_protocol::{
-    AccountId, Record,
+    AccountId, DevicePublicKey, Record,
     cloud::{
         BatchLimits, ChatId, ChatLog, ChatSummary, Composed, Entry, EntryError, EntryHash,
         EntryKind, LogError, LogOutput, SignatureChecked, SyncRequest, SyncResponse, sync,
@@ -131,9 +131,9 @@ pub struct Replicas {
     failed: Option<String>,
     /// Entries appended since the last [`Self::take_appended`].
     appended: Vec<(ChatId, EntryHash)>,
-    /// Accounts whose `AccountKey` entries were kept since the last
-    /// [`Self::take_key_changes`].
-    key_changes: Vec<AccountId>,
+    /// `AccountKey` entries kept since the last [`Self::take_key_changes`]:
+    /// their author's account and the devices they revoke.
+    key_changes: Vec<(AccountId, Vec<DevicePublicKey>)>,
     /// Bytes appended since the last commit started.
     unflushed: usize,
     /// This node's account, once known: the chats it is not a member of
@@ -411,8 +411,8 @@ impl Replicas {
     }
 
     /// Accounts that took a new encryption key (an `AccountKey` entry was
-    /// kept here) since the last call.
-    pub fn take_key_changes(&mut self) -> Vec<AccountId> {
+    /// kept here) since the last call, with the devices they revoked.
+    pub fn take_key_changes(&mut self) -> Vec<(AccountId, Vec<DevicePublicKey>)> {
         std::mem::take(&mut self.key_changes)
     }
 
@@ -572,8 +572,12 @@ impl Replicas {
             Offered::Received(e) => e.hash(),
         };
         let is_purge = matches!(entry.header.header.kind, EntryKind::Purge { .. });
-        let key_change = matches!(entry.header.header.kind, EntryKind::AccountKey { .. })
-            .then(|| entry.header.author_account());
+        let key_change = match &entry.header.header.kind {
+            EntryKind::AccountKey { change, .. } => {
+                Some((entry.header.author_account(), change.revoked.clone()))
+            }
+            _ => None,
+        };
         let known = self.chats.contains_key(&chat);
         if known && self.chats[&chat].log.is_duplicate(&hash, entry) {
             return Ok((Outcome::Duplicate, true));
@@ -665,10 +669,9 @@ impl Replicas {
             }
         }
         if outcome == Outcome::Stored
-            && let Some(account) = key_change
-            && !self.key_changes.contains(&account)
+            && let Some(change) = key_change
         {
-            self.key_changes.push(account);
+            self.key_changes.push(change);
         }
         Ok((outcome, true))
     }

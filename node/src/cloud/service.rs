@@ -2030,20 +2030,40 @@ impl CloudService {
         self.publish_encryption_key();
     }
 
-    /// Another account took a new encryption key (it revoked a device):
-    /// ask its devices for its record now, so that a chat created with it
-    /// from here on is wrapped to the new key, not the one in the record
-    /// held since they last met.
+    /// An account revoked devices and took a new encryption key. Another
+    /// account's: ask its devices for its record now, so that a chat
+    /// created with it from here on is wrapped to the new key, not the one
+    /// in the record held since they last met. This account's (revoked on
+    /// another of its devices): revoke them here too, so this device's
+    /// record stops listing them.
     fn refresh_changed_accounts(&mut self) {
-        let changed = self.replicas.take_key_changes();
-        for account in changed.into_iter().filter(|a| *a != self.account) {
-            let net = self.net.clone();
-            self.io.spawn(async move {
+        let mut others = BTreeSet::new();
+        let mut revoked = BTreeSet::new();
+        for (account, devices) in self.replicas.take_key_changes() {
+            if account == self.account {
+                revoked.extend(devices.into_iter().filter(|d| *d != self.device));
+            } else {
+                others.insert(account);
+            }
+        }
+        if others.is_empty() && revoked.is_empty() {
+            return;
+        }
+        let net = self.net.clone();
+        self.io.spawn(async move {
+            for account in others {
                 if let Err(e) = net.refresh_account(account).await {
                     debug!("cannot ask for an account's record: {e}");
                 }
-            });
-        }
+            }
+            for device in revoked.iter().filter_map(peer_id_of) {
+                match net.revoke_device(device.to_string()).await {
+                    Ok(Ok(_)) => info!(%device, "revoked on another device of this account"),
+                    Ok(Err(e)) => debug!(%device, "not revoked here: {e}"),
+                    Err(e) => debug!("cannot revoke a device: {e}"),
+                }
+            }
+        });
     }
 
     fn publish_encryption_key(&self) {
