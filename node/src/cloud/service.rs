@@ -1993,19 +1993,32 @@ impl CloudService {
             .copied()
             .filter(|c| self.is_member(c))
             .collect();
-        chats
-            .into_iter()
-            .map(|c| {
-                self.write(
-                    c,
-                    Draft::AccountKey {
-                        keep: keep.clone(),
-                        revoked: revoked.clone(),
-                    },
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(|v| v.len())
+        // Every chat is tried: one that fails must not leave the others
+        // readable by the revoked device.
+        let mut rekeyed = 0;
+        let mut failed = Vec::new();
+        for chat in chats {
+            let draft = Draft::AccountKey {
+                keep: keep.clone(),
+                revoked: revoked.clone(),
+            };
+            match self.write(chat, draft) {
+                Ok(_) => rekeyed += 1,
+                Err(e) => {
+                    warn!(chat = %chat_hex(&chat), "cannot rotate the key after a revocation: {e}");
+                    failed.push(format!("{}: {e}", chat_hex(&chat)));
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(rekeyed)
+        } else {
+            Err(CloudError::Refused(format!(
+                "new keys in {rekeyed} chat(s), but not in {} (revoke again to retry): {}",
+                failed.len(),
+                failed.join("; ")
+            )))
+        }
     }
 
     /// Keeps the keys this device found sealed to it in chats (another
