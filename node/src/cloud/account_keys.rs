@@ -142,3 +142,75 @@ fn parse_key(name: &[u8]) -> Option<(u32, EncryptionPublicKey)> {
     let public: [u8; 32] = name.get(4..)?.try_into().ok()?;
     Some((generation, EncryptionPublicKey(public)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn all_bytes_under(dir: &std::path::Path) -> Vec<u8> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(all_bytes_under(&path));
+            } else {
+                out.extend(std::fs::read(&path).unwrap());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn kept_keys_are_sealed_on_disk_come_back_and_a_damaged_one_is_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("store");
+        let device = SigningKey::from_bytes(&[3; 32]);
+        let first = AccountEncryptionKey::generate(&[1; 32]);
+        let second = AccountEncryptionKey::generate(&[2; 32]);
+        {
+            let store = Store::open(&path, 1 << 20).unwrap();
+            let (keys, loaded) =
+                AccountKeys::load(store.keyspace("account_keys").unwrap(), device.clone());
+            assert!(loaded.is_empty());
+            keys.keep(2, &second).unwrap();
+            keys.keep(1, &first).unwrap();
+            let granted = keys.linkable().for_grant();
+            assert_eq!(granted.iter().map(|(g, _)| *g).collect::<Vec<_>>(), [2, 1]);
+            assert_eq!(granted[0].1, *second.secret_bytes());
+        }
+        // An attacker reading the data directory finds no key in the clear.
+        let disk = all_bytes_under(&path);
+        for key in [&first, &second] {
+            let secret = key.secret_bytes();
+            assert!(
+                !disk.windows(32).any(|w| w == secret.as_slice()),
+                "a key is on disk in the clear"
+            );
+        }
+
+        // Back after a restart, oldest first; another device's key opens
+        // none of them; a damaged one is skipped and the rest still load.
+        let store = Store::open(&path, 1 << 20).unwrap();
+        let ks = store.keyspace("account_keys").unwrap();
+        let (_, loaded) = AccountKeys::load(ks.clone(), device.clone());
+        let publics: Vec<_> = loaded.iter().map(|(g, k)| (*g, k.public())).collect();
+        assert_eq!(publics, [(1, first.public()), (2, second.public())]);
+        let (_, foreign) = AccountKeys::load(ks.clone(), SigningKey::from_bytes(&[4; 32]));
+        assert!(foreign.is_empty());
+        ks.insert_now(&key_name(1, &first.public()), b"\x01garbage")
+            .unwrap();
+        let (_, loaded) = AccountKeys::load(ks, device);
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].1.public(), second.public());
+        let expected = AccountEncryptionKey::derive(&AccountKeypair::from_secret_bytes(&[9; 32]));
+        assert_eq!(
+            current_public(&AccountKeypair::from_secret_bytes(&[9; 32]), &[]),
+            expected.public()
+        );
+        assert_eq!(
+            current_public(&AccountKeypair::from_secret_bytes(&[9; 32]), &loaded),
+            second.public()
+        );
+    }
+}
