@@ -131,9 +131,8 @@ pub struct Replicas {
     failed: Option<String>,
     /// Entries appended since the last [`Self::take_appended`].
     appended: Vec<(ChatId, EntryHash)>,
-    /// `AccountKey` entries kept since the last [`Self::take_key_changes`]:
-    /// their author's account and the devices they revoke.
-    key_changes: Vec<(AccountId, Vec<DevicePublicKey>)>,
+    /// `AccountKey` entries kept since the last [`Self::take_key_changes`].
+    key_changes: Vec<KeyChange>,
     /// Bytes appended since the last commit started.
     unflushed: usize,
     /// This node's account, once known: the chats it is not a member of
@@ -304,6 +303,16 @@ fn load_chat(chat: ChatId, dir: &Path) -> Result<Option<(Replica, PendingPurges)
     Ok(Some((Replica { log, store }, purges)))
 }
 
+/// An account's new encryption key, as an `AccountKey` entry kept here
+/// announced it: which account, written by which of its devices, revoking
+/// which.
+#[derive(Debug)]
+pub struct KeyChange {
+    pub account: AccountId,
+    pub by: DevicePublicKey,
+    pub revoked: Vec<DevicePublicKey>,
+}
+
 impl Replicas {
     /// Loads every kept chat. A chat whose files are damaged is set aside
     /// (renamed `*.damaged`, logged) for anti-entropy to restore; it does
@@ -411,8 +420,8 @@ impl Replicas {
     }
 
     /// Accounts that took a new encryption key (an `AccountKey` entry was
-    /// kept here) since the last call, with the devices they revoked.
-    pub fn take_key_changes(&mut self) -> Vec<(AccountId, Vec<DevicePublicKey>)> {
+    /// kept here) since the last call.
+    pub fn take_key_changes(&mut self) -> Vec<KeyChange> {
         std::mem::take(&mut self.key_changes)
     }
 
@@ -573,9 +582,11 @@ impl Replicas {
         };
         let is_purge = matches!(entry.header.header.kind, EntryKind::Purge { .. });
         let key_change = match &entry.header.header.kind {
-            EntryKind::AccountKey { change, .. } => {
-                Some((entry.header.author_account(), change.revoked.clone()))
-            }
+            EntryKind::AccountKey { change, .. } => Some(KeyChange {
+                account: entry.header.author_account(),
+                by: entry.header.author_device(),
+                revoked: change.revoked.clone(),
+            }),
             _ => None,
         };
         let known = self.chats.contains_key(&chat);

@@ -2052,11 +2052,11 @@ impl CloudService {
     fn refresh_changed_accounts(&mut self) {
         let mut others = BTreeSet::new();
         let mut revoked = BTreeSet::new();
-        for (account, devices) in self.replicas.take_key_changes() {
-            if account == self.account {
-                revoked.extend(devices.into_iter().filter(|d| *d != self.device));
-            } else {
-                others.insert(account);
+        for change in self.replicas.take_key_changes() {
+            if change.account != self.account {
+                others.insert(change.account);
+            } else if change.by != self.device {
+                revoked.extend(change.revoked.into_iter().filter(|d| *d != self.device));
             }
         }
         if others.is_empty() && revoked.is_empty() {
