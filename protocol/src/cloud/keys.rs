@@ -4,7 +4,10 @@
 //!   Ed25519 secret, so every device holding the account key holds it too and
 //!   a newly linked device can read the whole history with nothing else. Its
 //!   public half travels in the chat log (genesis, add member), so wrapping a
-//!   chat key for a member needs no directory.
+//!   chat key for a member needs no directory. Revoking a device replaces it
+//!   with a random one ([`AccountEncryptionKey::generate`]), which the log
+//!   carries sealed to each device that stays
+//!   ([`AccountEncryptionKey::seal_to_device`]).
 //! - **Chat key.** One per key epoch. Genesis draws the first; every rotation
 //!   (removal, re-key) draws a fresh secret and chains it onto the previous
 //!   key (see [`ChatKey::rotate`]). Chaining means a member removed by one of

@@ -58,8 +58,15 @@
 //!   peer with no key reads it all the same.
 //! - **Keys.** A member's [`EncryptionPublicKey`] must be known to whoever
 //!   creates a chat with it or adds it (publish it in the account record).
-//!   A device holding the account key derives everything; a linked device
-//!   without it needs [`AccountEncryptionKey::secret_bytes`] handed over.
+//!   A device holding the account key derives the first one (generation 0);
+//!   a linked device without it needs [`AccountEncryptionKey::secret_bytes`]
+//!   handed over.
+//! - **Revoking a device.** Draw a key with [`AccountEncryptionKey::generate`],
+//!   keep it, give it to [`ChatMember::add_encryption_key`] at the next
+//!   generation, and compose [`Draft::AccountKey`] in every chat of the
+//!   account. A device of the account that stays finds the key sealed to
+//!   it there; hand what [`ChatMember::take_learned_keys`] returns to
+//!   storage, and the keys kept so far to `add_encryption_key` at start.
 
 pub mod account;
 pub mod content;
