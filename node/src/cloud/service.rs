@@ -8,7 +8,7 @@
 //! emits events and sends what the round produced. Nothing is acknowledged
 //! before it is on disk.
 //!
-//! Towards other nodes it keeps one [`Link`] per peer with at most one
+//! Towards other nodes it keeps one `Link` per peer with at most one
 //! request in flight: pushes of new entries first, then pulls, compares and
 //! notifications. A compare (`Summary`) tells what the peer holds, so the
 //! same step repairs in both directions: push what it lacks, pull what it

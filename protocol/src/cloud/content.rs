@@ -34,7 +34,7 @@ const PAD_HEADER: usize = 5;
 const MIN_PADDED: usize = 256;
 
 /// The length a plaintext of `len` bytes is padded to: at least
-/// [`MIN_PADDED`], and above that Padmé (Nikitin et al., "Reducing Metadata
+/// `MIN_PADDED` bytes, and above that Padmé (Nikitin et al., "Reducing Metadata
 /// Leakage from Encrypted Files and Communication with PURBs", 2019): the
 /// length keeps only its top bits, so a storage peer learns about
 /// log log of it, for at most 12% more bytes.

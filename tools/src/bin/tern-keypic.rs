@@ -1,7 +1,9 @@
 //! Renders a secret-chat fingerprint the way `tern` shows it: the key
 //! picture (terminal, PNG, SVG), the emoji line or hex.
 //!
-//!     tern-keypic 5f3a…(64 hex digits) --format png --out key.png
+//! ```text
+//! tern-keypic 5f3a…(64 hex digits) --format png --out key.png
+//! ```
 
 use std::path::PathBuf;
 
