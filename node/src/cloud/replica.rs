@@ -308,6 +308,7 @@ fn load_chat(chat: ChatId, dir: &Path) -> Result<Option<(Replica, PendingPurges)
 /// which.
 #[derive(Debug)]
 pub struct KeyChange {
+    pub chat: ChatId,
     pub account: AccountId,
     pub by: DevicePublicKey,
     pub revoked: Vec<DevicePublicKey>,
@@ -581,14 +582,6 @@ impl Replicas {
             Offered::Received(e) => e.hash(),
         };
         let is_purge = matches!(entry.header.header.kind, EntryKind::Purge { .. });
-        let key_change = match &entry.header.header.kind {
-            EntryKind::AccountKey { change, .. } => Some(KeyChange {
-                account: entry.header.author_account(),
-                by: entry.header.author_device(),
-                revoked: change.revoked.clone(),
-            }),
-            _ => None,
-        };
         let known = self.chats.contains_key(&chat);
         if known && self.chats[&chat].log.is_duplicate(&hash, entry) {
             return Ok((Outcome::Duplicate, true));
@@ -645,6 +638,8 @@ impl Replicas {
                     hash: h,
                     record: enc,
                 } => {
+                    // This entry, or one that waited for it.
+                    self.note_key_change(chat, &h);
                     match staged.as_mut() {
                         Some((staged, at)) => {
                             self.used += enc.len() as u64 + RECORD_OVERHEAD;
@@ -679,12 +674,21 @@ impl Replicas {
                 LogOutput::Event(_) => {}
             }
         }
-        if outcome == Outcome::Stored
-            && let Some(change) = key_change
-        {
-            self.key_changes.push(change);
-        }
         Ok((outcome, true))
+    }
+
+    fn note_key_change(&mut self, chat: ChatId, hash: &EntryHash) {
+        let Some(entry) = self.chats.get(&chat).and_then(|r| r.log.get(hash)) else {
+            return;
+        };
+        if let EntryKind::AccountKey { change, .. } = &entry.header.header.kind {
+            self.key_changes.push(KeyChange {
+                chat,
+                account: entry.header.author_account(),
+                by: entry.header.author_device(),
+                revoked: change.revoked.clone(),
+            });
+        }
     }
 
     /// Appends one record; on failure the chat is reloaded from disk, so

@@ -646,8 +646,8 @@ impl CloudService {
             if !round.is_empty() {
                 self.round(round).await;
             }
-            self.keep_learned_keys();
             self.refresh_changed_accounts();
+            self.keep_learned_keys();
             self.pump();
         }
         self.settle(None).await;
@@ -2055,7 +2055,25 @@ impl CloudService {
         for change in self.replicas.take_key_changes() {
             if change.account != self.account {
                 others.insert(change.account);
-            } else if change.by != self.device {
+                continue;
+            }
+            let Some(log) = self.replicas.log(&change.chat) else {
+                continue;
+            };
+            let heads = log.heads();
+            if log
+                .membership_for_parents(&heads)
+                .is_revoked_device(&change.by, &change.account)
+            {
+                // A concurrent branch of a device revoked before it in the
+                // chat's order: its change does not hold.
+                warn!(chat = %chat_hex(&change.chat), "ignored a key change written by a revoked device");
+                continue;
+            }
+            // Take the key sealed to this device now, not at the next
+            // message: new chats must be wrapped to it.
+            self.member.refresh_keys(log);
+            if change.by != self.device {
                 revoked.extend(change.revoked.into_iter().filter(|d| *d != self.device));
             }
         }

@@ -819,7 +819,12 @@ impl ChatLog {
                     None => continue,
                 },
             };
-            membership.apply(*hash, &signed.author_account(), &signed.header.kind);
+            membership.apply(
+                *hash,
+                &signed.author_account(),
+                &signed.header.author.device,
+                &signed.header.kind,
+            );
         }
         membership
     }

@@ -246,6 +246,15 @@ impl ChatMember {
         true
     }
 
+    /// Finds the chat key in force at `log`'s heads, and with it any account
+    /// key sealed to this device on the way (see
+    /// [`Self::take_learned_keys`]).
+    pub fn refresh_keys(&mut self, log: &ChatLog) {
+        let heads = log.heads();
+        let membership = log.membership_for_parents(&heads);
+        let _ = self.key_for(log, membership.key_path());
+    }
+
     /// The keys this device took from `AccountKey` entries (sealed to it by
     /// another device of the account) since the last call, for the driver
     /// to keep: chats created later may be wrapped to them alone.
@@ -452,9 +461,13 @@ impl ChatMember {
                     chat,
                     &random,
                 )?;
+                // Never back to a device revoked before, whatever the
+                // caller's list says: the chat knows.
                 let mut devices = vec![self.device()];
                 for device in keep {
-                    if !devices.contains(&device) {
+                    if !devices.contains(&device)
+                        && !membership.is_revoked_device(&device, &self.account)
+                    {
                         devices.push(device);
                     }
                 }
@@ -708,24 +721,29 @@ impl ChatMember {
         let mut index: HashMap<EntryHash, usize> = HashMap::new();
         let mut receipts: BTreeMap<AccountId, Vec<EntryHash>> = BTreeMap::new();
 
-        let order: Vec<(EntryHash, AccountId, bool, bool)> = log
+        let order: Vec<(EntryHash, AccountId, DevicePublicKey, bool, bool)> = log
             .in_display_order()
             .map(|(h, e)| {
                 let kind = &e.header.header.kind;
                 (
                     h,
                     e.header.author_account(),
+                    e.header.author_device(),
                     kind.changes_membership(),
                     matches!(kind, EntryKind::Message | EntryKind::Genesis { .. })
                         && e.body.is_some(),
                 )
             })
             .collect();
-        for (hash, author, changes_membership, has_body) in order {
+        for (hash, author, device, changes_membership, has_body) in order {
             if changes_membership && let Some(entry) = log.get(&hash) {
-                running.apply(hash, &author, &entry.header.header.kind);
+                running.apply(hash, &author, &device, &entry.header.header.kind);
             }
-            if !has_body || log.is_purged(&hash) || !running.is_member(&author) {
+            if !has_body
+                || log.is_purged(&hash)
+                || !running.is_member(&author)
+                || running.is_revoked_device(&device, &author)
+            {
                 continue;
             }
             let content = match self.decrypt(log, &hash) {

@@ -30,6 +30,8 @@ pub enum MembershipError {
     LastMember,
     #[error("a key rotation must wrap the new key to exactly the remaining members")]
     GrantsDoNotMatchMembers,
+    #[error("an account key change may not seal the new key to a device revoked before")]
+    KeyToRevokedDevice,
 }
 
 /// The membership and key epoch in force at some point of the log.
@@ -46,8 +48,9 @@ pub struct Membership {
     key_path: Vec<EntryHash>,
     /// The storage set and write quorum of the latest Storage entry applied.
     storage: Option<(Vec<StoragePeer>, u8)>,
-    /// Devices their own account revoked (`AccountKey`), with that account.
-    revoked_devices: BTreeMap<DevicePublicKey, AccountId>,
+    /// Devices their own account revoked (`AccountKey`), with that
+    /// account: only an account's own entry revokes its device.
+    revoked_devices: BTreeSet<(DevicePublicKey, AccountId)>,
 }
 
 impl Membership {
@@ -78,7 +81,7 @@ impl Membership {
     /// Whether `account` revoked its `device` here: its later entries are
     /// refused.
     pub fn is_revoked_device(&self, device: &DevicePublicKey, account: &AccountId) -> bool {
-        self.revoked_devices.get(device) == Some(account)
+        self.revoked_devices.contains(&(*device, *account))
     }
 
     /// Removed and not added back since.
@@ -150,6 +153,14 @@ impl Membership {
                 }
                 Ok(())
             }
+            EntryKind::AccountKey { change, .. }
+                if change
+                    .devices
+                    .iter()
+                    .any(|g| self.is_revoked_device(&g.device, author)) =>
+            {
+                Err(MembershipError::KeyToRevokedDevice)
+            }
             EntryKind::Rekey { .. } | EntryKind::AccountKey { .. } => {
                 if self.is_member(author) {
                     Ok(())
@@ -190,8 +201,16 @@ impl Membership {
         }
     }
 
-    /// Applies the change made by entry `hash`, if it applies here.
-    pub(crate) fn apply(&mut self, hash: EntryHash, author: &AccountId, kind: &EntryKind) {
+    /// Applies the change made by entry `hash`, written by `device` of
+    /// `author`, if it applies here. A change by a device its account
+    /// revoked earlier in this order (a concurrent branch) does not.
+    pub(crate) fn apply(
+        &mut self,
+        hash: EntryHash,
+        author: &AccountId,
+        device: &DevicePublicKey,
+        kind: &EntryKind,
+    ) {
         if let EntryKind::Genesis { members, admins } = kind {
             if self.key_path.is_empty() {
                 *self = Membership {
@@ -205,12 +224,12 @@ impl Membership {
                     epoch: 0,
                     key_path: vec![hash],
                     storage: None,
-                    revoked_devices: BTreeMap::new(),
+                    revoked_devices: BTreeSet::new(),
                 };
             }
             return;
         }
-        if self.key_path.is_empty() {
+        if self.key_path.is_empty() || self.is_revoked_device(device, author) {
             return;
         }
         if let EntryKind::Storage { peers, quorum } = kind {
@@ -237,7 +256,7 @@ impl Membership {
             EntryKind::AccountKey { change, .. } => {
                 self.members.insert(*author, change.encryption_key);
                 for device in &change.revoked {
-                    self.revoked_devices.insert(*device, *author);
+                    self.revoked_devices.insert((*device, *author));
                 }
                 self.rotate(hash);
             }
@@ -261,6 +280,11 @@ mod tests {
         cloud::{entry::MemberGrant, keys::WrappedKey},
         identity::AccountKeypair,
     };
+
+    fn device() -> DevicePublicKey {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        DevicePublicKey::from_bytes(key.verifying_key().to_bytes()).unwrap()
+    }
 
     fn account(seed: u8) -> AccountId {
         AccountKeypair::from_secret_bytes(&[seed; 32]).id()
@@ -290,6 +314,7 @@ mod tests {
         m.apply(
             EntryHash([0; 32]),
             &account(1),
+            &device(),
             &EntryKind::Genesis {
                 members: vec![grant(1), grant(2), grant(3)],
                 admins,
@@ -304,7 +329,7 @@ mod tests {
         let add = EntryKind::AddMember { member: grant(4) };
         assert_eq!(m.authorise(&account(2), &add), Ok(()));
         assert!(m.authorise(&account(9), &add).is_err());
-        m.apply(EntryHash([1; 32]), &account(2), &add);
+        m.apply(EntryHash([1; 32]), &account(2), &device(), &add);
         assert!(m.is_member(&account(4)));
         assert_eq!(m.epoch(), 0);
         assert_eq!(
@@ -338,13 +363,13 @@ mod tests {
             grants: vec![key_grant(1), key_grant(2)],
         };
         assert_eq!(m.check_grants(&remove), Ok(()));
-        m.apply(EntryHash([5; 32]), &account(1), &remove);
+        m.apply(EntryHash([5; 32]), &account(1), &device(), &remove);
         assert!(!m.is_member(&account(3)));
         assert!(m.was_removed(&account(3)));
         assert_eq!(m.epoch(), 1);
         assert_eq!(m.key_path(), &[EntryHash([0; 32]), EntryHash([5; 32])]);
         // Removing again is a no-op that rotates nothing.
-        m.apply(EntryHash([6; 32]), &account(1), &remove);
+        m.apply(EntryHash([6; 32]), &account(1), &device(), &remove);
         assert_eq!(m.epoch(), 1);
     }
 
@@ -390,18 +415,18 @@ mod tests {
         };
         let mut open = genesis(vec![]);
         assert_eq!(open.storage_set(), None);
-        open.apply(EntryHash([1; 32]), &account(2), &set(50));
+        open.apply(EntryHash([1; 32]), &account(2), &device(), &set(50));
         assert_eq!(open.storage_set(), Some((&[peer(50)][..], 1)));
         // An outsider's change does not apply.
-        open.apply(EntryHash([2; 32]), &account(9), &set(51));
+        open.apply(EntryHash([2; 32]), &account(9), &device(), &set(51));
         assert_eq!(open.storage_set(), Some((&[peer(50)][..], 1)));
 
         let mut managed = genesis(vec![account(1)]);
         assert!(managed.may_set_storage(&account(1)));
         assert!(!managed.may_set_storage(&account(2)));
-        managed.apply(EntryHash([3; 32]), &account(2), &set(52));
+        managed.apply(EntryHash([3; 32]), &account(2), &device(), &set(52));
         assert_eq!(managed.storage_set(), None);
-        managed.apply(EntryHash([4; 32]), &account(1), &set(53));
+        managed.apply(EntryHash([4; 32]), &account(1), &device(), &set(53));
         assert_eq!(managed.storage_set(), Some((&[peer(53)][..], 1)));
     }
 
@@ -417,6 +442,7 @@ mod tests {
         pair.apply(
             EntryHash([1; 32]),
             &account(3),
+            &device(),
             &EntryKind::RemoveMember {
                 account: account(3),
                 new_epoch: 1,

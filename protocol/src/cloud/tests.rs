@@ -1307,10 +1307,12 @@ fn a_revoked_device_reads_nothing_after_and_cannot_write() {
     assert_refused(&mut devices[1].log, late, revoked);
 
     // The tablet, offline throughout, takes the new key from the log (it
-    // was sealed to its device key) and reads everything.
+    // was sealed to its device key) as soon as it holds the entry, before
+    // reading any message, and reads everything.
     pull(&mut tablet.log, &storage);
-    assert_eq!(tablet.texts(), ["before", "after"]);
+    tablet.member.refresh_keys(&tablet.log);
     let learned = tablet.member.take_learned_keys();
+    assert_eq!(tablet.texts(), ["before", "after"]);
     assert_eq!(learned.len(), 1);
     assert_eq!((learned[0].0, learned[0].1.public()), (1, new_public));
     assert_eq!(tablet.member.encryption_key(), new_public);
@@ -1393,4 +1395,147 @@ fn an_account_key_change_is_bounded_and_revokes_only_its_own_devices() {
             "{why} passed the shape check"
         );
     }
+}
+
+#[test]
+fn a_revocation_holds_against_other_accounts_later_keys_and_a_concurrent_counter_revocation() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let alice = devices[0].member.account();
+    let laptop = devices[0].cert.device;
+    let mut storage = ChatLog::new(CHAT);
+    let mut phone = Device::new(1, 31);
+    pull(&mut storage, &devices[0].log);
+    pull(&mut phone.log, &storage);
+
+    // The phone, offline, answers with a revocation of the laptop while
+    // the laptop revokes the phone: two concurrent branches.
+    assert!(
+        phone
+            .member
+            .add_encryption_key(1, AccountEncryptionKey::generate(&dice.roll()))
+    );
+    phone.write(
+        Draft::AccountKey {
+            keep: vec![],
+            revoked: vec![laptop],
+        },
+        &mut dice,
+    );
+    assert!(
+        devices[0]
+            .member
+            .add_encryption_key(1, AccountEncryptionKey::generate(&dice.roll()))
+    );
+    devices[0].write(
+        Draft::AccountKey {
+            keep: vec![],
+            revoked: vec![phone.cert.device],
+        },
+        &mut dice,
+    );
+    pull(&mut storage, &devices[0].log);
+    pull(&mut storage, &phone.log);
+    // Both are kept (neither saw the other), but only the one first in
+    // display order takes effect: the other's author is revoked by then.
+    let heads = storage.heads();
+    let merged = storage.membership_for_parents(&heads);
+    let revoked = [laptop, phone.cert.device].map(|d| merged.is_revoked_device(&d, &alice));
+    assert_eq!(
+        revoked.iter().filter(|r| **r).count(),
+        1,
+        "revoked (laptop, phone): {revoked:?}"
+    );
+    let (winner, loser) = if revoked[1] {
+        (0, phone.cert.device)
+    } else {
+        (1, laptop)
+    };
+    let winner_key = if winner == 0 {
+        devices[0].member.encryption_key()
+    } else {
+        phone.member.encryption_key()
+    };
+    assert_eq!(merged.encryption_key(&alice), Some(&winner_key));
+
+    // Bob, who holds the merged log, names the revoked device in his own
+    // key change: that does not undo Alice's revocation.
+    pull(&mut devices[1].log, &storage);
+    assert!(
+        devices[1]
+            .member
+            .add_encryption_key(1, AccountEncryptionKey::generate(&dice.roll()))
+    );
+    devices[1].write(
+        Draft::AccountKey {
+            keep: vec![],
+            revoked: vec![loser],
+        },
+        &mut dice,
+    );
+    pull(&mut storage, &devices[1].log);
+    let heads = storage.heads();
+    assert!(
+        storage
+            .membership_for_parents(&heads)
+            .is_revoked_device(&loser, &alice)
+    );
+
+    // The winner's next key change cannot go back to the revoked device:
+    // an honest compose leaves it out, and one that names it is refused.
+    let winner_device = if winner == 0 {
+        &mut devices[0]
+    } else {
+        &mut phone
+    };
+    pull(&mut winner_device.log, &storage);
+    assert!(
+        winner_device
+            .member
+            .add_encryption_key(2, AccountEncryptionKey::generate(&dice.roll()))
+    );
+    let honest = winner_device
+        .compose(
+            Draft::AccountKey {
+                keep: vec![loser],
+                revoked: vec![
+                    DevicePublicKey::from_bytes(
+                        SigningKey::from_bytes(&[77; 32]).verifying_key().to_bytes(),
+                    )
+                    .unwrap(),
+                ],
+            },
+            &mut dice,
+        )
+        .unwrap();
+    let EntryKind::AccountKey {
+        new_epoch,
+        grants,
+        mut change,
+    } = honest.header.header.kind.clone()
+    else {
+        panic!("not an account key change")
+    };
+    assert!(change.devices.iter().all(|g| g.device != loser));
+    storage.insert(honest).unwrap();
+    change.devices.push(super::DeviceKeyGrant {
+        device: loser,
+        wrapped_key: change.devices[0].wrapped_key.clone(),
+    });
+    let back_to_revoked = hand_made(
+        &storage,
+        &winner_device.key,
+        &winner_device.cert,
+        EntryKind::AccountKey {
+            new_epoch: new_epoch + 1,
+            grants,
+            change,
+        },
+        None,
+    );
+    assert_refused(
+        &mut storage,
+        back_to_revoked,
+        LogError::Membership(super::MembershipError::KeyToRevokedDevice),
+    );
 }
