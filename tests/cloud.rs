@@ -1003,6 +1003,7 @@ fn a_revoked_device_reads_nothing_after_and_a_device_offline_at_the_revocation_r
     assert_eq!(revoked["chats_rekeyed"], 1, "{revoked}");
     let key_after = record_key(&d0).expect("alice's own record");
     assert_ne!(key_after, key_before, "the record still names the old key");
+    assert_eq!(on(&d0, "/v1/account").unwrap()["key_generation"], 1);
     // Bob's node, which held Alice's record from before, fetches it again
     // when it keeps her AccountKey entry: a chat it creates with her from
     // now on is wrapped to the new key.

@@ -90,7 +90,7 @@ pub fn read_token(dir: &DataDir) -> anyhow::Result<String> {
 fn own_account_record(
     identity: &keys::Identity,
     config: &Config,
-    encryption_key: EncryptionPublicKey,
+    (key_generation, encryption_key): (u32, EncryptionPublicKey),
 ) -> anyhow::Result<AccountRecord> {
     let now = crate::events::now_ms();
     let mut storage_peers = config
@@ -111,6 +111,7 @@ fn own_account_record(
             seq: now,
             issued_at_ms: now,
             encryption_key,
+            key_generation,
             devices: vec![identity.certificate.clone()],
             storage_peers,
         },

@@ -117,17 +117,17 @@ impl AccountKeys {
     }
 }
 
-/// The current encryption key of an account: the highest generation kept,
-/// else the one derived from the account key.
+/// The current encryption key of an account and its generation: the
+/// highest generation kept, else the one derived from the account key (0).
 pub fn current_public(
     account: &AccountKeypair,
     kept: &[(u32, AccountEncryptionKey)],
-) -> EncryptionPublicKey {
+) -> (u32, EncryptionPublicKey) {
     kept.iter()
         .max_by_key(|(g, k)| (*g, k.public()))
         .map_or_else(
-            || AccountEncryptionKey::derive(account).public(),
-            |(_, k)| k.public(),
+            || (0, AccountEncryptionKey::derive(account).public()),
+            |(g, k)| (*g, k.public()),
         )
 }
 
@@ -206,11 +206,11 @@ mod tests {
         let expected = AccountEncryptionKey::derive(&AccountKeypair::from_secret_bytes(&[9; 32]));
         assert_eq!(
             current_public(&AccountKeypair::from_secret_bytes(&[9; 32]), &[]),
-            expected.public()
+            (0, expected.public())
         );
         assert_eq!(
             current_public(&AccountKeypair::from_secret_bytes(&[9; 32]), &loaded),
-            second.public()
+            (2, second.public())
         );
     }
 }

@@ -54,6 +54,9 @@ pub struct AccountView {
     pub seq: u64,
     /// The X25519 key others wrap chat keys to, hex.
     pub encryption_key: String,
+    /// Its generation: 0 until the account revokes a device, then one more
+    /// per revocation.
+    pub key_generation: u32,
     /// Device peer ids and names.
     pub devices: Vec<(String, String)>,
     /// Storage peers' peer ids.
@@ -71,6 +74,7 @@ impl From<&AccountRecord> for AccountView {
             account_id: r.body.account.to_string(),
             seq: r.body.seq,
             encryption_key: data_encoding::HEXLOWER.encode(&r.body.encryption_key.0),
+            key_generation: r.body.key_generation,
             devices: r
                 .body
                 .devices

@@ -2099,7 +2099,7 @@ impl CloudService {
 
     fn publish_encryption_key(&self) {
         let net = self.net.clone();
-        let key = self.member.encryption_key();
+        let key = (self.member.key_generation(), self.member.encryption_key());
         self.io.spawn(async move {
             if let Err(e) = net.publish_encryption_key(key).await {
                 warn!("cannot publish the account's encryption key: {e}");

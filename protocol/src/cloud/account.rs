@@ -42,6 +42,9 @@ pub struct AccountRecordBody {
     pub seq: u64,
     pub issued_at_ms: u64,
     pub encryption_key: EncryptionPublicKey,
+    /// The encryption key's generation: 0 for the key derived from the
+    /// account key, then one more per revocation of a device.
+    pub key_generation: u32,
     pub devices: Vec<DeviceCertificate>,
     pub storage_peers: Vec<StoragePeer>,
 }
@@ -157,8 +160,14 @@ impl AccountRecord {
     }
 
     /// Whether this record should replace `other` (same account, newer).
+    /// A record names a later key generation, or the same one with a
+    /// higher `seq`. The generation comes first: a revoked device, which
+    /// never gets the new key, would otherwise replace everyone's copy of
+    /// the record (and the key others wrap to) by restarting.
     pub fn supersedes(&self, other: &AccountRecord) -> bool {
-        self.body.account == other.body.account && self.body.seq > other.body.seq
+        self.body.account == other.body.account
+            && (self.body.key_generation, self.body.seq)
+                > (other.body.key_generation, other.body.seq)
     }
 
     /// Whether `device` is one of this account's devices.
@@ -206,6 +215,7 @@ mod tests {
             seq,
             issued_at_ms: 1000 + seq,
             encryption_key: AccountEncryptionKey::derive(account).public(),
+            key_generation: 0,
             devices: vec![device(account, 1), device(account, 2)],
             storage_peers: vec![StoragePeer {
                 node: device(account, 9).device,
@@ -223,6 +233,13 @@ mod tests {
         assert!(back.has_device(&device(&alice, 2).device));
         let newer = AccountRecord::sign(&alice, body(&alice, 2)).unwrap();
         assert!(newer.supersedes(&r) && !r.supersedes(&newer));
+        // A later key generation wins whatever the seq: a revoked device
+        // restarting signs a fresh seq with the old key.
+        let mut rotated = body(&alice, 3);
+        rotated.key_generation = 1;
+        let rotated = AccountRecord::sign(&alice, rotated).unwrap();
+        let restarted = AccountRecord::sign(&alice, body(&alice, 1_000_000)).unwrap();
+        assert!(rotated.supersedes(&restarted) && !restarted.supersedes(&rotated));
     }
 
     #[test]

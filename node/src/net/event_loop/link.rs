@@ -50,7 +50,7 @@ pub enum DevicesCommand {
     /// The account took a new encryption key: this device's record names
     /// it from now on.
     EncryptionKey {
-        key: EncryptionPublicKey,
+        key: (u32, EncryptionPublicKey),
         reply: oneshot::Sender<()>,
     },
 }
@@ -68,9 +68,12 @@ impl NetworkHandle {
             .await
     }
 
-    /// Publishes `key` as the account's encryption key in this device's
-    /// record (signed anew).
-    pub async fn publish_encryption_key(&self, key: EncryptionPublicKey) -> Result<(), NetError> {
+    /// Publishes `key` (generation, public half) as the account's
+    /// encryption key in this device's record (signed anew).
+    pub async fn publish_encryption_key(
+        &self,
+        key: (u32, EncryptionPublicKey),
+    ) -> Result<(), NetError> {
         self.call(|reply| Command::Devices(DevicesCommand::EncryptionKey { key, reply }))
             .await
     }
@@ -95,10 +98,15 @@ impl EventLoop {
             DevicesCommand::List { reply } => {
                 let _ = reply.send(self.devices.list());
             }
-            DevicesCommand::EncryptionKey { key, reply } => {
-                if self.own_record.body.encryption_key != key {
+            DevicesCommand::EncryptionKey {
+                key: (generation, key),
+                reply,
+            } => {
+                let body = &self.own_record.body;
+                if (body.key_generation, body.encryption_key) != (generation, key) {
                     let mut current = self.own_record.clone();
                     current.body.encryption_key = key;
+                    current.body.key_generation = generation;
                     if let Some(r) = self.devices.resign(&current, now_ms()) {
                         self.own_record = r;
                         info!("this account's record names its new encryption key");
