@@ -1089,3 +1089,81 @@ fn a_revoked_device_reads_nothing_after_and_a_device_offline_at_the_revocation_r
             .then_some(())
     });
 }
+
+#[test]
+fn a_revocation_reaches_the_accounts_other_devices_through_its_record_when_no_chat_carries_it() {
+    let mut t = Three::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let d0 = t.dir(0).to_owned();
+    let on = |dir: &Path, path: &str| -> Option<Value> {
+        rt.block_on(ApiClient::new(&DataDir::new(dir)).ok()?.get::<Value>(path))
+            .ok()
+    };
+    // Alice (node 1) links a phone and a tablet; she has no chat yet.
+    let root = d0.parent().unwrap().to_owned();
+    let (phone_dir, tablet_dir) = (root.join("phone"), root.join("tablet"));
+    link_device(&t, 0, &phone_dir, "alice-phone");
+    link_device(&t, 0, &tablet_dir, "alice-tablet");
+    let phone = NodeProcess::start(&phone_dir, LOOPBACK);
+    let tablet = NodeProcess::start(&tablet_dir, LOOPBACK);
+    let revoked: Value = rt
+        .block_on(
+            ApiClient::new(&DataDir::new(&d0))
+                .unwrap()
+                .post("/v1/devices/revoke", &json!({ "device": phone.peer_id() })),
+        )
+        .unwrap();
+    assert_eq!(revoked["chats_rekeyed"], 0, "{revoked}");
+    let account = on(&d0, "/v1/account").unwrap();
+    assert_eq!(account["key_generation"], 1, "{account}");
+    let new_key = account["encryption_key"].as_str().unwrap().to_owned();
+
+    // The tablet meets Alice's first device again and takes the key sealed
+    // to it in that device's record; the phone never gets it.
+    drop(tablet);
+    let tablet = NodeProcess::start(&tablet_dir, LOOPBACK);
+    poll("the tablet to take the new key from the record", || {
+        (on(&tablet_dir, "/v1/account")?["encryption_key"].as_str()? == new_key).then_some(())
+    });
+    assert_ne!(
+        on(&phone_dir, "/v1/account").unwrap()["encryption_key"].as_str(),
+        Some(new_key.as_str())
+    );
+
+    // Bob, once he holds Alice's new record, starts a chat with her: the
+    // tablet reads it, the phone does not.
+    t.kill(1);
+    t.restart(1);
+    let alice = t.account(0);
+    poll("bob's node to hold alice's new record", || {
+        (t.get(1, &format!("/v1/accounts/{alice}")).ok()?["encryption_key"].as_str()? == new_key)
+            .then_some(())
+    });
+    let out = tern_json(
+        t.dir(1),
+        &[
+            "chat", "new", "--with", &alice, "--title", "after", "--json",
+        ],
+    );
+    let chat = out["chat_id"].as_str().unwrap().to_owned();
+    let r: Value = rt
+        .block_on(ApiClient::new(&DataDir::new(t.dir(1))).unwrap().post(
+            &format!("/v1/chats/{chat}/messages"),
+            &json!({ "text": "hello alice" }),
+        ))
+        .unwrap();
+    assert_eq!(r["status"], "stored", "{r}");
+    poll("the tablet to read bob's new chat", || {
+        let h = on(&tablet_dir, &format!("/v1/chats/{chat}/messages"))?;
+        (texts(h.as_array()?) == ["hello alice"]).then_some(())
+    });
+    let _ = tablet.pid();
+    // The phone may hold the chat's entries, never its text.
+    let phone_texts = on(&phone_dir, &format!("/v1/chats/{chat}/messages"))
+        .and_then(|h| Some(texts(h.as_array()?)))
+        .unwrap_or_default();
+    assert!(
+        phone_texts.is_empty(),
+        "the revoked phone read {phone_texts:?}"
+    );
+}

@@ -112,6 +112,8 @@ fn own_account_record(
             issued_at_ms: now,
             encryption_key,
             key_generation,
+            key_grants: Vec::new(),
+            revoked: Vec::new(),
             devices: vec![identity.certificate.clone()],
             storage_peers,
         },
@@ -183,6 +185,7 @@ impl Node {
             store_inbound,
             own_record: own_account_record(&identity, &config, encryption_key)?,
             account_keys: account_keys.0.linkable(),
+            signing_key: signing_key.clone(),
         });
         let erasable = ErasableStore::open(data_dir.erasable())
             .with_context(|| format!("cannot open {}", data_dir.erasable().display()))?;

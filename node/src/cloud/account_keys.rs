@@ -26,30 +26,79 @@ pub struct AccountKeys {
     linkable: LinkableKeys,
 }
 
-/// The kept keys as a linker hands them to a new device of the account
-/// (`LinkGrant::account_keys`), shared with the network's event loop.
+/// The kept keys, shared with the network's event loop: a linker hands
+/// them to a new device (`LinkGrant::account_keys`), this device's record
+/// carries the current one sealed to the account's other devices, and a
+/// key found in another device's record comes back to the cloud service
+/// here.
 #[derive(Clone, Default)]
-pub struct LinkableKeys(Arc<Mutex<Vec<KeptSecret>>>);
+pub struct LinkableKeys(Arc<Mutex<Shared>>);
+
+#[derive(Default)]
+struct Shared {
+    keys: Vec<KeptSecret>,
+    /// Found in records of the account's other devices, for the cloud
+    /// service to take.
+    from_records: Vec<KeptSecret>,
+}
 
 /// A key's generation and its secret, wiped when dropped.
 type KeptSecret = (u32, Zeroizing<[u8; 32]>);
 
 impl LinkableKeys {
-    fn add(&self, generation: u32, key: &AccountEncryptionKey) {
-        if let Ok(mut keys) = self.0.lock() {
-            let secret = key.secret_bytes();
-            if !keys.iter().any(|(_, k)| **k == *secret) {
-                keys.push((generation, secret));
-            }
+    fn add(&self, generation: u32, key: &AccountEncryptionKey) -> bool {
+        let Ok(mut shared) = self.0.lock() else {
+            return false;
+        };
+        let secret = key.secret_bytes();
+        if shared.keys.iter().any(|(_, k)| **k == *secret) {
+            return false;
         }
+        shared.keys.push((generation, secret));
+        true
+    }
+
+    /// The key of `generation` whose public half is `public`, if kept.
+    pub fn key(
+        &self,
+        generation: u32,
+        public: &EncryptionPublicKey,
+    ) -> Option<AccountEncryptionKey> {
+        let shared = self.0.lock().ok()?;
+        shared
+            .keys
+            .iter()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, k)| AccountEncryptionKey::from_secret_bytes(k))
+            .find(|k| k.public() == *public)
+    }
+
+    /// A key found sealed to this device in another device's record.
+    pub fn found_in_record(&self, generation: u32, key: &AccountEncryptionKey) {
+        if self.add(generation, key)
+            && let Ok(mut shared) = self.0.lock()
+        {
+            shared.from_records.push((generation, key.secret_bytes()));
+        }
+    }
+
+    /// The keys found in records since the last call.
+    pub fn take_found(&self) -> Vec<(u32, AccountEncryptionKey)> {
+        let Ok(mut shared) = self.0.lock() else {
+            return Vec::new();
+        };
+        std::mem::take(&mut shared.from_records)
+            .into_iter()
+            .map(|(g, k)| (g, AccountEncryptionKey::from_secret_bytes(&k)))
+            .collect()
     }
 
     /// The newest [`tern_protocol::link::MAX_LINKED_KEYS`] keys.
     pub fn for_grant(&self) -> Vec<(u32, [u8; 32])> {
-        let Ok(keys) = self.0.lock() else {
+        let Ok(shared) = self.0.lock() else {
             return Vec::new();
         };
-        let mut out: Vec<(u32, [u8; 32])> = keys.iter().map(|(g, k)| (*g, **k)).collect();
+        let mut out: Vec<(u32, [u8; 32])> = shared.keys.iter().map(|(g, k)| (*g, **k)).collect();
         out.sort_by_key(|(g, _)| std::cmp::Reverse(*g));
         out.truncate(tern_protocol::link::MAX_LINKED_KEYS);
         out

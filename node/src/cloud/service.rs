@@ -647,6 +647,7 @@ impl CloudService {
                 self.round(round).await;
             }
             self.refresh_changed_accounts();
+            self.take_keys_from_records();
             self.keep_learned_keys();
             self.pump();
         }
@@ -2018,6 +2019,17 @@ impl CloudService {
                 failed.len(),
                 failed.join("; ")
             )))
+        }
+    }
+
+    /// Keys the network found sealed to this device in records of the
+    /// account's other devices: kept, and used from now on.
+    fn take_keys_from_records(&mut self) {
+        for (generation, key) in self.account_keys.linkable().take_found() {
+            if let Err(e) = self.account_keys.keep(generation, &key) {
+                warn!("{e}");
+            }
+            self.member.add_encryption_key(generation, key);
         }
     }
 

@@ -320,6 +320,25 @@ impl AccountDevices {
                 None => {}
             }
         }
+        // Revocations made on the other device hold here too (never this
+        // device's own: it cannot revoke itself).
+        for device in &record.body.revoked {
+            if *device == self.own {
+                continue;
+            }
+            if let Some(d) = self
+                .devices
+                .iter_mut()
+                .find(|d| d.certificate.device == *device && d.revoked_at_ms.is_none())
+            {
+                d.revoked_at_ms = Some(record.body.issued_at_ms);
+                changed = true;
+                let d = d.clone();
+                if let Err(e) = self.persist(&d) {
+                    warn!("cannot save a device: {e}");
+                }
+            }
+        }
         changed
     }
 
@@ -327,10 +346,21 @@ impl AccountDevices {
     /// field kept, and a sequence number above both the time and the
     /// current one.
     pub fn resign(&self, current: &AccountRecord, now_ms: u64) -> Option<AccountRecord> {
+        let mut revoked: Vec<&StoredDevice> = self
+            .devices
+            .iter()
+            .filter(|d| d.revoked_at_ms.is_some())
+            .collect();
+        revoked.sort_by_key(|d| std::cmp::Reverse(d.revoked_at_ms));
         let body = AccountRecordBody {
             seq: now_ms.max(current.body.seq.saturating_add(1)),
             issued_at_ms: now_ms,
             devices: self.active(),
+            revoked: revoked
+                .iter()
+                .take(tern_protocol::cloud::account::MAX_REVOKED)
+                .map(|d| d.certificate.device)
+                .collect(),
             ..current.body.clone()
         };
         match AccountRecord::sign(&self.account, body) {
@@ -378,6 +408,8 @@ mod tests {
                 issued_at_ms: seq,
                 encryption_key: AccountEncryptionKey::derive(&a).public(),
                 key_generation: 0,
+                key_grants: Vec::new(),
+                revoked: Vec::new(),
                 devices,
                 storage_peers: Vec::new(),
             },
@@ -455,6 +487,8 @@ mod tests {
                 issued_at_ms: 1,
                 encryption_key: AccountEncryptionKey::derive(&other).public(),
                 key_generation: 0,
+                key_grants: Vec::new(),
+                revoked: Vec::new(),
                 devices: vec![other.certify(device(9), "x", 1).unwrap()],
                 storage_peers: Vec::new(),
             },

@@ -335,6 +335,7 @@ pub struct EventLoop {
     /// This device's own signed account record, served on request.
     own_record: AccountRecord,
     account_keys: crate::cloud::account_keys::LinkableKeys,
+    signing_key: ed25519_dalek::SigningKey,
     /// Account records learned from the devices met (newest per account).
     records: HashMap<AccountId, AccountRecord>,
     /// This account's devices and the link codes this device issued.
@@ -353,8 +354,10 @@ pub struct EventLoopParts {
     pub store_inbound: mpsc::Sender<InboundStore>,
     pub own_record: AccountRecord,
     pub devices: crate::devices::AccountDevices,
-    /// The account's later encryption keys, for link grants.
+    /// The account's later encryption keys, for link grants and records.
     pub account_keys: crate::cloud::account_keys::LinkableKeys,
+    /// This device's key, to open an account key sealed to it in a record.
+    pub signing_key: ed25519_dalek::SigningKey,
 }
 
 impl EventLoop {
@@ -381,6 +384,7 @@ impl EventLoop {
             pending_store: HashMap::new(),
             own_record: parts.own_record,
             account_keys: parts.account_keys,
+            signing_key: parts.signing_key,
             records: HashMap::new(),
             devices: parts.devices,
         };

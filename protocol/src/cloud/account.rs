@@ -11,7 +11,15 @@
 use ed25519_dalek::Signature;
 use serde::{Deserialize, Serialize};
 
-use super::keys::EncryptionPublicKey;
+#[cfg(doc)]
+use super::keys::AccountEncryptionKey;
+use super::{
+    entry::{ChatId, DeviceKeyGrant},
+    keys::EncryptionPublicKey,
+};
+
+/// What an account key sealed into a record is bound to in place of a chat.
+pub const RECORD_KEY_CHAT: ChatId = ChatId(*b"tern record keys");
 use crate::{
     AccountId, AccountKeypair, DeviceCertificate, DevicePublicKey,
     codec::{DecodeError, Record, bytes64},
@@ -19,6 +27,8 @@ use crate::{
 
 /// Most devices one record lists.
 pub const MAX_DEVICES: usize = 16;
+/// Most revoked devices one record names.
+pub const MAX_REVOKED: usize = 64;
 /// Most storage peers one account chooses.
 pub const MAX_STORAGE_PEERS: usize = 8;
 /// Most addresses per storage peer, and the longest address in bytes.
@@ -45,6 +55,14 @@ pub struct AccountRecordBody {
     /// The encryption key's generation: 0 for the key derived from the
     /// account key, then one more per revocation of a device.
     pub key_generation: u32,
+    /// From generation 1: the key sealed to each other device of the
+    /// account ([`AccountEncryptionKey::seal_to_device`] for
+    /// [`RECORD_KEY_CHAT`] at the generation), so a device of the account
+    /// that meets this one gets it even where no chat carries it.
+    pub key_grants: Vec<DeviceKeyGrant>,
+    /// Devices of the account revoked (the newest [`MAX_REVOKED`]): the
+    /// account's other devices take the revocation from here.
+    pub revoked: Vec<DevicePublicKey>,
     pub devices: Vec<DeviceCertificate>,
     pub storage_peers: Vec<StoragePeer>,
 }
@@ -90,6 +108,12 @@ impl AccountRecordBody {
         let too_many = |what, got, max| AccountRecordError::TooMany { what, got, max };
         if self.devices.len() > MAX_DEVICES {
             return Err(too_many("devices", self.devices.len(), MAX_DEVICES));
+        }
+        if self.key_grants.len() > MAX_DEVICES {
+            return Err(too_many("key grants", self.key_grants.len(), MAX_DEVICES));
+        }
+        if self.revoked.len() > MAX_REVOKED {
+            return Err(too_many("revoked devices", self.revoked.len(), MAX_REVOKED));
         }
         if self.storage_peers.len() > MAX_STORAGE_PEERS {
             return Err(too_many(
@@ -178,8 +202,11 @@ impl AccountRecord {
 
 impl Record for AccountRecord {
     const VERSION: u8 = 1;
-    const MAX_LEN: usize =
-        64 + MAX_DEVICES * 256 + MAX_STORAGE_PEERS * (40 + MAX_ADDRS * (MAX_ADDR_LEN + 2));
+    const MAX_LEN: usize = 64
+        + MAX_DEVICES * 256
+        + MAX_DEVICES * (32 + 80)
+        + MAX_REVOKED * 32
+        + MAX_STORAGE_PEERS * (40 + MAX_ADDRS * (MAX_ADDR_LEN + 2));
 
     fn validate(&self) -> Result<(), DecodeError> {
         self.verify()
@@ -216,6 +243,8 @@ mod tests {
             issued_at_ms: 1000 + seq,
             encryption_key: AccountEncryptionKey::derive(account).public(),
             key_generation: 0,
+            key_grants: Vec::new(),
+            revoked: Vec::new(),
             devices: vec![device(account, 1), device(account, 2)],
             storage_peers: vec![StoragePeer {
                 node: device(account, 9).device,

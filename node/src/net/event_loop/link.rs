@@ -8,7 +8,10 @@ use libp2p::{Multiaddr, PeerId, multiaddr::Protocol, request_response};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tern_protocol::{
-    cloud::{EncryptionPublicKey, account::AccountRecord},
+    cloud::{
+        AccountEncryptionKey, DeviceKeyGrant, EncryptionPublicKey,
+        account::{AccountRecord, RECORD_KEY_CHAT},
+    },
     link::{
         CodeId, LinkCode, LinkGrant, LinkRefusal, LinkRequest, LinkResponse, MAX_ADDR_LEN,
         MAX_BOOTSTRAP,
@@ -104,13 +107,10 @@ impl EventLoop {
             } => {
                 let body = &self.own_record.body;
                 if (body.key_generation, body.encryption_key) != (generation, key) {
-                    let mut current = self.own_record.clone();
-                    current.body.encryption_key = key;
-                    current.body.key_generation = generation;
-                    if let Some(r) = self.devices.resign(&current, now_ms()) {
-                        self.own_record = r;
-                        info!("this account's record names its new encryption key");
-                    }
+                    self.own_record.body.encryption_key = key;
+                    self.own_record.body.key_generation = generation;
+                    self.refresh_own_record();
+                    info!("this account's record names its new encryption key");
                 }
                 let _ = reply.send(());
             }
@@ -285,18 +285,85 @@ impl EventLoop {
         out
     }
 
-    /// Signs this device's record anew with the account's current devices.
+    /// Signs this device's record anew with the account's current devices
+    /// and, from key generation 1, the key sealed to each of the others.
     pub(super) fn refresh_own_record(&mut self) {
-        if let Some(r) = self.devices.resign(&self.own_record, now_ms()) {
+        let mut current = self.own_record.clone();
+        current.body.key_grants = self.key_grants(&current);
+        if let Some(r) = self.devices.resign(&current, now_ms()) {
             self.own_record = r;
         }
     }
 
+    fn key_grants(&self, record: &AccountRecord) -> Vec<DeviceKeyGrant> {
+        let generation = record.body.key_generation;
+        if generation == 0 {
+            return Vec::new();
+        }
+        let Some(key) = self
+            .account_keys
+            .key(generation, &record.body.encryption_key)
+        else {
+            return Vec::new();
+        };
+        let own = self.devices.own_device();
+        self.devices
+            .active()
+            .iter()
+            .filter(|c| c.device != own)
+            .filter_map(|c| {
+                let mut random = [0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut random);
+                let wrapped_key = key
+                    .seal_to_device(&c.device, RECORD_KEY_CHAT, generation, &random)
+                    .ok()?;
+                Some(DeviceKeyGrant {
+                    device: c.device,
+                    wrapped_key,
+                })
+            })
+            .collect()
+    }
+
     /// A record of this device's own account, sent by another of its
-    /// devices: take the devices it lists that this one lacks.
+    /// devices: take the devices it lists that this one lacks, and a newer
+    /// encryption key sealed to this device (a revocation made there that
+    /// no chat brought here).
     pub(super) fn merge_own_record(&mut self, record: &AccountRecord) {
-        if record.body.account == self.own_record.body.account && self.devices.merge(record) {
+        if record.body.account != self.own_record.body.account {
+            return;
+        }
+        let mut changed = false;
+        if self.devices.merge(record) {
             info!("learned of other devices of this account");
+            changed = true;
+        }
+        let body = &record.body;
+        let own = self.devices.own_device();
+        if body.key_generation > self.own_record.body.key_generation
+            && let Some(grant) = body.key_grants.iter().find(|g| g.device == own)
+        {
+            match AccountEncryptionKey::open_from_device(
+                &self.signing_key,
+                &grant.wrapped_key,
+                &body.encryption_key,
+                RECORD_KEY_CHAT,
+                body.key_generation,
+            ) {
+                Ok(key) => {
+                    info!(
+                        generation = body.key_generation,
+                        "took the account's new encryption key from another of its devices"
+                    );
+                    self.account_keys.found_in_record(body.key_generation, &key);
+                    self.own_record.body.encryption_key = body.encryption_key;
+                    self.own_record.body.key_generation = body.key_generation;
+                    changed = true;
+                }
+                Err(e) => warn!("an account key in a record of this account does not open: {e}"),
+            }
+        }
+        if changed {
             self.refresh_own_record();
         }
     }
