@@ -204,8 +204,8 @@ impl Record for AccountRecord {
     const VERSION: u8 = 1;
     const MAX_LEN: usize = 64
         + MAX_DEVICES * 256
-        + MAX_DEVICES * (32 + 80)
-        + MAX_REVOKED * 32
+        + MAX_DEVICES * (40 + 96)
+        + MAX_REVOKED * 40
         + MAX_STORAGE_PEERS * (40 + MAX_ADDRS * (MAX_ADDR_LEN + 2));
 
     fn validate(&self) -> Result<(), DecodeError> {
@@ -339,7 +339,31 @@ mod tests {
                 addrs: vec![vec![0xff; MAX_ADDR_LEN]; MAX_ADDRS],
             })
             .collect();
-        let big = AccountRecord::sign(&alice, b).unwrap();
+        b.key_generation = u32::MAX;
+        b.key_grants = b
+            .devices
+            .iter()
+            .map(|c| DeviceKeyGrant {
+                device: c.device,
+                wrapped_key: crate::cloud::WrappedKey {
+                    ephemeral: [0xff; 32],
+                    ciphertext: [0xff; 32],
+                    tag: [0xff; 16],
+                },
+            })
+            .collect();
+        b.revoked = (0..MAX_REVOKED as u8)
+            .map(|i| device(&alice, 120 + i).device)
+            .collect();
+        let big = AccountRecord::sign(&alice, b.clone()).unwrap();
+        assert!(big.encode().len() <= AccountRecord::MAX_LEN);
         assert!(AccountRecord::decode(&big.encode()).is_ok());
+        // One more grant or revoked device is refused.
+        let mut more = b.clone();
+        more.revoked.push(device(&alice, 250).device);
+        assert!(AccountRecord::sign(&alice, more).is_err());
+        let mut more = b;
+        more.key_grants.push(more.key_grants[0].clone());
+        assert!(AccountRecord::sign(&alice, more).is_err());
     }
 }
