@@ -53,7 +53,12 @@ fn a_node_killed_with_sigkill_rejoins_with_the_same_identity() {
     let tmp = tempfile::tempdir().unwrap();
     let net = TestnetProcess::start(tmp.path(), 4);
     let victim = net.node_dir(3);
-    let before = net.status(3);
+    // Every peer identified (and so written to its address book) before the
+    // kill: connected alone is not enough, identification follows it.
+    let before = poll("node-3 to know its three peers", || {
+        let s = net.status(3);
+        (s["known_peers"] == 3).then_some(s)
+    });
     let pid = before["pid"].as_u64().unwrap() as u32;
 
     kill9(pid);
