@@ -1157,11 +1157,26 @@ fn a_revocation_reaches_the_accounts_other_devices_through_its_record_when_no_ch
         let h = on(&tablet_dir, &format!("/v1/chats/{chat}/messages"))?;
         (texts(h.as_array()?) == ["hello alice"]).then_some(())
     });
-    let _ = tablet.pid();
-    // The phone may hold the chat's entries, never its text.
-    let phone_texts = on(&phone_dir, &format!("/v1/chats/{chat}/messages"))
-        .and_then(|h| Some(texts(h.as_array()?)))
-        .unwrap_or_default();
+    drop(tablet);
+    // The phone, still Alice's device to Bob's node, gets every entry of
+    // the chat, and none of its text.
+    let entries_of = |dir: &Path| -> Option<u64> {
+        on(dir, "/v1/chats")?
+            .as_array()?
+            .iter()
+            .find(|c| c["chat_id"] == chat.as_str())?["entries"]
+            .as_u64()
+    };
+    let all = entries_of(t.dir(1)).unwrap();
+    poll("the phone to hold every entry of bob's chat", || {
+        (entries_of(&phone_dir)? >= all).then_some(())
+    });
+    let phone_texts = texts(
+        on(&phone_dir, &format!("/v1/chats/{chat}/messages"))
+            .unwrap()
+            .as_array()
+            .unwrap(),
+    );
     assert!(
         phone_texts.is_empty(),
         "the revoked phone read {phone_texts:?}"

@@ -184,7 +184,7 @@ impl Node {
             secret_inbound,
             store_inbound,
             own_record: own_account_record(&identity, &config, encryption_key)?,
-            account_keys: account_keys.0.linkable(),
+            account_keys: account_keys.0.shared(),
             signing_key: signing_key.clone(),
         });
         let erasable = ErasableStore::open(data_dir.erasable())

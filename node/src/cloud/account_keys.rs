@@ -23,7 +23,7 @@ const AT_REST: ChatId = ChatId(*b"tern key at rest");
 pub struct AccountKeys {
     keyspace: Keyspace,
     device: SigningKey,
-    linkable: LinkableKeys,
+    shared: SharedKeys,
 }
 
 /// The kept keys, shared with the network's event loop: a linker hands
@@ -32,7 +32,7 @@ pub struct AccountKeys {
 /// key found in another device's record comes back to the cloud service
 /// here.
 #[derive(Clone, Default)]
-pub struct LinkableKeys(Arc<Mutex<Shared>>);
+pub struct SharedKeys(Arc<Mutex<Shared>>);
 
 #[derive(Default)]
 struct Shared {
@@ -45,7 +45,7 @@ struct Shared {
 /// A key's generation and its secret, wiped when dropped.
 type KeptSecret = (u32, Zeroizing<[u8; 32]>);
 
-impl LinkableKeys {
+impl SharedKeys {
     fn add(&self, generation: u32, key: &AccountEncryptionKey) -> bool {
         let Ok(mut shared) = self.0.lock() else {
             return false;
@@ -130,22 +130,22 @@ impl AccountKeys {
             }
         }
         keys.sort_by_key(|(g, _)| *g);
-        let linkable = LinkableKeys::default();
+        let shared = SharedKeys::default();
         for (generation, key) in &keys {
-            linkable.add(*generation, key);
+            shared.add(*generation, key);
         }
         (
             Self {
                 keyspace,
                 device,
-                linkable,
+                shared,
             },
             keys,
         )
     }
 
-    pub fn linkable(&self) -> LinkableKeys {
-        self.linkable.clone()
+    pub fn shared(&self) -> SharedKeys {
+        self.shared.clone()
     }
 
     /// Keeps `key` at `generation`, on disk before it returns.
@@ -161,23 +161,21 @@ impl AccountKeys {
         self.keyspace
             .insert_now(&key_name(generation, &key.public()), &sealed.encode())
             .map_err(|e| format!("cannot keep the account's new encryption key: {e}"))?;
-        self.linkable.add(generation, key);
+        self.shared.add(generation, key);
         Ok(())
     }
 }
 
 /// The current encryption key of an account and its generation: the
-/// highest generation kept, else the one derived from the account key (0).
+/// current one kept, else the one derived from the account key (0).
 pub fn current_public(
     account: &AccountKeypair,
     kept: &[(u32, AccountEncryptionKey)],
 ) -> (u32, EncryptionPublicKey) {
-    kept.iter()
-        .max_by_key(|(g, k)| (*g, k.public()))
-        .map_or_else(
-            || (0, AccountEncryptionKey::derive(account).public()),
-            |(g, k)| (*g, k.public()),
-        )
+    AccountEncryptionKey::current(kept).map_or_else(
+        || (0, AccountEncryptionKey::derive(account).public()),
+        |(g, k)| (*g, k.public()),
+    )
 }
 
 fn key_name(generation: u32, public: &EncryptionPublicKey) -> Vec<u8> {
@@ -224,7 +222,7 @@ mod tests {
             assert!(loaded.is_empty());
             keys.keep(2, &second).unwrap();
             keys.keep(1, &first).unwrap();
-            let granted = keys.linkable().for_grant();
+            let granted = keys.shared().for_grant();
             assert_eq!(granted.iter().map(|(g, _)| *g).collect::<Vec<_>>(), [2, 1]);
             assert_eq!(granted[0].1, *second.secret_bytes());
         }

@@ -2025,7 +2025,7 @@ impl CloudService {
     /// Keys the network found sealed to this device in records of the
     /// account's other devices: kept, and used from now on.
     fn take_keys_from_records(&mut self) {
-        for (generation, key) in self.account_keys.linkable().take_found() {
+        for (generation, key) in self.account_keys.shared().take_found() {
             if let Err(e) = self.account_keys.keep(generation, &key) {
                 warn!("{e}");
             }

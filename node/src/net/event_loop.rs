@@ -334,7 +334,7 @@ pub struct EventLoop {
     >,
     /// This device's own signed account record, served on request.
     own_record: AccountRecord,
-    account_keys: crate::cloud::account_keys::LinkableKeys,
+    account_keys: crate::cloud::account_keys::SharedKeys,
     signing_key: ed25519_dalek::SigningKey,
     /// Account records learned from the devices met (newest per account).
     records: HashMap<AccountId, AccountRecord>,
@@ -355,7 +355,7 @@ pub struct EventLoopParts {
     pub own_record: AccountRecord,
     pub devices: crate::devices::AccountDevices,
     /// The account's later encryption keys, for link grants and records.
-    pub account_keys: crate::cloud::account_keys::LinkableKeys,
+    pub account_keys: crate::cloud::account_keys::SharedKeys,
     /// This device's key, to open an account key sealed to it in a record.
     pub signing_key: ed25519_dalek::SigningKey,
 }

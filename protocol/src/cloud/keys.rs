@@ -114,7 +114,14 @@ impl AccountEncryptionKey {
         seed.extend_from_slice(secret.as_ref());
         seed.extend_from_slice(&recipient.0);
         seal_secret(&secret, &recipient, &seed, |ephemeral| {
-            device_wrap_context(ephemeral, &recipient, &public, chat, epoch)
+            wrap_context(
+                DEVICE_WRAP_CONTEXT,
+                ephemeral,
+                &recipient,
+                Some(&public),
+                chat,
+                epoch,
+            )
         })
     }
 
@@ -129,7 +136,14 @@ impl AccountEncryptionKey {
     ) -> Result<Self, KeyError> {
         let own = StaticSecret::from(device_key.to_scalar_bytes());
         let recipient = EncryptionPublicKey(PublicKey::from(&own).to_bytes());
-        let context = device_wrap_context(&wrapped.ephemeral, &recipient, expected, chat, epoch);
+        let context = wrap_context(
+            DEVICE_WRAP_CONTEXT,
+            &wrapped.ephemeral,
+            &recipient,
+            Some(expected),
+            chat,
+            epoch,
+        );
         let key = Self::from_secret_bytes(&*open_secret(&own, wrapped, &context)?);
         if key.public() != *expected {
             return Err(KeyError::UnwrapFailed);
@@ -145,22 +159,36 @@ impl AccountEncryptionKey {
         epoch: u32,
     ) -> Result<ChatKey, KeyError> {
         let recipient = self.public();
-        let context = wrap_context(&wrapped.ephemeral, &recipient, chat, epoch);
+        let context = wrap_context(
+            WRAP_KEY_CONTEXT,
+            &wrapped.ephemeral,
+            &recipient,
+            None,
+            chat,
+            epoch,
+        );
         Ok(ChatKey(*open_secret(&self.0, wrapped, &context)?))
     }
 
     /// Opens a chat key with whichever of `keys` it was wrapped to (an
     /// account holds one key per revocation, and older epochs were wrapped
-    /// to older keys). Newest first.
+    /// to older keys).
     pub fn unwrap_any<'a>(
-        keys: impl DoubleEndedIterator<Item = &'a AccountEncryptionKey>,
+        keys: impl IntoIterator<Item = &'a AccountEncryptionKey>,
         wrapped: &WrappedKey,
         chat: ChatId,
         epoch: u32,
     ) -> Result<ChatKey, KeyError> {
-        keys.rev()
+        keys.into_iter()
             .find_map(|k| k.unwrap(wrapped, chat, epoch).ok())
             .ok_or(KeyError::UnwrapFailed)
+    }
+
+    /// An account's current key among `keys` (generation, key): the highest
+    /// generation, and of two that raced to one generation, the higher
+    /// public key, so every device picks the same.
+    pub fn current(keys: &[(u32, AccountEncryptionKey)]) -> Option<&(u32, AccountEncryptionKey)> {
+        keys.iter().max_by_key(|(g, k)| (*g, k.public()))
     }
 }
 
@@ -224,7 +252,7 @@ impl ChatKey {
         seed.extend_from_slice(&chat.0);
         seed.extend_from_slice(&epoch.to_le_bytes());
         seal_secret(&self.0, recipient, &seed, |ephemeral| {
-            wrap_context(ephemeral, recipient, chat, epoch)
+            wrap_context(WRAP_KEY_CONTEXT, ephemeral, recipient, None, chat, epoch)
         })
     }
 
@@ -309,16 +337,24 @@ impl crate::codec::Record for WrappedKey {
     const MAX_LEN: usize = 1 + 32 + 32 + 16;
 }
 
+/// What a sealed key is bound to: the kind of sealing (`domain`), the
+/// one-time key, the recipient, the sealed key's public half when it is an
+/// account key, and the chat and epoch of the entry that carries it.
 fn wrap_context(
+    domain: &str,
     ephemeral: &[u8; 32],
     recipient: &EncryptionPublicKey,
+    sealed_key: Option<&EncryptionPublicKey>,
     chat: ChatId,
     epoch: u32,
 ) -> Vec<u8> {
-    let mut c = Vec::with_capacity(WRAP_KEY_CONTEXT.len() + 32 * 2 + 16 + 4);
-    c.extend_from_slice(WRAP_KEY_CONTEXT.as_bytes());
+    let mut c = Vec::with_capacity(domain.len() + 32 * 3 + 16 + 4);
+    c.extend_from_slice(domain.as_bytes());
     c.extend_from_slice(ephemeral);
     c.extend_from_slice(&recipient.0);
+    if let Some(key) = sealed_key {
+        c.extend_from_slice(&key.0);
+    }
     c.extend_from_slice(&chat.0);
     c.extend_from_slice(&epoch.to_le_bytes());
     c
@@ -397,23 +433,6 @@ fn device_x25519(device: &DevicePublicKey) -> Result<[u8; 32], KeyError> {
         return Err(KeyError::WeakPublicKey);
     }
     Ok(key.to_montgomery().to_bytes())
-}
-
-fn device_wrap_context(
-    ephemeral: &[u8; 32],
-    recipient: &EncryptionPublicKey,
-    sealed_key: &EncryptionPublicKey,
-    chat: ChatId,
-    epoch: u32,
-) -> Vec<u8> {
-    let mut c = Vec::with_capacity(DEVICE_WRAP_CONTEXT.len() + 32 * 3 + 16 + 4);
-    c.extend_from_slice(DEVICE_WRAP_CONTEXT.as_bytes());
-    c.extend_from_slice(ephemeral);
-    c.extend_from_slice(&recipient.0);
-    c.extend_from_slice(&sealed_key.0);
-    c.extend_from_slice(&chat.0);
-    c.extend_from_slice(&epoch.to_le_bytes());
-    c
 }
 
 pub(crate) fn short_hex(bytes: &[u8]) -> String {

@@ -159,9 +159,9 @@ impl Randomness {
 /// A member device's keys for its account's cloud chats.
 pub struct ChatMember {
     account: AccountId,
-    /// The account's encryption keys by generation (and public key, should
-    /// two revocations have raced), oldest first: never empty. The last is
-    /// the current one; older ones open older epochs.
+    /// The account's encryption keys with their generations: never empty.
+    /// The current one is [`AccountEncryptionKey::current`]; the others
+    /// open older epochs.
     encryption: Vec<(u32, AccountEncryptionKey)>,
     /// Keys taken from `AccountKey` entries since the driver last asked.
     learned: Vec<(u32, AccountEncryptionKey)>,
@@ -227,22 +227,18 @@ impl ChatMember {
     }
 
     fn current(&self) -> &(u32, AccountEncryptionKey) {
-        self.encryption
-            .last()
+        AccountEncryptionKey::current(&self.encryption)
             .expect("a member holds at least one encryption key")
     }
 
     /// Adds a key of this account at `generation`; it becomes the current
-    /// key if its generation is the highest. Returns whether it was new.
+    /// key if it is [`AccountEncryptionKey::current`] among those held.
+    /// Returns whether it was new.
     pub fn add_encryption_key(&mut self, generation: u32, key: AccountEncryptionKey) -> bool {
-        let public = key.public();
-        if self.encryption.iter().any(|(_, k)| k.public() == public) {
+        if self.holds(&key.public()) {
             return false;
         }
-        let at = self
-            .encryption
-            .partition_point(|(g, k)| (*g, k.public()) < (generation, public));
-        self.encryption.insert(at, (generation, key));
+        self.encryption.push((generation, key));
         true
     }
 

@@ -66,6 +66,20 @@ impl Device {
         entry.into_entry()
     }
 
+    /// Takes a fresh account key at `generation` and writes the key change
+    /// revoking `revoked`, sealed to `keep`.
+    pub(crate) fn revoke(
+        &mut self,
+        generation: u32,
+        keep: Vec<DevicePublicKey>,
+        revoked: Vec<DevicePublicKey>,
+        dice: &mut Dice,
+    ) -> Entry {
+        let key = AccountEncryptionKey::generate(&dice.roll());
+        assert!(self.member.add_encryption_key(generation, key));
+        self.write(Draft::AccountKey { keep, revoked }, dice)
+    }
+
     pub(crate) fn compose(&mut self, draft: Draft, dice: &mut Dice) -> Result<Entry, MemberError> {
         self.member
             .compose(&self.log, draft, dice.roll())
@@ -1338,18 +1352,7 @@ fn an_account_key_change_is_bounded_and_revokes_only_its_own_devices() {
     pull(&mut alice_phone.log, &devices[0].log);
     // Bob names Alice's phone as revoked in his own key change: it is his
     // rotation, and it revokes nothing of Alice's.
-    assert!(
-        devices[1]
-            .member
-            .add_encryption_key(1, AccountEncryptionKey::generate(&dice.roll()))
-    );
-    let rotation = devices[1].write(
-        Draft::AccountKey {
-            keep: vec![],
-            revoked: vec![alice_phone.cert.device],
-        },
-        &mut dice,
-    );
+    let rotation = devices[1].revoke(1, vec![], vec![alice_phone.cert.device], &mut dice);
     pull(&mut storage, &devices[1].log);
     pull(&mut alice_phone.log, &storage);
     let from_phone = alice_phone.say("still here", &mut dice);
@@ -1410,30 +1413,8 @@ fn a_revocation_holds_against_other_accounts_later_keys_and_a_concurrent_counter
 
     // The phone, offline, answers with a revocation of the laptop while
     // the laptop revokes the phone: two concurrent branches.
-    assert!(
-        phone
-            .member
-            .add_encryption_key(1, AccountEncryptionKey::generate(&dice.roll()))
-    );
-    phone.write(
-        Draft::AccountKey {
-            keep: vec![],
-            revoked: vec![laptop],
-        },
-        &mut dice,
-    );
-    assert!(
-        devices[0]
-            .member
-            .add_encryption_key(1, AccountEncryptionKey::generate(&dice.roll()))
-    );
-    devices[0].write(
-        Draft::AccountKey {
-            keep: vec![],
-            revoked: vec![phone.cert.device],
-        },
-        &mut dice,
-    );
+    phone.revoke(1, vec![], vec![laptop], &mut dice);
+    devices[0].revoke(1, vec![], vec![phone.cert.device], &mut dice);
     pull(&mut storage, &devices[0].log);
     pull(&mut storage, &phone.log);
     // Both are kept (neither saw the other), but only the one first in
@@ -1461,18 +1442,7 @@ fn a_revocation_holds_against_other_accounts_later_keys_and_a_concurrent_counter
     // Bob, who holds the merged log, names the revoked device in his own
     // key change: that does not undo Alice's revocation.
     pull(&mut devices[1].log, &storage);
-    assert!(
-        devices[1]
-            .member
-            .add_encryption_key(1, AccountEncryptionKey::generate(&dice.roll()))
-    );
-    devices[1].write(
-        Draft::AccountKey {
-            keep: vec![],
-            revoked: vec![loser],
-        },
-        &mut dice,
-    );
+    devices[1].revoke(1, vec![], vec![loser], &mut dice);
     pull(&mut storage, &devices[1].log);
     let heads = storage.heads();
     assert!(
