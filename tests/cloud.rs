@@ -939,6 +939,11 @@ fn link_device(t: &Three, k: usize, dir: &Path, name: &str) {
     );
 }
 
+/// How many entries of `chat` a `/v1/chats` answer says the device holds.
+fn chat_entries(chats: Value, chat: &str) -> Option<u64> {
+    chats.as_array()?.iter().find(|c| c["chat_id"] == chat)?["entries"].as_u64()
+}
+
 fn texts(history: &[Value]) -> Vec<String> {
     history
         .iter()
@@ -1020,13 +1025,7 @@ fn a_revoked_device_reads_nothing_after_and_a_device_offline_at_the_revocation_r
 
     // The phone still gets every entry (it is still connected and still
     // holds the account key), but reads nothing written after.
-    let entries_of = |dir: &Path| -> Option<u64> {
-        on(dir, "/v1/chats")?
-            .as_array()?
-            .iter()
-            .find(|c| c["chat_id"] == chat.as_str())?["entries"]
-            .as_u64()
-    };
+    let entries_of = |dir: &Path| chat_entries(on(dir, "/v1/chats")?, &chat);
     let all = entries_of(&d1).unwrap();
     poll("the phone to hold every entry", || {
         (entries_of(&phone_dir)? >= all).then_some(())
@@ -1160,13 +1159,7 @@ fn a_revocation_reaches_the_accounts_other_devices_through_its_record_when_no_ch
     drop(tablet);
     // The phone, still Alice's device to Bob's node, gets every entry of
     // the chat, and none of its text.
-    let entries_of = |dir: &Path| -> Option<u64> {
-        on(dir, "/v1/chats")?
-            .as_array()?
-            .iter()
-            .find(|c| c["chat_id"] == chat.as_str())?["entries"]
-            .as_u64()
-    };
+    let entries_of = |dir: &Path| chat_entries(on(dir, "/v1/chats")?, &chat);
     let all = entries_of(t.dir(1)).unwrap();
     poll("the phone to hold every entry of bob's chat", || {
         (entries_of(&phone_dir)? >= all).then_some(())
