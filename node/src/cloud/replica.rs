@@ -21,8 +21,9 @@ use std::{
 use tern_protocol::{
     AccountId, DevicePublicKey, Record,
     cloud::{
-        BatchLimits, ChatId, ChatLog, ChatSummary, Composed, Entry, EntryError, EntryHash,
-        EntryKind, LogError, LogOutput, SignatureChecked, SyncRequest, SyncResponse, sync,
+        BatchLimits, ChatId, ChatLog, ChatMember, ChatSummary, Composed, Entry, EntryError,
+        EntryHash, EntryKind, LogError, LogOutput, SignatureChecked, SyncRequest, SyncResponse,
+        sync,
     },
 };
 
@@ -131,6 +132,9 @@ pub struct Replicas {
     failed: Option<String>,
     /// Entries appended since the last [`Self::take_appended`].
     appended: Vec<(ChatId, EntryHash)>,
+    /// Chats holding this device's entries composed to be signed as a run
+    /// ([`Self::sign_composed`]).
+    unsigned: BTreeSet<ChatId>,
     /// `AccountKey` entries kept since the last [`Self::take_key_changes`].
     key_changes: Vec<KeyChange>,
     /// Bytes appended since the last commit started.
@@ -345,6 +349,7 @@ impl Replicas {
             used: 0,
             failed: None,
             appended: Vec::new(),
+            unsigned: BTreeSet::new(),
             key_changes: Vec::new(),
             unflushed: 0,
             account,
@@ -558,7 +563,46 @@ impl Replicas {
     /// checked, and no hosting policy applies).
     pub fn accept_composed(&mut self, entry: Composed) -> Result<Outcome, ReplicaError> {
         self.check()?;
-        Ok(self.accept_one(None, Offered::Composed(entry), None)?.0)
+        let chat = entry.header.header.chat;
+        let unsigned = !entry.header.is_signed();
+        let outcome = self.accept_one(None, Offered::Composed(entry), None)?.0;
+        // Kept in memory; written (and announced) once the run is signed.
+        if unsigned && outcome == Outcome::Missing(Vec::new()) {
+            self.unsigned.insert(chat);
+            return Ok(Outcome::Stored);
+        }
+        Ok(outcome)
+    }
+
+    /// Signs this device's entries composed since the last call, one
+    /// signature per chat's run, and appends them. Call it before anything
+    /// the round did is committed or sent: until then those entries verify
+    /// nowhere. A chat whose append fails is reloaded from disk (its
+    /// unsigned entries are dropped with the rest of what the disk lacks);
+    /// the others are signed and appended all the same.
+    pub fn sign_composed(&mut self, member: &ChatMember) -> Result<(), ReplicaError> {
+        let mut failed = None;
+        for chat in std::mem::take(&mut self.unsigned) {
+            let Some(r) = self.chats.get_mut(&chat) else {
+                continue;
+            };
+            for output in member.sign_composed(&mut r.log) {
+                let LogOutput::Persist { hash, record } = output else {
+                    continue;
+                };
+                match self.append(chat, hash, &record) {
+                    Ok(()) => {
+                        self.note_key_change(chat, &hash);
+                        self.appended.push((chat, hash));
+                    }
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        break;
+                    }
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     /// One entry; `false` when a failed append stops the batch. With
@@ -1231,33 +1275,38 @@ mod tests {
             for n in 0..messages {
                 batch.push(say(&mut alice, &format!("message {n}"), n as u8));
             }
-            // One forged signature in each half of the batch; and a replay.
-            let mut forged = batch[10].clone();
+            // Two entries Alice never sent, with forged signatures: one in
+            // each half of the batch. A forged copy of a kept entry names
+            // that entry (the hash is the header's) and changes nothing;
+            // and a replay.
+            let sent = ChatSummary::of(&alice.log);
+            let mut forged = say(&mut alice, "never sent", 200);
             forged.header.signature[5] ^= 1;
-            let mut late_forged = batch[messages - 5].clone();
+            let mut late_forged = say(&mut alice, "never sent either", 201);
             late_forged.header.signature[9] ^= 1;
+            let mut forged_copy = batch[4].clone();
+            forged_copy.header.signature[7] ^= 1;
             let replayed = batch[3].clone();
             batch.insert(11, forged);
             batch.push(late_forged);
+            batch.push(forged_copy);
             batch.push(replayed);
 
             let mut replicas = Replicas::open(tmp.path()).unwrap();
             let out = replicas.accept(Some(&open_policy()), batch).unwrap();
-            assert_eq!(out.len(), messages + 4);
+            assert_eq!(out.len(), messages + 5);
             let rejected: Vec<usize> = (0..out.len())
                 .filter(|i| matches!(&out[*i], Outcome::Rejected(why) if why.contains("signature")))
                 .collect();
-            assert_eq!(rejected, vec![11, out.len() - 2], "{out:?}");
+            assert_eq!(rejected, vec![11, out.len() - 3], "{out:?}");
+            assert_eq!(out[out.len() - 2], Outcome::Duplicate);
             assert_eq!(out[out.len() - 1], Outcome::Duplicate);
             let stored = out.iter().filter(|o| **o == Outcome::Stored).count();
             assert_eq!(stored, messages + 1);
             // Every good entry is on disk and verifies again on reopening.
             let replicas = committed_and_reopened(replicas, tmp.path());
             assert_eq!(replicas.entries(&CHAT), messages + 1);
-            assert!(sync::in_sync(
-                &replicas.summary(&CHAT).unwrap(),
-                &ChatSummary::of(&alice.log)
-            ));
+            assert!(sync::in_sync(&replicas.summary(&CHAT).unwrap(), &sent));
         }
     }
 

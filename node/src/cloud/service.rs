@@ -876,11 +876,13 @@ impl CloudService {
             replies.push(self.command(command));
         }
 
-        // Nothing is acknowledged before it is on disk: the round's effects
-        // wait for its flush, which starts once the previous one is done
-        // (so effects go out in order).
+        // This device's entries of the round are signed, a run per chat,
+        // and written. Nothing is acknowledged before it is on disk: the
+        // round's effects wait for its flush, which starts once the
+        // previous one is done (so effects go out in order).
+        let signed = self.replicas.sign_composed(&self.member);
         let appended = self.replicas.take_appended();
-        let started = self.replicas.start_commit();
+        let started = signed.and_then(|()| self.replicas.start_commit());
         self.settle(None).await;
         match started {
             // Nothing would overlap the flush, or it is small: flushing
@@ -1960,7 +1962,7 @@ impl CloudService {
         };
         let entry = self
             .member
-            .compose(log, draft, random32())
+            .compose_unsigned(log, draft, random32())
             .map_err(|e| CloudError::Refused(e.to_string()))?;
         let hash = self.keep(entry)?;
         if let Some(text) = text {
@@ -2385,7 +2387,7 @@ impl CloudService {
         let log = self.replicas.log(&chat).expect("just kept");
         let entry = self
             .member
-            .compose(log, Draft::Storage { peers, quorum }, random32())
+            .compose_unsigned(log, Draft::Storage { peers, quorum }, random32())
             .map_err(|e| CloudError::BadInput(e.to_string()))?;
         let storage_hash = self.keep(entry)?;
         self.push_out(chat, genesis_hash, &[]);

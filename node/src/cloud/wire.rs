@@ -94,7 +94,8 @@ impl StoreResponse {
 }
 
 impl Record for StoreRequest {
-    const VERSION: u8 = 1;
+    /// 2: pushes carry [`Entry`] 2.
+    const VERSION: u8 = 2;
     const MAX_LEN: usize = MAX_PUSH_BYTES + Entry::MAX_LEN;
 
     fn validate(&self) -> Result<(), DecodeError> {
@@ -120,7 +121,8 @@ impl Record for StoreRequest {
 }
 
 impl Record for StoreResponse {
-    const VERSION: u8 = 1;
+    /// 2: syncs carry [`Entry`] 2.
+    const VERSION: u8 = 2;
     const MAX_LEN: usize = SyncResponse::MAX_LEN + MAX_PUSH * (MAX_REASON + 4);
 
     fn validate(&self) -> Result<(), DecodeError> {

@@ -5,13 +5,21 @@
 //! (a device certificate, which names the account), which heads the author
 //! had seen (`parents`), its place in the author device's sequence, its
 //! Lamport clock, its key epoch, what kind of entry it is, and the hash of
-//! its body. The entry's hash covers the header and the device's signature,
-//! and children name their parents by it: the log is a hash-linked DAG.
+//! its body. The entry's hash is the header's, and children name their
+//! parents by it: the log is a hash-linked DAG.
+//!
+//! A device signs its entries a run at a time: one Ed25519 signature over
+//! the root of a Merkle tree whose leaves are the hashes of the run's
+//! entries (at most [`MAX_RUN`]). Each entry carries the signature and its
+//! path to the root ([`RunPath`]), so it still verifies alone, wherever it
+//! travels without the rest of its run; a run of one is a plain signature
+//! over the entry's hash. A holder that checks several entries of one run
+//! checks the signature once. See `docs/cloud-chats.md`, "Signing runs".
 //!
 //! The body is only referenced by hash, so a purge can drop the ciphertext
 //! from every disk while the header, and with it the chain, still verifies.
 
-use std::{fmt, sync::Arc};
+use std::{collections::HashMap, fmt, sync::Arc};
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -37,11 +45,20 @@ pub const MAX_BODY_CIPHERTEXT: usize = super::content::MAX_PADDED_LEN + 16;
 /// Largest encoded header with its signature.
 pub const MAX_HEADER_LEN: usize = 128 * 1024;
 
-const SIGNATURE_DOMAIN: &[u8] = b"tern cloud entry header v1\0";
+/// Most entries one signature covers (a run's Merkle tree is then at most
+/// [`MAX_RUN_DEPTH`] deep).
+pub const MAX_RUN: usize = 256;
+/// Most siblings on an entry's path to its run's root.
+pub const MAX_RUN_DEPTH: usize = 8;
+
+const SIGNATURE_DOMAIN: &[u8; 24] = b"tern cloud entry run v1\0";
+/// What a device signs: the domain, the run's length, its root.
+pub(crate) type RunMessage = [u8; 24 + 2 + 32];
 /// Room reserved for encoding a header: a message's header (certificate,
 /// parents, body hash) fits, so it is encoded without growing.
 const TYPICAL_HEADER_LEN: usize = 512;
-const ENTRY_HASH_CONTEXT: &str = "tern cloud entry hash v1";
+const ENTRY_HASH_CONTEXT: &str = "tern cloud entry hash v2";
+const RUN_NODE_CONTEXT: &str = "tern cloud entry run node v1";
 const BODY_HASH_CONTEXT: &str = "tern cloud body hash v1";
 
 /// A cloud chat's identity: 16 random bytes drawn by its creator.
@@ -60,7 +77,8 @@ impl fmt::Display for ChatId {
     }
 }
 
-/// The blake3 hash of an entry's header and signature: its name in the log.
+/// The blake3 hash of an entry's header: its name in the log, and its leaf
+/// in the run its device signed.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct EntryHash(pub [u8; 32]);
 
@@ -365,21 +383,144 @@ impl EntryHeader {
         Ok(())
     }
 
-    fn signed_bytes(&self) -> Vec<u8> {
-        let mut m = Vec::with_capacity(SIGNATURE_DOMAIN.len() + TYPICAL_HEADER_LEN);
-        m.extend_from_slice(SIGNATURE_DOMAIN);
+    /// The entry's name: blake3 over the encoded header.
+    pub fn hash(&self) -> EntryHash {
         // Plain structs and enums: postcard cannot fail on them.
-        postcard::to_extend(self, m).expect("headers are serialisable")
+        let encoded = postcard::to_extend(self, Vec::with_capacity(TYPICAL_HEADER_LEN))
+            .expect("headers are serialisable");
+        let mut hasher = blake3::Hasher::new_derive_key(ENTRY_HASH_CONTEXT);
+        hasher.update(&encoded);
+        EntryHash(*hasher.finalize().as_bytes())
     }
 
-    /// Signs the header with the author device's key.
+    /// Signs the header alone with the author device's key: a run of one.
     pub fn sign(self, device_key: &SigningKey) -> SignedHeader {
-        let signature = device_key.sign(&self.signed_bytes()).to_bytes();
+        let (signature, run) = sign_run(&[self.hash()], device_key)
+            .pop()
+            .expect("one proof per hash");
         SignedHeader {
             header: self,
             signature,
+            run,
         }
     }
+
+    /// The header before it is signed, for a run its device signs later
+    /// ([`crate::cloud::ChatMember::sign_composed`]). It verifies nowhere until then.
+    pub(crate) fn unsigned(self) -> SignedHeader {
+        SignedHeader {
+            header: self,
+            signature: [0; 64],
+            run: RunPath::default(),
+        }
+    }
+}
+
+/// Where an entry sits in the run of its device's entries that one
+/// signature covers: its index among the run's `len` leaves and the
+/// sibling hashes from its leaf up to the root. Odd nodes out at a level
+/// move up unpaired, so a run of any length has a tree and no leaf is
+/// repeated. `len` 0 marks a header not signed yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunPath {
+    pub index: u16,
+    pub len: u16,
+    pub siblings: Vec<[u8; 32]>,
+}
+
+impl RunPath {
+    /// The run's root from this entry's hash, or `None` when the path
+    /// does not fit the run's shape (index, length and sibling count).
+    fn root(&self, leaf: &EntryHash) -> Option<[u8; 32]> {
+        let (mut index, mut len) = (usize::from(self.index), usize::from(self.len));
+        if len == 0 || len > MAX_RUN || index >= len {
+            return None;
+        }
+        let mut node = leaf.0;
+        let mut siblings = self.siblings.iter();
+        while len > 1 {
+            if index % 2 == 1 {
+                node = run_node(siblings.next()?, &node);
+            } else if index + 1 < len {
+                node = run_node(&node, siblings.next()?);
+            }
+            index /= 2;
+            len = len.div_ceil(2);
+        }
+        siblings.next().is_none().then_some(node)
+    }
+
+    /// Bounds checked at decode, before any hashing.
+    fn check_bounds(&self) -> Result<(), EntryError> {
+        let len = usize::from(self.len);
+        if len == 0 || len > MAX_RUN || self.index >= self.len {
+            return Err(EntryError::Shape("a run has 1 to 256 entries"));
+        }
+        if self.siblings.len() > MAX_RUN_DEPTH {
+            return Err(EntryError::Shape("a run path is at most 8 deep"));
+        }
+        Ok(())
+    }
+}
+
+fn run_node(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new_derive_key(RUN_NODE_CONTEXT);
+    hasher.update(left);
+    hasher.update(right);
+    *hasher.finalize().as_bytes()
+}
+
+fn run_message(len: u16, root: &[u8; 32]) -> RunMessage {
+    let mut m = [0u8; 24 + 2 + 32];
+    m[..24].copy_from_slice(SIGNATURE_DOMAIN);
+    m[24..26].copy_from_slice(&len.to_le_bytes());
+    m[26..].copy_from_slice(root);
+    m
+}
+
+/// Signs the entries named by `hashes` (one device's, in order) a run at a
+/// time, at most [`MAX_RUN`] per signature: each entry's signature and
+/// path, in the same order.
+pub fn sign_run(hashes: &[EntryHash], device_key: &SigningKey) -> Vec<([u8; 64], RunPath)> {
+    let mut proofs = Vec::with_capacity(hashes.len());
+    for run in hashes.chunks(MAX_RUN) {
+        let len = u16::try_from(run.len()).expect("a run is at most MAX_RUN long");
+        let mut paths: Vec<RunPath> = (0..len)
+            .map(|index| RunPath {
+                index,
+                len,
+                siblings: Vec::new(),
+            })
+            .collect();
+        // Each node of the level with the leaves under it (a range).
+        let mut level: Vec<([u8; 32], std::ops::Range<usize>)> = run
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.0, i..i + 1))
+            .collect();
+        while level.len() > 1 {
+            let mut next = Vec::with_capacity(level.len().div_ceil(2));
+            for pair in level.chunks(2) {
+                match pair {
+                    [(left, l), (right, r)] => {
+                        for path in &mut paths[l.clone()] {
+                            path.siblings.push(*right);
+                        }
+                        for path in &mut paths[r.clone()] {
+                            path.siblings.push(*left);
+                        }
+                        next.push((run_node(left, right), l.start..r.end));
+                    }
+                    [odd] => next.push(odd.clone()),
+                    _ => unreachable!("chunks of two"),
+                }
+            }
+            level = next;
+        }
+        let signature = device_key.sign(&run_message(len, &level[0].0)).to_bytes();
+        proofs.extend(paths.into_iter().map(|path| (signature, path)));
+    }
+    proofs
 }
 
 fn has_duplicates<T: Ord + Clone>(items: &[T]) -> bool {
@@ -388,22 +529,34 @@ fn has_duplicates<T: Ord + Clone>(items: &[T]) -> bool {
     sorted.windows(2).any(|w| w[0] == w[1])
 }
 
-/// A header and its author device's signature.
+/// A header and its author device's signature: over the root of the run
+/// the entry belongs to, with the entry's path to that root.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedHeader {
     pub header: EntryHeader,
     #[serde(with = "bytes64")]
     pub signature: [u8; 64],
+    pub run: RunPath,
 }
 
 impl SignedHeader {
-    /// The entry's name: blake3 over the encoded header and signature.
+    /// The entry's name: the header's hash ([`EntryHeader::hash`]). The
+    /// signature is not part of it: only the device can sign, and a
+    /// header with a forged signature names the same entry and is refused.
     pub fn hash(&self) -> EntryHash {
-        let encoded = postcard::to_extend(self, Vec::with_capacity(TYPICAL_HEADER_LEN))
-            .expect("headers are serialisable");
-        let mut hasher = blake3::Hasher::new_derive_key(ENTRY_HASH_CONTEXT);
-        hasher.update(&encoded);
-        EntryHash(*hasher.finalize().as_bytes())
+        self.header.hash()
+    }
+
+    /// Whether the device has signed this header (it may still be waiting
+    /// for the rest of its run, on its author's device only).
+    pub fn is_signed(&self) -> bool {
+        self.run.len > 0
+    }
+
+    /// What the device signed, given the entry's hash: the run's root.
+    pub(crate) fn signed_message(&self, hash: &EntryHash) -> Result<RunMessage, EntryError> {
+        let root = self.run.root(hash).ok_or(EntryError::BadSignature)?;
+        Ok(run_message(self.run.len, &root))
     }
 
     /// Checks the certificate (the account vouches for the device) and the
@@ -419,11 +572,20 @@ impl SignedHeader {
     /// The device's signature only, for a caller that already verified
     /// this exact certificate. The rule is [`super::signatures`]'s.
     pub fn verify_signature(&self) -> Result<(), EntryError> {
+        self.verify_signature_of(&self.hash())
+    }
+
+    /// [`Self::verify_signature`] with the entry's hash already known.
+    pub fn verify_signature_of(&self, hash: &EntryHash) -> Result<(), EntryError> {
+        self.verify_message(&self.signed_message(hash)?)
+    }
+
+    /// The device's signature over `message` ([`Self::signed_message`]).
+    pub(crate) fn verify_message(&self, message: &RunMessage) -> Result<(), EntryError> {
         let key = self.device_key()?;
-        let message = self.header.signed_bytes();
         let signed = Signed {
             key: &key,
-            message: &message,
+            message,
             signature: &self.signature,
         };
         match signatures::verify(&signed) {
@@ -578,11 +740,6 @@ pub struct SignatureChecked {
 }
 
 impl SignatureChecked {
-    fn new(entry: Entry) -> Self {
-        let hash = entry.hash();
-        Self { entry, hash }
-    }
-
     pub fn entry(&self) -> &Entry {
         &self.entry
     }
@@ -607,52 +764,72 @@ impl Entry {
     /// are for the log). On failure the entry comes back with the reason.
     #[allow(clippy::result_large_err)]
     pub fn check_signature(self) -> Result<SignatureChecked, (Entry, EntryError)> {
-        match self.header.verify_signature() {
-            Ok(()) => Ok(SignatureChecked::new(self)),
+        let hash = self.hash();
+        match self.header.verify_signature_of(&hash) {
+            Ok(()) => Ok(SignatureChecked { entry: self, hash }),
             Err(e) => Err((self, e)),
         }
     }
 
-    /// [`Self::check_signature`] for many entries at once, in one batch
-    /// check (several times cheaper per signature than one by one); the
-    /// verdicts are those each entry gets alone, in the entries' order.
+    /// [`Self::check_signature`] for many entries at once: one check per
+    /// distinct signature (the entries of one run share theirs), and those
+    /// in one batch check (several times cheaper per signature than one by
+    /// one). The verdicts are those each entry gets alone, in the entries'
+    /// order.
     #[allow(clippy::result_large_err)]
     pub fn check_signatures(
         entries: Vec<Entry>,
     ) -> Vec<Result<SignatureChecked, (Entry, EntryError)>> {
-        let keys: Vec<Result<VerifyingKey, EntryError>> =
-            entries.iter().map(|e| e.header.device_key()).collect();
-        let messages: Vec<Vec<u8>> = entries
+        let hashes: Vec<EntryHash> = entries.iter().map(Entry::hash).collect();
+        let prepared: Vec<Result<(VerifyingKey, RunMessage), EntryError>> = entries
             .iter()
-            .map(|e| e.header.header.signed_bytes())
+            .zip(&hashes)
+            .map(|(e, hash)| Ok((e.header.device_key()?, e.header.signed_message(hash)?)))
             .collect();
-        let signed: Vec<Signed<'_>> = entries
-            .iter()
-            .zip(&keys)
-            .zip(&messages)
-            .filter_map(|((e, key), message)| {
-                Some(Signed {
-                    key: key.as_ref().ok()?,
-                    message,
-                    signature: &e.header.signature,
+        // Each entry's place among the distinct signatures, and their verdicts.
+        let (slots, passed) = {
+            let mut distinct = HashMap::new();
+            let mut signed: Vec<Signed<'_>> = Vec::new();
+            let slots: Vec<Option<usize>> = entries
+                .iter()
+                .zip(&prepared)
+                .map(|(e, p)| {
+                    let (key, message) = p.as_ref().ok()?;
+                    let signature = &e.header.signature;
+                    Some(
+                        *distinct
+                            .entry((key.as_bytes(), signature, message))
+                            .or_insert_with(|| {
+                                signed.push(Signed {
+                                    key,
+                                    message,
+                                    signature,
+                                });
+                                signed.len() - 1
+                            }),
+                    )
                 })
-            })
-            .collect();
-        let mut passed = signatures::verify_many(&signed).into_iter();
+                .collect();
+            (slots, signatures::verify_many(&signed))
+        };
         entries
             .into_iter()
-            .zip(keys)
-            .map(|(e, key)| match key {
-                Err(why) => Err((e, why)),
-                Ok(_) if passed.next() == Some(true) => Ok(SignatureChecked::new(e)),
-                Ok(_) => Err((e, EntryError::BadSignature)),
+            .zip(hashes)
+            .zip(prepared)
+            .zip(slots)
+            .map(|(((entry, hash), prepared), slot)| match (prepared, slot) {
+                (Err(why), _) => Err((entry, why)),
+                (Ok(_), Some(i)) if passed[i] => Ok(SignatureChecked { entry, hash }),
+                (Ok(_), _) => Err((entry, EntryError::BadSignature)),
             })
             .collect()
     }
 }
 
 impl Record for Entry {
-    const VERSION: u8 = 1;
+    /// 2: headers signed by runs ([`RunPath`]), entries named by the
+    /// header's hash alone.
+    const VERSION: u8 = 2;
     const MAX_LEN: usize = MAX_HEADER_LEN + MAX_BODY_CIPHERTEXT + 64;
 
     /// Structure only; signatures are checked by the log, which reports
@@ -661,6 +838,7 @@ impl Record for Entry {
         self.header
             .header
             .check_shape()
+            .and_then(|()| self.header.run.check_bounds())
             .map_err(|e| DecodeError::Invalid(e.to_string()))?;
         match &self.body {
             Some(body) if body.ciphertext.len() > MAX_BODY_CIPHERTEXT => {
@@ -673,6 +851,8 @@ impl Record for Entry {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
     use crate::identity::AccountKeypair;
 
@@ -720,15 +900,154 @@ mod tests {
     }
 
     #[test]
-    fn hash_covers_header_and_signature_but_not_body() {
+    fn hash_covers_the_header_alone() {
         let entry = message_entry();
         assert_eq!(entry.without_body().hash(), entry.hash());
         let mut other = entry.clone();
         other.header.header.seq = 2;
         assert_ne!(other.hash(), entry.hash());
-        let mut other = entry.clone();
-        other.header.signature[0] ^= 1;
-        assert_ne!(other.hash(), entry.hash());
+        // The signature is not part of the name: a forged one names the
+        // same entry, and is refused.
+        let mut forged = entry.clone();
+        forged.header.signature[0] ^= 1;
+        assert_eq!(forged.hash(), entry.hash());
+        assert_eq!(forged.verify_alone(), Err(EntryError::BadSignature));
+    }
+
+    /// `n` message entries of device 2, each naming the one before, signed
+    /// as runs.
+    fn run_of(n: u64) -> Vec<Entry> {
+        let headers: Vec<EntryHeader> = (1..=n)
+            .map(|seq| {
+                let mut h = message_entry().header.header;
+                h.seq = seq;
+                h.lamport = seq;
+                h
+            })
+            .collect();
+        let hashes: Vec<EntryHash> = headers.iter().map(EntryHeader::hash).collect();
+        headers
+            .into_iter()
+            .zip(sign_run(&hashes, &device_key(2)))
+            .map(|(header, (signature, run))| Entry {
+                header: SignedHeader {
+                    header,
+                    signature,
+                    run,
+                },
+                body: message_entry().body,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_run_is_signed_once_and_each_of_its_entries_verifies_alone() {
+        for n in [1, 2, 3, 7, 8, 100, 256, 257, 600] {
+            let run = run_of(n);
+            let signatures: HashSet<[u8; 64]> = run.iter().map(|e| e.header.signature).collect();
+            assert_eq!(
+                signatures.len(),
+                (n as usize).div_ceil(MAX_RUN),
+                "run of {n}"
+            );
+            for e in &run {
+                assert_eq!(
+                    e.verify_alone(),
+                    Ok(()),
+                    "run of {n}, entry {}",
+                    e.header.header.seq
+                );
+                assert!(e.header.run.siblings.len() <= MAX_RUN_DEPTH);
+                assert_eq!(Entry::decode(&e.encode()).as_ref(), Ok(e));
+            }
+        }
+    }
+
+    #[test]
+    fn a_run_path_moved_altered_or_stretched_does_not_verify() {
+        let run = run_of(7);
+        let refused = |e: &Entry| e.verify_alone() == Err(EntryError::BadSignature);
+        // Another entry's place in the same run.
+        let mut moved = run[2].clone();
+        moved.header.run = run[3].header.run.clone();
+        assert!(refused(&moved));
+        // A header altered inside a signed run.
+        let mut altered = run[4].clone();
+        altered.header.header.lamport += 1;
+        assert!(refused(&altered));
+        // The path's index, length or siblings changed.
+        for change in [
+            &(|p: &mut RunPath| p.index ^= 1) as &dyn Fn(&mut RunPath),
+            &|p| p.len += 1,
+            &|p| p.len -= 1,
+            &|p| p.siblings[0][0] ^= 1,
+            &|p| p.siblings.push([0; 32]),
+            &|p| {
+                p.siblings.pop();
+            },
+            &|p| p.siblings.swap(0, 1),
+        ] {
+            let mut e = run[2].clone();
+            change(&mut e.header.run);
+            assert!(refused(&e), "{:?}", e.header.run);
+        }
+        // A run of one claimed by an entry of a longer run.
+        let mut alone = run[0].clone();
+        alone.header.run = RunPath {
+            index: 0,
+            len: 1,
+            siblings: Vec::new(),
+        };
+        assert!(refused(&alone));
+        // An unsigned header verifies nowhere.
+        let unsigned = Entry {
+            header: run[0].header.header.clone().unsigned(),
+            body: None,
+        };
+        assert!(!unsigned.header.is_signed());
+        assert!(refused(&unsigned));
+    }
+
+    #[test]
+    fn run_paths_are_bounded_at_decode() {
+        let entry = run_of(3).remove(1);
+        for (change, why) in [
+            (
+                &(|p: &mut RunPath| p.len = 0) as &dyn Fn(&mut RunPath),
+                "unsigned",
+            ),
+            (&|p| p.index = p.len, "index past the run"),
+            (&|p| p.len = MAX_RUN as u16 + 1, "run too long"),
+            (
+                &|p| p.siblings = vec![[1; 32]; MAX_RUN_DEPTH + 1],
+                "path too deep",
+            ),
+        ] {
+            let mut e = entry.clone();
+            change(&mut e.header.run);
+            assert!(
+                matches!(Entry::decode(&e.encode()), Err(DecodeError::Invalid(_))),
+                "{why}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_with_runs_gets_each_entrys_own_verdict() {
+        let mut entries = run_of(40);
+        entries.extend(run_of(3));
+        entries[5].header.header.lamport += 100; // altered inside the run
+        entries[41].header.signature[3] ^= 1; // a forged run signature
+        let alone: Vec<bool> = entries.iter().map(|e| e.verify_alone().is_ok()).collect();
+        let together: Vec<bool> = Entry::check_signatures(entries)
+            .iter()
+            .map(Result::is_ok)
+            .collect();
+        assert_eq!(together, alone);
+        // Only the two bad ones: the forged signature is the one copy's,
+        // the rest of its run carries the good one.
+        assert_eq!(together.iter().filter(|ok| !**ok).count(), 2);
+        assert!(!together[5] && !together[41]);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use super::{
     account::StoragePeer,
     entry::{
         BodyHash, ChatId, Composed, Entry, EntryBody, EntryError, EntryHash, EntryKind,
-        MAX_HEADER_LEN, SignatureChecked, SignedHeader,
+        MAX_HEADER_LEN, RunMessage, RunPath, SignatureChecked, SignedHeader,
     },
     membership::{Membership, MembershipError},
 };
@@ -136,7 +136,8 @@ impl ForkEvidence {
 }
 
 impl Record for ForkEvidence {
-    const VERSION: u8 = 1;
+    /// 2: headers signed by runs (as [`Entry`] 2).
+    const VERSION: u8 = 2;
     const MAX_LEN: usize = 2 * MAX_HEADER_LEN + 16;
 
     fn validate(&self) -> Result<(), DecodeError> {
@@ -264,6 +265,12 @@ pub struct ChatLog {
     /// One shared copy of each device's certificate, for the entries kept
     /// (a certificate is 160 bytes; every entry of a device carries it).
     certificates: HashMap<DevicePublicKey, Arc<DeviceCertificate>>,
+    /// The run signature verified last: the entries of a run that arrive
+    /// one by one are checked against it with hashing only.
+    last_run: Option<(DevicePublicKey, [u8; 64], RunMessage)>,
+    /// This device's entries composed to be signed as a run, oldest first
+    /// (see [`super::ChatMember::sign_composed`]); not persisted until then.
+    unsigned: Vec<EntryHash>,
 }
 
 impl ChatLog {
@@ -293,6 +300,8 @@ impl ChatLog {
             verified_certificates: HashSet::new(),
             last_certificate: None,
             certificates: HashMap::new(),
+            last_run: None,
+            unsigned: Vec::new(),
         }
     }
 
@@ -352,7 +361,7 @@ impl ChatLog {
         match checks {
             Checks::All => {
                 self.verify_certificate(&entry)?;
-                entry.header.verify_signature()?;
+                self.verify_signature(&entry, &hash)?;
             }
             Checks::Certificate => self.verify_certificate(&entry)?,
             Checks::SkipSignature => {}
@@ -394,6 +403,23 @@ impl ChatLog {
             self.verified_certificates.insert(fingerprint);
         }
         self.last_certificate = Some(certificate.clone());
+        Ok(())
+    }
+
+    /// The device's signature over the entry's run. Several entries of one
+    /// run in a row are checked once: the same device, signature and
+    /// signed root get the same verdict.
+    fn verify_signature(&mut self, entry: &Entry, hash: &EntryHash) -> Result<(), LogError> {
+        let signed = &entry.header;
+        let run = (
+            signed.author_device(),
+            signed.signature,
+            signed.signed_message(hash)?,
+        );
+        if self.last_run.as_ref() != Some(&run) {
+            signed.verify_message(&run.2)?;
+            self.last_run = Some(run);
+        }
         Ok(())
     }
 
@@ -720,11 +746,17 @@ impl ChatLog {
             _ => Vec::new(),
         };
         // A purge's own record is written before the bodies it erases, so a
-        // crash in between re-erases them when the log is replayed.
-        out.push(LogOutput::Persist {
-            hash,
-            record: entry.encode(),
-        });
+        // crash in between re-erases them when the log is replayed. An
+        // entry of this device's run still to be signed is written when
+        // the run is.
+        if entry.header.is_signed() {
+            out.push(LogOutput::Persist {
+                hash,
+                record: entry.encode(),
+            });
+        } else {
+            self.unsigned.push(hash);
+        }
         if !self.waiting_for.is_empty() {
             self.unblocked.push(hash);
         }
@@ -844,6 +876,33 @@ impl ChatLog {
     }
 
     // ----- reading -----
+
+    /// Takes the entries composed to be signed as a run, oldest first.
+    pub(crate) fn take_unsigned(&mut self) -> Vec<EntryHash> {
+        std::mem::take(&mut self.unsigned)
+    }
+
+    /// Gives an unsigned entry its run signature; its record to persist.
+    pub(crate) fn set_signature(
+        &mut self,
+        hash: &EntryHash,
+        signature: [u8; 64],
+        run: RunPath,
+    ) -> Option<Vec<u8>> {
+        let stored = self.entries.get_mut(hash)?;
+        let header = &mut stored.entry.header;
+        if header.is_signed() {
+            return None;
+        }
+        header.signature = signature;
+        header.run = run;
+        Some(stored.entry.encode())
+    }
+
+    /// Entries this device composed that wait to be signed.
+    pub fn unsigned_count(&self) -> usize {
+        self.unsigned.len()
+    }
 
     pub fn chat(&self) -> ChatId {
         self.chat

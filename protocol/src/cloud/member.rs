@@ -24,12 +24,12 @@ use super::{
     account::StoragePeer,
     content::{Content, MAX_TEXT},
     entry::{
-        AccountKeyChange, ChatId, Composed, DeviceKeyGrant, Entry, EntryHash, EntryHeader,
-        EntryKind, KeyGrant, MAX_MEMBERS, MAX_PARENTS, MAX_PURGE_TARGETS, MemberGrant,
-        check_storage_set,
+        AccountKeyChange, ChatId, Composed, DeviceKeyGrant, Entry, EntryBody, EntryHash,
+        EntryHeader, EntryKind, KeyGrant, MAX_MEMBERS, MAX_PARENTS, MAX_PURGE_TARGETS, MemberGrant,
+        check_storage_set, sign_run,
     },
     keys::{AccountEncryptionKey, BodyContext, ChatKey, EncryptionPublicKey, KeyError, WrappedKey},
-    log::ChatLog,
+    log::{ChatLog, LogOutput},
     membership::{Membership, MembershipError},
 };
 use crate::{
@@ -333,13 +333,59 @@ impl ChatMember {
     }
 
     /// The next entry of this device in `log`, on top of the heads it
-    /// holds. `random` must be 32 fresh random bytes.
+    /// holds, signed alone. `random` must be 32 fresh random bytes.
     pub fn compose(
         &mut self,
         log: &ChatLog,
         draft: Draft,
         random: [u8; 32],
     ) -> Result<Composed, MemberError> {
+        let (header, body) = self.compose_parts(log, draft, random)?;
+        let header = header.sign(&self.device_key);
+        Ok(Composed::new(Entry { header, body }))
+    }
+
+    /// [`Self::compose`] for an entry signed later with the others this
+    /// device writes to `log` meanwhile: one signature for the run
+    /// ([`Self::sign_composed`]). Insert it into `log` at once
+    /// ([`ChatLog::insert_composed`]); the log holds it back (no
+    /// `Persist`) until it is signed, and it must not leave the device
+    /// before.
+    pub fn compose_unsigned(
+        &mut self,
+        log: &ChatLog,
+        draft: Draft,
+        random: [u8; 32],
+    ) -> Result<Composed, MemberError> {
+        let (header, body) = self.compose_parts(log, draft, random)?;
+        Ok(Composed::new(Entry {
+            header: header.unsigned(),
+            body,
+        }))
+    }
+
+    /// Signs the entries composed with [`Self::compose_unsigned`] since the
+    /// last call, a run (of at most [`super::MAX_RUN`]) per signature, and says
+    /// to persist each: from now on they may go anywhere.
+    pub fn sign_composed(&self, log: &mut ChatLog) -> Vec<LogOutput> {
+        let hashes = log.take_unsigned();
+        let signed = sign_run(&hashes, &self.device_key);
+        hashes
+            .into_iter()
+            .zip(signed)
+            .filter_map(|(hash, (signature, run))| {
+                let record = log.set_signature(&hash, signature, run)?;
+                Some(LogOutput::Persist { hash, record })
+            })
+            .collect()
+    }
+
+    fn compose_parts(
+        &mut self,
+        log: &ChatLog,
+        draft: Draft,
+        random: [u8; 32],
+    ) -> Result<(EntryHeader, Option<EntryBody>), MemberError> {
         let chat = log.chat();
         log.genesis().ok_or(MemberError::NoGenesis)?;
         let random = Randomness(random);
@@ -524,9 +570,8 @@ impl ChatMember {
             epoch,
             kind,
             body_hash: body.as_ref().map(|b| b.hash()),
-        }
-        .sign(&self.device_key);
-        Ok(Composed::new(Entry { header, body }))
+        };
+        Ok((header, body))
     }
 
     /// The latest heads (at most 16), plus this device's previous entry,

@@ -81,8 +81,8 @@ pub mod sync;
 pub use content::Content;
 pub use entry::{
     AccountKeyChange, BodyHash, ChatId, Composed, DeviceKeyGrant, Entry, EntryBody, EntryError,
-    EntryHash, EntryHeader, EntryKind, KeyGrant, MemberGrant, SignatureChecked, SignedHeader,
-    check_storage_set,
+    EntryHash, EntryHeader, EntryKind, KeyGrant, MAX_RUN, MemberGrant, RunPath, SignatureChecked,
+    SignedHeader, check_storage_set, sign_run,
 };
 pub use keys::{
     AccountEncryptionKey, BodyContext, ChatKey, EncryptionPublicKey, KeyError, WrappedKey,

@@ -183,7 +183,8 @@ pub struct SyncResponse {
 }
 
 impl Record for SyncResponse {
-    const VERSION: u8 = 1;
+    /// 2: carries [`Entry`] 2.
+    const VERSION: u8 = 2;
     const MAX_LEN: usize = MAX_BATCH_BYTES + Entry::MAX_LEN + 64;
 
     fn validate(&self) -> Result<(), DecodeError> {

@@ -1509,3 +1509,61 @@ fn a_revocation_holds_against_other_accounts_later_keys_and_a_concurrent_counter
         LogError::Membership(super::MembershipError::KeyToRevokedDevice),
     );
 }
+
+#[test]
+fn a_run_composed_unsigned_is_held_back_until_signed_then_verifies_everywhere() {
+    let mut dice = Dice::new();
+    let mut devices = chat(false, false, &mut dice);
+    let mut peer = ChatLog::new(CHAT);
+    pull(&mut peer, &devices[0].log);
+    let alice = &mut devices[0];
+    let mut hashes = Vec::new();
+    for i in 0..5 {
+        let text = Draft::Text {
+            text: format!("run {i}"),
+            reply_to: None,
+        };
+        let composed = alice
+            .member
+            .compose_unsigned(&alice.log, text, dice.roll())
+            .unwrap();
+        hashes.push(composed.hash());
+        // Nobody else takes it as it is.
+        assert_refused(&mut peer, composed.entry().clone(), LogError::BadSignature);
+        // Its own log holds it, names it as a parent, but does not write it.
+        let outputs = alice.log.insert_composed(composed).unwrap();
+        assert_eq!(persisted(&outputs), 0);
+        assert_eq!(alice.log.heads(), vec![*hashes.last().unwrap()]);
+    }
+    assert_eq!(alice.log.unsigned_count(), 5);
+
+    let outputs = alice.member.sign_composed(&mut alice.log);
+    let written: Vec<(EntryHash, Entry)> = outputs
+        .iter()
+        .filter_map(|o| match o {
+            LogOutput::Persist { hash, record } => Some((*hash, Entry::decode(record).unwrap())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        written.iter().map(|(h, _)| *h).collect::<Vec<_>>(),
+        hashes,
+        "every entry of the run, in order, once"
+    );
+    assert_eq!(alice.log.unsigned_count(), 0);
+    assert!(alice.member.sign_composed(&mut alice.log).is_empty());
+    for (hash, entry) in &written {
+        assert_eq!(entry.hash(), *hash);
+        assert_eq!(entry.verify_alone(), Ok(()));
+        assert_eq!(entry.header.signature, written[0].1.header.signature);
+        assert_eq!(alice.log.get(hash), Some(entry));
+    }
+
+    // A storage peer takes the run, and Bob reads it from there.
+    assert_eq!(pull(&mut peer, &alice.log), 5);
+    pull(&mut devices[1].log, &peer);
+    assert_eq!(
+        devices[1].texts(),
+        (0..5).map(|i| format!("run {i}")).collect::<Vec<_>>()
+    );
+}
