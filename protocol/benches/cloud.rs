@@ -1,6 +1,7 @@
 //! What a storage peer spends verifying cloud-chat entries, next to the raw
-//! Ed25519 verification each entry needs, in the same run; and entry
-//! signatures checked one by one against in batches.
+//! Ed25519 verification each entry needs, in the same run; entry
+//! signatures checked one by one against in batches; and entries signed
+//! one by one against in runs, by their author and by a storage peer.
 //!
 //!     cargo bench -p tern-protocol --bench cloud
 
@@ -10,11 +11,14 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use ed25519_dalek::{Signer, SigningKey, Verifier};
 use tern_protocol::{
     AccountKeypair, DevicePublicKey,
-    cloud::{ChatId, ChatLog, ChatMember, Draft, Entry},
+    cloud::{ChatId, ChatLog, ChatMember, Draft, Entry, EntryHash},
 };
 
 const CHAT: ChatId = ChatId([7; 16]);
 const N: usize = 1000;
+/// Entries per signature where they are signed in runs (a busy node's
+/// round with 64 sends in flight).
+const RUN: usize = 64;
 
 fn member(seed: u8) -> (AccountKeypair, ChatMember) {
     let account = AccountKeypair::from_secret_bytes(&[seed; 32]);
@@ -25,8 +29,28 @@ fn member(seed: u8) -> (AccountKeypair, ChatMember) {
     (account, member)
 }
 
-/// A chat's first N messages of 1 KiB, as a member device wrote them.
-fn history() -> Vec<Entry> {
+fn text() -> Draft {
+    Draft::Text {
+        text: "x".repeat(1000),
+        reply_to: None,
+    }
+}
+
+fn random(i: usize) -> [u8; 32] {
+    let mut random = [0u8; 32];
+    random[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    random
+}
+
+/// A chat's first N messages of 1 KiB, as a member device wrote them:
+/// each signed alone, or (`run`) signed `run` at a time.
+fn history(run: Option<usize>) -> Vec<Entry> {
+    let (log, hashes) = author(run);
+    hashes.iter().map(|h| log.get(h).unwrap().clone()).collect()
+}
+
+/// The author's side of [`history`]: its log and the entries' hashes.
+fn author(run: Option<usize>) -> (ChatLog, Vec<EntryHash>) {
     let (_, mut alice) = member(1);
     let (bob_account, bob) = member(2);
     let mut log = ChatLog::new(CHAT);
@@ -40,28 +64,23 @@ fn history() -> Vec<Entry> {
         )
         .unwrap();
     log.insert_composed(genesis.clone()).unwrap();
-    let mut entries = vec![genesis.into_entry()];
+    let mut hashes = vec![genesis.hash()];
     for i in 0..N {
-        let mut random = [0u8; 32];
-        random[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        let e = alice
-            .compose(
-                &log,
-                Draft::Text {
-                    text: "x".repeat(1000),
-                    reply_to: None,
-                },
-                random,
-            )
-            .unwrap();
-        log.insert_composed(e.clone()).unwrap();
-        entries.push(e.into_entry());
+        let e = match run {
+            None => alice.compose(&log, text(), random(i)),
+            Some(_) => alice.compose_unsigned(&log, text(), random(i)),
+        };
+        hashes.push(e.as_ref().unwrap().hash());
+        log.insert_composed(e.unwrap()).unwrap();
+        if run.is_some_and(|run| (i + 1) % run == 0 || i + 1 == N) {
+            alice.sign_composed(&mut log);
+        }
     }
-    entries
+    (log, hashes)
 }
 
 fn bench(c: &mut Criterion) {
-    let entries = history();
+    let entries = history(None);
     let mut g = c.benchmark_group("storage peer: verify 1000 entries of 1 KiB");
     g.throughput(Throughput::Elements(N as u64));
     g.sample_size(10);
@@ -126,6 +145,52 @@ fn bench(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
+    g.finish();
+
+    let runs = history(Some(RUN));
+    let mut g = c.benchmark_group("entries signed in runs of 64, 1000 of 1 KiB");
+    g.throughput(Throughput::Elements(N as u64));
+    g.sample_size(10);
+    g.bench_function("author: compose + keep, each signed alone", |b| {
+        b.iter(|| author(None))
+    });
+    g.bench_function("author: compose + keep, signed in runs of 64", |b| {
+        b.iter(|| author(Some(RUN)))
+    });
+    for (name, entries) in [("each signed alone", &entries), ("runs of 64", &runs)] {
+        g.bench_function(
+            format!("storage peer: ChatLog::insert × 1000, {name}"),
+            |b| {
+                b.iter_batched(
+                    || entries.clone(),
+                    |entries| {
+                        let mut log = ChatLog::new(CHAT);
+                        for e in entries {
+                            log.insert(e).unwrap();
+                        }
+                        log
+                    },
+                    BatchSize::LargeInput,
+                )
+            },
+        );
+        g.bench_function(
+            format!("storage peer: check_signatures in batches of 64, {name}"),
+            |b| {
+                b.iter_batched(
+                    || entries[1..].to_vec(),
+                    |mut entries| {
+                        while !entries.is_empty() {
+                            let rest = entries.split_off(entries.len().min(RUN));
+                            assert!(Entry::check_signatures(entries).iter().all(Result::is_ok));
+                            entries = rest;
+                        }
+                    },
+                    BatchSize::LargeInput,
+                )
+            },
+        );
+    }
     g.finish();
 }
 
