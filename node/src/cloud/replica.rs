@@ -577,10 +577,11 @@ impl Replicas {
     /// Signs this device's entries composed since the last call, one
     /// signature per chat's run, and appends them. Call it before anything
     /// the round did is committed or sent: until then those entries verify
-    /// nowhere. A chat whose append fails is reloaded from disk (its
-    /// unsigned entries are dropped with the rest of what the disk lacks);
-    /// the others are signed and appended all the same.
+    /// nowhere. If an append fails, the kept chats stop as after a failed
+    /// commit: that chat was reloaded from disk and its unsigned entries,
+    /// which the round's commands answer for, are gone.
     pub fn sign_composed(&mut self, member: &ChatMember) -> Result<(), ReplicaError> {
+        self.check()?;
         let mut failed = None;
         for chat in std::mem::take(&mut self.unsigned) {
             let Some(r) = self.chats.get_mut(&chat) else {
@@ -602,7 +603,14 @@ impl Replicas {
                 }
             }
         }
-        failed.map_or(Ok(()), Err)
+        match failed {
+            None => Ok(()),
+            Some(e) => {
+                let why = format!("stopped after a storage failure ({e}); restart the node");
+                self.failed = Some(why.clone());
+                Err(ReplicaError::Failed(why))
+            }
+        }
     }
 
     /// One entry; `false` when a failed append stops the batch. With
@@ -1411,6 +1419,87 @@ mod tests {
         assert_eq!(replicas.take_appended().len(), 4);
         let replicas = committed_and_reopened(replicas, tmp.path());
         assert_eq!(replicas.entries(&CHAT), 6);
+    }
+
+    #[test]
+    fn own_entries_reach_the_disk_only_signed_and_a_failed_write_of_a_run_stops_the_chats() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut alice, bob) = (person(1), person(2));
+        let genesis = create_with(&mut alice, &bob);
+        let mut replicas = Replicas::open_as(tmp.path(), Some(alice.account.id())).unwrap();
+        assert_eq!(
+            replicas.accept(None, vec![genesis]).unwrap(),
+            vec![Outcome::Stored]
+        );
+        replicas.commit().unwrap();
+        replicas.take_appended();
+        let compose = |replicas: &mut Replicas, alice: &mut Person, n: u8| {
+            let text = Draft::Text {
+                text: format!("run message {n}"),
+                reply_to: None,
+            };
+            let log = replicas.log(&CHAT).unwrap();
+            let e = alice.member.compose_unsigned(log, text, [n; 32]).unwrap();
+            let hash = e.hash();
+            assert_eq!(replicas.accept_composed(e).unwrap(), Outcome::Stored);
+            hash
+        };
+        let run: Vec<EntryHash> = (0..3)
+            .map(|n| compose(&mut replicas, &mut alice, n))
+            .collect();
+        // Held in memory, written nowhere yet.
+        assert_eq!(replicas.entries(&CHAT), 4);
+        assert!(replicas.take_appended().is_empty());
+        let on_disk = Replicas::open(tmp.path()).unwrap();
+        assert_eq!(on_disk.entries(&CHAT), 1);
+        drop(on_disk);
+
+        replicas.sign_composed(&alice.member).unwrap();
+        let appended: Vec<EntryHash> = replicas
+            .take_appended()
+            .into_iter()
+            .map(|(_, h)| h)
+            .collect();
+        assert_eq!(appended, run);
+        let replicas = committed_and_reopened(replicas, tmp.path());
+        assert_eq!(replicas.entries(&CHAT), 4, "the run verifies from disk");
+        let log = replicas.log(&CHAT).unwrap();
+        let signatures: HashSet<[u8; 64]> = run
+            .iter()
+            .map(|h| log.get(h).unwrap().header.signature)
+            .collect();
+        assert_eq!(signatures.len(), 1, "one signature for the run");
+
+        // The disk refuses the next run: the chats stop, as after a failed
+        // commit, rather than answer for entries that exist nowhere.
+        let mut replicas = Replicas::open_as(tmp.path(), Some(alice.account.id())).unwrap();
+        compose(&mut replicas, &mut alice, 10);
+        replicas
+            .chats
+            .get_mut(&CHAT)
+            .unwrap()
+            .store
+            .fail_next_append = true;
+        assert!(replicas.sign_composed(&alice.member).is_err());
+        assert!(replicas.failure().is_some());
+        assert_eq!(
+            replicas.entries(&CHAT),
+            4,
+            "memory holds what the disk holds"
+        );
+        let log = replicas.log(&CHAT).unwrap();
+        let late = alice
+            .member
+            .compose_unsigned(
+                log,
+                Draft::Text {
+                    text: "late".into(),
+                    reply_to: None,
+                },
+                [11; 32],
+            )
+            .unwrap();
+        assert!(replicas.accept_composed(late).is_err());
     }
 
     #[test]

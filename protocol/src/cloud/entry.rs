@@ -42,7 +42,7 @@ pub const MAX_MEMBERS: usize = 512;
 pub const MAX_PURGE_TARGETS: usize = 256;
 /// Largest encrypted body (content record plus the AEAD tag).
 pub const MAX_BODY_CIPHERTEXT: usize = super::content::MAX_PADDED_LEN + 16;
-/// Largest encoded header with its signature.
+/// Largest encoded header with its signature and run path.
 pub const MAX_HEADER_LEN: usize = 128 * 1024;
 
 /// Most entries one signature covers (a run's Merkle tree is then at most
