@@ -79,6 +79,24 @@ fn author(run: Option<usize>) -> (ChatLog, Vec<EntryHash>) {
     (log, hashes)
 }
 
+/// A storage peer's log, every entry inserted (and so verified) one by one.
+fn insert_all(entries: Vec<Entry>) -> ChatLog {
+    let mut log = ChatLog::new(CHAT);
+    for e in entries {
+        log.insert(e).unwrap();
+    }
+    log
+}
+
+/// Checks the entries' signatures `size` at a time, as pushes bring them.
+fn check_in_batches(mut entries: Vec<Entry>, size: usize) {
+    while !entries.is_empty() {
+        let rest = entries.split_off(entries.len().min(size));
+        assert!(Entry::check_signatures(entries).iter().all(Result::is_ok));
+        entries = rest;
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let entries = history(None);
     let mut g = c.benchmark_group("storage peer: verify 1000 entries of 1 KiB");
@@ -98,19 +116,7 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function(
         "ChatLog::insert × 1000 (signature, chain, membership, body hash)",
-        |b| {
-            b.iter_batched(
-                || entries.clone(),
-                |entries| {
-                    let mut log = ChatLog::new(CHAT);
-                    for e in entries {
-                        log.insert(e).unwrap();
-                    }
-                    log
-                },
-                BatchSize::LargeInput,
-            )
-        },
+        |b| b.iter_batched(|| entries.clone(), insert_all, BatchSize::LargeInput),
     );
     g.bench_function("Entry::check_signature × 1000, one by one", |b| {
         b.iter_batched(
@@ -135,13 +141,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("Entry::check_signatures, 1000 in batches of 16", |b| {
         b.iter_batched(
             || entries[1..].to_vec(),
-            |mut entries| {
-                while !entries.is_empty() {
-                    let rest = entries.split_off(entries.len().min(16));
-                    assert!(Entry::check_signatures(entries).iter().all(Result::is_ok));
-                    entries = rest;
-                }
-            },
+            |entries| check_in_batches(entries, 16),
             BatchSize::LargeInput,
         )
     });
@@ -160,32 +160,14 @@ fn bench(c: &mut Criterion) {
     for (name, entries) in [("each signed alone", &entries), ("runs of 64", &runs)] {
         g.bench_function(
             format!("storage peer: ChatLog::insert × 1000, {name}"),
-            |b| {
-                b.iter_batched(
-                    || entries.clone(),
-                    |entries| {
-                        let mut log = ChatLog::new(CHAT);
-                        for e in entries {
-                            log.insert(e).unwrap();
-                        }
-                        log
-                    },
-                    BatchSize::LargeInput,
-                )
-            },
+            |b| b.iter_batched(|| entries.clone(), insert_all, BatchSize::LargeInput),
         );
         g.bench_function(
             format!("storage peer: check_signatures in batches of 64, {name}"),
             |b| {
                 b.iter_batched(
                     || entries[1..].to_vec(),
-                    |mut entries| {
-                        while !entries.is_empty() {
-                            let rest = entries.split_off(entries.len().min(RUN));
-                            assert!(Entry::check_signatures(entries).iter().all(Result::is_ok));
-                            entries = rest;
-                        }
-                    },
+                    |entries| check_in_batches(entries, RUN),
                     BatchSize::LargeInput,
                 )
             },

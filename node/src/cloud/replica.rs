@@ -564,10 +564,12 @@ impl Replicas {
     pub fn accept_composed(&mut self, entry: Composed) -> Result<Outcome, ReplicaError> {
         self.check()?;
         let chat = entry.header.header.chat;
+        let hash = entry.hash();
         let unsigned = !entry.header.is_signed();
         let outcome = self.accept_one(None, Offered::Composed(entry), None)?.0;
-        // Kept in memory; written (and announced) once the run is signed.
-        if unsigned && outcome == Outcome::Missing(Vec::new()) {
+        // Held by the log, but written (and announced) only once the run
+        // is signed: no `Persist` said so.
+        if unsigned && self.log(&chat).is_some_and(|l| l.contains(&hash)) {
             self.unsigned.insert(chat);
             return Ok(Outcome::Stored);
         }
@@ -1366,6 +1368,16 @@ mod tests {
     }
 
     /// Commits, closes, and opens the kept chats again from disk.
+    /// The disk refuses the next append to `CHAT` (as when it is full).
+    fn refuse_next_append(replicas: &mut Replicas) {
+        replicas
+            .chats
+            .get_mut(&CHAT)
+            .unwrap()
+            .store
+            .fail_next_append = true;
+    }
+
     fn committed_and_reopened(mut replicas: Replicas, root: &Path) -> Replicas {
         replicas.commit().unwrap();
         drop(replicas);
@@ -1390,12 +1402,7 @@ mod tests {
         assert_eq!(replicas.take_appended().len(), 2);
         let used = replicas.used;
 
-        replicas
-            .chats
-            .get_mut(&CHAT)
-            .unwrap()
-            .store
-            .fail_next_append = true;
+        refuse_next_append(&mut replicas);
         let out = replicas
             .accept(Some(&open_policy()), later.clone())
             .unwrap();
@@ -1474,12 +1481,7 @@ mod tests {
         // commit, rather than answer for entries that exist nowhere.
         let mut replicas = Replicas::open_as(tmp.path(), Some(alice.account.id())).unwrap();
         compose(&mut replicas, &mut alice, 10);
-        replicas
-            .chats
-            .get_mut(&CHAT)
-            .unwrap()
-            .store
-            .fail_next_append = true;
+        refuse_next_append(&mut replicas);
         assert!(replicas.sign_composed(&alice.member).is_err());
         assert!(replicas.failure().is_some());
         assert_eq!(
