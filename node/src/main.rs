@@ -2,6 +2,22 @@ use clap::Parser;
 use tern_node::cli::{Cli, Command, run};
 use tracing_subscriber::EnvFilter;
 
+/// The node allocates buffers on one thread and frees them on another
+/// (entries composed by the cloud service and sent by the network threads,
+/// events, frames); jemalloc does that with less CPU than the system
+/// allocator (docs/architecture.md, "Allocator"; BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read before `main`. `thp:always` makes it zero a
+/// large block with `memset` when asked for zeroed memory (libp2p's Noise
+/// layer asks for a zeroed 64 KiB buffer for each frame it decrypts)
+/// instead of returning the pages to the kernel and faulting them back in,
+/// which cost a catch-up a tenth of its rate. `_RJEM_MALLOC_CONF` in the
+/// environment still overrides it.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: &[u8; 11] = b"thp:always\0";
+
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

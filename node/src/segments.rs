@@ -32,7 +32,6 @@ use std::{
     collections::HashMap,
     fs::{self, File, OpenOptions},
     io::{self, BufReader, IoSlice, Read, Seek, SeekFrom, Write},
-    os::unix::fs::FileExt,
     path::{Path, PathBuf},
 };
 
@@ -182,6 +181,37 @@ enum Read1 {
     Record(Key, Vec<u8>),
 }
 
+/// The key and value length a record header names, or `None` if it is
+/// not a record header.
+fn parse_header(header: &[u8; HEADER]) -> Option<(Key, usize)> {
+    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if !matches!(header[0], MAGIC | MAGIC_BLAKE3) || len > MAX_VALUE {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&header[5..]);
+    Some((key, len))
+}
+
+/// Whether `check` is the check of a record with this header and value.
+fn check_holds(header: &[u8; HEADER], key: &Key, value: &[u8], check: &[u8]) -> bool {
+    let expected = match header[0] {
+        MAGIC => checksum(header, value),
+        _ => checksum_blake3(key, value),
+    };
+    expected[..] == *check
+}
+
+/// Appends exactly `n` bytes from `r` to `buf`, or returns `false` at the
+/// end of the input. The bytes are read into `buf`'s spare capacity, not
+/// into memory zeroed first (a record is up to a megabyte, read often).
+fn read_n(r: &mut impl Read, n: usize, buf: &mut Vec<u8>) -> io::Result<bool> {
+    buf.reserve_exact(n);
+    let want = buf.len() + n;
+    r.take(n as u64).read_to_end(buf)?;
+    Ok(buf.len() == want)
+}
+
 /// Reads one record at the reader's position.
 fn read_record(r: &mut impl Read) -> io::Result<Read1> {
     let mut header = [0u8; HEADER];
@@ -193,30 +223,51 @@ fn read_record(r: &mut impl Read) -> io::Result<Read1> {
             n => got += n,
         }
     }
-    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if !matches!(header[0], MAGIC | MAGIC_BLAKE3) || len > MAX_VALUE {
+    let Some((key, len)) = parse_header(&header) else {
         return Ok(Read1::Damaged);
-    }
-    let mut key = [0u8; 32];
-    key.copy_from_slice(&header[5..]);
-    let mut rest = vec![0u8; len + CHECK];
-    if let Err(e) = r.read_exact(&mut rest) {
-        return if e.kind() == io::ErrorKind::UnexpectedEof {
-            Ok(Read1::Damaged)
-        } else {
-            Err(e)
-        };
-    }
-    let check: [u8; CHECK] = rest[len..].try_into().unwrap_or_default();
-    rest.truncate(len);
-    let expected = match header[0] {
-        MAGIC => checksum(&header, &rest),
-        _ => checksum_blake3(&key, &rest),
     };
-    if expected != check {
+    let mut rest = Vec::new();
+    if !read_n(r, len + CHECK, &mut rest)? {
         return Ok(Read1::Damaged);
     }
+    let (value, check) = rest.split_at(len);
+    if !check_holds(&header, &key, value, check) {
+        return Ok(Read1::Damaged);
+    }
+    rest.truncate(len);
     Ok(Read1::Record(key, rest))
+}
+
+/// A value read by [`SegmentLog::get`]: the whole record as it was read
+/// from the disk, seen as its value (no second copy of the value).
+pub struct Value {
+    record: Vec<u8>,
+}
+
+impl std::ops::Deref for Value {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.record[HEADER..self.record.len() - CHECK]
+    }
+}
+
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Value").field(&&**self).finish()
+    }
+}
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl<const N: usize> PartialEq<&[u8; N]> for Value {
+    fn eq(&self, other: &&[u8; N]) -> bool {
+        **self == other[..]
+    }
 }
 
 impl SegmentLog {
@@ -428,7 +479,7 @@ impl SegmentLog {
         Ok(())
     }
 
-    pub fn get(&self, key: &Key) -> Result<Option<Vec<u8>>> {
+    pub fn get(&self, key: &Key) -> Result<Option<Value>> {
         let Some(loc) = self.index.get(key) else {
             return Ok(None);
         };
@@ -446,15 +497,26 @@ impl SegmentLog {
         };
         // The whole record, checked as at open: the disk may have changed
         // since.
-        let mut record = vec![0u8; HEADER + loc.len as usize + CHECK];
-        file.read_exact_at(&mut record, loc.offset)
+        let len = loc.len as usize;
+        let mut record = Vec::new();
+        file.seek(SeekFrom::Start(loc.offset))
             .map_err(io_at(&path))?;
-        match read_record(&mut record.as_slice()).map_err(io_at(&path))? {
-            Read1::Record(k, value) if k == *key => Ok(Some(value)),
-            _ => Err(SegmentError::Damaged {
-                path: path.display().to_string(),
-                offset: loc.offset,
-            }),
+        let whole = read_n(file, HEADER + len + CHECK, &mut record).map_err(io_at(&path))?;
+        let damaged = || SegmentError::Damaged {
+            path: path.display().to_string(),
+            offset: loc.offset,
+        };
+        if !whole {
+            return Err(damaged());
+        }
+        let (header, rest) = record.split_at(HEADER);
+        let header: &[u8; HEADER] = header.try_into().map_err(|_| damaged())?;
+        let (value, check) = rest.split_at(len);
+        match parse_header(header) {
+            Some((k, l)) if k == *key && l == len && check_holds(header, &k, value, check) => {
+                Ok(Some(Value { record }))
+            }
+            _ => Err(damaged()),
         }
     }
 
@@ -731,6 +793,15 @@ mod tests {
         let at = bytes.len() - CHECK - 3;
         bytes[at] ^= 0x01;
         fs::write(&seg, &bytes).unwrap();
+        assert!(matches!(
+            log.get(&key(2)),
+            Err(SegmentError::Damaged { .. })
+        ));
+        assert_eq!(log.get(&key(1)).unwrap().unwrap(), b"first value");
+
+        // Cut short under the open log: the record read is short, which
+        // is damage, not a value.
+        fs::write(&seg, &bytes[..bytes.len() - 5]).unwrap();
         assert!(matches!(
             log.get(&key(2)),
             Err(SegmentError::Damaged { .. })
