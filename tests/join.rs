@@ -39,9 +39,16 @@ fn a_node_started_with_bootstrap_joins_and_is_seen_by_every_node() {
     poll("the newcomer to see all three", || {
         (newcomer.connected_peers() == 3).then_some(())
     });
-    // It knows who they are: their certificates were exchanged and checked.
-    let peers = tern_json(&dir, &["peers", "--json"]);
-    for p in peers.as_array().unwrap() {
+    // It comes to know who they are: their certificates are exchanged and
+    // checked just after each connection opens, so this is polled too.
+    let peers = poll("the newcomer to know all three by name", || {
+        let peers = tern_json(&dir, &["peers", "--json"]);
+        let named = peers.as_array()?.iter().all(|p| p["name"].is_string());
+        named.then_some(peers)
+    });
+    let peers = peers.as_array().unwrap();
+    assert_eq!(peers.len(), 3, "{peers:?}");
+    for p in peers {
         assert!(p["name"].as_str().unwrap().starts_with("node-"), "{p}");
         assert_eq!(p["account_id"].as_str().unwrap().len(), 52);
     }

@@ -10,6 +10,7 @@ pub mod data_dir;
 pub mod devices;
 pub mod erasable;
 pub mod events;
+pub mod hex;
 pub mod keys;
 pub mod metrics;
 pub mod net;

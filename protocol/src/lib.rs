@@ -7,6 +7,7 @@
 
 pub mod cloud;
 pub mod codec;
+pub mod collections;
 pub mod identity;
 pub mod link;
 pub mod sealed;

@@ -77,7 +77,7 @@ pub fn load(chat_dir: &Path) -> HashMap<PeerId, u64> {
 
 /// Replaces the chat's file with these counts (at most [`MAX_PEERS`], the
 /// highest kept). The chat's directory must exist.
-pub fn save(chat_dir: &Path, counts: &HashMap<PeerId, u64>) -> io::Result<()> {
+pub fn save<S>(chat_dir: &Path, counts: &HashMap<PeerId, u64, S>) -> io::Result<()> {
     let mut peers: Vec<(Vec<u8>, u64)> = counts
         .iter()
         .filter(|(_, c)| **c > 0)

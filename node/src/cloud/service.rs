@@ -23,7 +23,7 @@
 //! device's previous one, so counts are contiguous).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     str::FromStr,
     time::{Duration, Instant},
 };
@@ -37,6 +37,7 @@ use tern_protocol::{
         AccountEncryptionKey, ChatId, ChatLog, ChatMember, ChatSummary, Composed, Content, Draft,
         EntryHash, EntryKind, SyncRequest, account::StoragePeer, missing_order, they_have_more,
     },
+    collections::{HashMap, HashSet},
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -50,6 +51,7 @@ use super::{
 };
 use crate::{
     events::{Event, EventBus},
+    hex::hex,
     keys::{device_of_peer, peer_id_of},
     net::NetworkHandle,
     service_thread::{self, MainRuntime},
@@ -460,10 +462,6 @@ impl CloudHandle {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    data_encoding::HEXLOWER.encode(bytes)
-}
-
 fn chat_hex(chat: &ChatId) -> String {
     hex(&chat.0)
 }
@@ -548,12 +546,12 @@ impl CloudService {
             done_tx,
             done_rx,
             io: MainRuntime::default(),
-            links: HashMap::new(),
-            views: HashMap::new(),
+            links: HashMap::default(),
+            views: HashMap::default(),
             acks_dirty: BTreeSet::new(),
-            connected: HashMap::new(),
+            connected: HashMap::default(),
             unstored: BTreeMap::new(),
-            sent_texts: HashMap::new(),
+            sent_texts: HashMap::default(),
             to_notify: BTreeMap::new(),
             peer_ids: Default::default(),
             committing: None,

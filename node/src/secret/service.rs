@@ -33,12 +33,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use super::{
-    store::{ChatRecord, ChatStore, Pending, StoredMessage, hex},
+    store::{ChatRecord, ChatStore, Pending, StoredMessage},
     time::rfc3339,
     wire::{SecretId, SecretRequest, SecretResponse, pack},
 };
 use crate::{
     events::{Event, EventBus, now_ms},
+    hex::hex,
     keys::{device_of_peer, peer_id_of},
     metrics::NodeMetrics,
     net::{InboundSecret, NetError, NetworkHandle},

@@ -22,7 +22,10 @@ use tern_protocol::{
 use zeroize::Zeroize;
 
 use super::wire::SecretId;
-use crate::erasable::{ErasableError, ErasableStore, Op};
+use crate::{
+    erasable::{ErasableError, ErasableStore, Op},
+    hex::hex,
+};
 
 /// What still has to reach the peer before the chat can move on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,10 +138,6 @@ pub fn redact(s: &str) -> String {
 
 pub fn space(id: &SecretId) -> String {
     format!("secret-{}", hex(id))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    data_encoding::HEXLOWER.encode(bytes)
 }
 
 fn message_key(id: &MessageId) -> String {

@@ -15,7 +15,7 @@
 //! arrives second is refused and both are kept as [`ForkEvidence`].
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     sync::Arc,
 };
 
@@ -31,6 +31,7 @@ use super::{
 };
 use crate::{
     codec::{DecodeError, Record},
+    collections::{HashMap, HashSet},
     identity::{AccountId, DeviceCertificate, DevicePublicKey},
 };
 
@@ -282,24 +283,24 @@ impl ChatLog {
         Self {
             chat,
             genesis: None,
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             order: BTreeSet::new(),
             devices: BTreeMap::new(),
             heads: BTreeSet::new(),
             states: vec![empty],
-            state_ids: HashMap::from([(Vec::new(), 0)]),
+            state_ids: [(Vec::new(), 0)].into_iter().collect(),
             additions: Vec::new(),
             pending: BTreeMap::new(),
             pending_bytes: 0,
-            pending_seqs: HashMap::new(),
-            waiting_for: HashMap::new(),
+            pending_seqs: HashMap::default(),
+            waiting_for: HashMap::default(),
             unblocked: Vec::new(),
             forks: Vec::new(),
-            purged: HashSet::new(),
+            purged: HashSet::default(),
             missing_bodies: BTreeSet::new(),
-            verified_certificates: HashSet::new(),
+            verified_certificates: HashSet::default(),
             last_certificate: None,
-            certificates: HashMap::new(),
+            certificates: HashMap::default(),
             last_run: None,
             unsigned: Vec::new(),
         }
@@ -674,7 +675,7 @@ impl ChatLog {
         let Some(target_lamport) = self.lamport(target) else {
             return false;
         };
-        let mut seen = HashSet::new();
+        let mut seen = HashSet::default();
         let mut queue: VecDeque<EntryHash> = from.iter().copied().collect();
         while let Some(hash) = queue.pop_front() {
             if hash == *target {
@@ -1126,7 +1127,7 @@ impl ChatLog {
 
     /// `from` and all their ancestors.
     pub fn ancestors_or_self(&self, from: &[EntryHash]) -> HashSet<EntryHash> {
-        let mut seen = HashSet::new();
+        let mut seen = HashSet::default();
         let mut stack: Vec<EntryHash> = from
             .iter()
             .filter(|h| self.entries.contains_key(h))
