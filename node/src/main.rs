@@ -1,5 +1,8 @@
+use std::alloc::{GlobalAlloc, Layout};
+
 use clap::Parser;
 use tern_node::cli::{Cli, Command, run};
+use tikv_jemallocator::Jemalloc;
 use tracing_subscriber::EnvFilter;
 
 /// The node allocates buffers on one thread and frees them on another
@@ -7,16 +10,51 @@ use tracing_subscriber::EnvFilter;
 /// events, frames); jemalloc does that with less CPU than the system
 /// allocator (docs/architecture.md, "Allocator"; BENCHMARKS.md).
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: Allocator = Allocator;
 
-/// jemalloc's options, read before `main`. `thp:always` makes it zero a
-/// large block with `memset` when asked for zeroed memory (libp2p's Noise
-/// layer asks for a zeroed 64 KiB buffer for each frame it decrypts)
-/// instead of returning the pages to the kernel and faulting them back in,
-/// which cost a catch-up a tenth of its rate. `_RJEM_MALLOC_CONF` in the
-/// environment still overrides it.
-#[unsafe(export_name = "_rjem_malloc_conf")]
-static MALLOC_CONF: &[u8; 11] = b"thp:always\0";
+/// jemalloc, except that a zeroed block of medium size is zeroed with
+/// `memset`.
+///
+/// Asked for a zeroed block of 16 KiB or more, jemalloc hands a reused
+/// block's pages back to the kernel and lets them fault in again as
+/// zeros. libp2p's Noise layer asks for a zeroed buffer for every frame
+/// it decrypts, about every 16 KiB received, so a catch-up spent a tenth
+/// of its time in page faults; `memset` of memory already mapped is far
+/// cheaper. Blocks of [`MEMSET_BELOW`] and more still come from jemalloc
+/// zeroed: they are rare, and a large table zeroed and never touched
+/// costs no memory until it is used.
+struct Allocator;
+
+/// Zeroed blocks smaller than this are zeroed with `memset`.
+const MEMSET_BELOW: usize = 256 * 1024;
+
+// SAFETY: every method hands the layout to jemalloc unchanged, and
+// `alloc_zeroed` zeroes exactly the `layout.size()` bytes jemalloc
+// returned (a null pointer is returned as is).
+unsafe impl GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        unsafe { Jemalloc.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() >= MEMSET_BELOW {
+            return unsafe { Jemalloc.alloc_zeroed(layout) };
+        }
+        let block = unsafe { Jemalloc.alloc(layout) };
+        if !block.is_null() {
+            unsafe { std::ptr::write_bytes(block, 0, layout.size()) };
+        }
+        block
+    }
+
+    unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
+        unsafe { Jemalloc.dealloc(block, layout) }
+    }
+
+    unsafe fn realloc(&self, block: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        unsafe { Jemalloc.realloc(block, layout, new_size) }
+    }
+}
 
 fn main() {
     let cli = match Cli::try_parse() {
@@ -57,5 +95,45 @@ fn main() {
     if let Err(e) = runtime.block_on(run(cli)) {
         eprintln!("error: {}", tern_node::api::one_line(&format!("{e:#}")));
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeroed_blocks_are_zero_where_freed_blocks_were_dirty() {
+        for size in [
+            1,
+            100,
+            16 * 1024,
+            16 * 1024 + 28,
+            200 * 1024,
+            MEMSET_BELOW,
+            1 << 20,
+        ] {
+            let layout = Layout::from_size_align(size, 8).unwrap();
+            for _ in 0..4 {
+                // SAFETY: the block is `layout.size()` bytes, freed with its layout.
+                unsafe {
+                    let dirty = ALLOCATOR.alloc(layout);
+                    assert!(!dirty.is_null());
+                    std::ptr::write_bytes(dirty, 0xA5, size);
+                    ALLOCATOR.dealloc(dirty, layout);
+                }
+            }
+            // SAFETY: as above; the block is read within its size.
+            unsafe {
+                let zeroed = ALLOCATOR.alloc_zeroed(layout);
+                assert!(!zeroed.is_null());
+                let bytes = std::slice::from_raw_parts(zeroed, size);
+                assert!(
+                    bytes.iter().all(|&b| b == 0),
+                    "a zeroed block of {size} bytes"
+                );
+                ALLOCATOR.dealloc(zeroed, layout);
+            }
+        }
     }
 }
