@@ -292,11 +292,8 @@ fn init_files(
     let identity = make(dir, &config, passphrase)?;
     let mut token = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut token);
-    create_private(
-        &dir.api_token(),
-        data_encoding::HEXLOWER.encode(&token).as_bytes(),
-    )
-    .with_context(|| format!("cannot write {}", dir.api_token().display()))?;
+    create_private(&dir.api_token(), crate::hex::hex(&token).as_bytes())
+        .with_context(|| format!("cannot write {}", dir.api_token().display()))?;
     config
         .save(&dir.config())
         .with_context(|| format!("cannot write {}", dir.config().display()))?;

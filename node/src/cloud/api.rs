@@ -73,7 +73,7 @@ impl From<&AccountRecord> for AccountView {
         Self {
             account_id: r.body.account.to_string(),
             seq: r.body.seq,
-            encryption_key: data_encoding::HEXLOWER.encode(&r.body.encryption_key.0),
+            encryption_key: crate::hex::hex(&r.body.encryption_key.0),
             key_generation: r.body.key_generation,
             devices: r
                 .body

@@ -196,7 +196,7 @@ impl Replica {
 }
 
 fn chat_dir(root: &Path, chat: &ChatId) -> PathBuf {
-    root.join(data_encoding::HEXLOWER.encode(&chat.0))
+    root.join(crate::hex::hex(&chat.0))
 }
 
 /// [`Entry::check_signatures`], on every core for a large batch (a
@@ -1367,7 +1367,6 @@ mod tests {
         assert_eq!(Replicas::open(tmp.path()).unwrap().entries(&CHAT), 3);
     }
 
-    /// Commits, closes, and opens the kept chats again from disk.
     /// The disk refuses the next append to `CHAT` (as when it is full).
     fn refuse_next_append(replicas: &mut Replicas) {
         replicas
@@ -1378,6 +1377,7 @@ mod tests {
             .fail_next_append = true;
     }
 
+    /// Commits, closes, and opens the kept chats again from disk.
     fn committed_and_reopened(mut replicas: Replicas, root: &Path) -> Replicas {
         replicas.commit().unwrap();
         drop(replicas);

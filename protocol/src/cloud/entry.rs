@@ -19,7 +19,7 @@
 //! The body is only referenced by hash, so a purge can drop the ciphertext
 //! from every disk while the header, and with it the chain, still verifies.
 
-use std::{collections::HashMap, fmt, sync::Arc};
+use std::{fmt, sync::Arc};
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -432,10 +432,8 @@ impl RunPath {
     /// The run's root from this entry's hash, or `None` when the path
     /// does not fit the run's shape (index, length and sibling count).
     fn root(&self, leaf: &EntryHash) -> Option<[u8; 32]> {
+        self.check_bounds().ok()?;
         let (mut index, mut len) = (usize::from(self.index), usize::from(self.len));
-        if len == 0 || len > MAX_RUN || index >= len {
-            return None;
-        }
         let mut node = leaf.0;
         let mut siblings = self.siblings.iter();
         while len > 1 {
@@ -788,7 +786,7 @@ impl Entry {
             .collect();
         // Each entry's place among the distinct signatures, and their verdicts.
         let (slots, passed) = {
-            let mut distinct = HashMap::new();
+            let mut distinct = crate::collections::HashMap::default();
             let mut signed: Vec<Signed<'_>> = Vec::new();
             let slots: Vec<Option<usize>> = entries
                 .iter()
