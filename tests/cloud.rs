@@ -735,6 +735,50 @@ fn a_new_storage_peer_catches_up_and_clear_for_everyone_empties_every_copy() {
     });
 }
 
+/// A long log (about 10 MB, ten full pushes) reaches a storage peer that
+/// joins late: on a lane when it opens them, over libp2p when it does not.
+#[test]
+fn a_new_storage_peer_catches_up_a_long_log_on_a_lane_or_over_libp2p() {
+    let long: &'static str = "lane ".repeat(1600).leak();
+    for lanes in [true, false] {
+        let t = if lanes {
+            Three::start()
+        } else {
+            Three::start_with(&[OPEN, OPEN, &["--host-open", "--no-lanes"]])
+        };
+        let chat = t.chat_on(&[0, 1], 2);
+        send_many(t.dir(0).to_owned(), chat.clone(), long, 1200);
+        let peers: Vec<String> = (0..3).map(|k| t.node(k).peer_id()).collect();
+        let out = tern(
+            t.dir(1),
+            &[
+                "chat",
+                "storage",
+                &chat,
+                "--set",
+                &peers.join(","),
+                "--quorum",
+                "2",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seen = t.wait_all_in_sync(0, &chat);
+        // genesis, two storage entries, 1,200 messages.
+        assert!(seen.iter().all(|v| v["entries"] == 1203), "{seen:?}");
+        let on_lanes = metric(t.dir(2), "tern_lane_requests_total");
+        if lanes {
+            assert!(on_lanes > 0.0, "no push came on a lane");
+            assert!(metric(t.dir(2), "tern_lanes_opened_total") >= 1.0);
+        } else {
+            assert_eq!(on_lanes, 0.0, "a node with lanes off took requests on one");
+        }
+    }
+}
+
 #[test]
 fn a_device_linked_after_a_thousand_messages_gets_the_full_history_with_the_other_device_offline() {
     let mut t = Three::start();

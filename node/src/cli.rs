@@ -137,6 +137,12 @@ pub struct NodeArgs {
     /// Most MiB of other people's chats to store.
     #[arg(long, value_name = "MIB")]
     pub storage_quota_mib: Option<u64>,
+    /// Push only over libp2p: open no lanes to peers and accept none.
+    #[arg(long)]
+    pub no_lanes: bool,
+    /// TCP port for peers' lanes [default: a free port]
+    #[arg(long, value_name = "PORT")]
+    pub lane_port: Option<u16>,
 }
 
 impl NodeArgs {
@@ -179,6 +185,12 @@ impl NodeArgs {
         }
         if let Some(v) = self.storage_quota_mib {
             c.storage_quota_mib = v;
+        }
+        if self.no_lanes {
+            c.lanes = false;
+        }
+        if let Some(v) = self.lane_port {
+            c.lane_port = v;
         }
         c.validate()?;
         Ok(())

@@ -55,6 +55,14 @@ pub struct Config {
     pub host_open: bool,
     /// Most bytes of other people's chats this node stores, in MiB.
     pub storage_quota_mib: u64,
+    /// Open lanes: direct encrypted TCP connections beside libp2p for long
+    /// runs of pushes (a new replica catching up), both to peers and from
+    /// them. Off: every push goes over libp2p.
+    pub lanes: bool,
+    /// TCP port peers open lanes to, on the address of the first TCP
+    /// `listen` address; 0 picks a free port at each start (peers learn it
+    /// when they ask for a lane).
+    pub lane_port: u16,
     /// This account's chosen storage peers (peer ids, or multiaddrs ending
     /// in `/p2p/PEER`), published in its account record: new chats keep
     /// their messages there by default. Empty: this node itself.
@@ -80,6 +88,8 @@ impl Default for Config {
             host_open: false,
             storage_quota_mib: 1024,
             storage_peers: Vec::new(),
+            lanes: true,
+            lane_port: 0,
         }
     }
 }
@@ -111,6 +121,30 @@ impl Config {
              # a flag wins over this file.\n\n{text}"
         );
         write_atomic(path, body.as_bytes(), false)
+    }
+
+    /// Where this node listens for lanes: the IP of the first TCP `listen`
+    /// address (all IPv4 interfaces if none) and `lane_port`; `None` with
+    /// lanes off.
+    pub fn lane_addr(&self) -> Option<SocketAddr> {
+        use libp2p::multiaddr::Protocol;
+        if !self.lanes {
+            return None;
+        }
+        let ip = self
+            .listen
+            .iter()
+            .find_map(|a| {
+                let mut parts = a.iter();
+                let ip = match parts.next()? {
+                    Protocol::Ip4(ip) => std::net::IpAddr::V4(ip),
+                    Protocol::Ip6(ip) => std::net::IpAddr::V6(ip),
+                    _ => return None,
+                };
+                matches!(parts.next()?, Protocol::Tcp(_)).then_some(ip)
+            })
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        Some(SocketAddr::new(ip, self.lane_port))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

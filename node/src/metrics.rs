@@ -13,6 +13,16 @@ pub struct NodeMetrics {
     pub known_peers: Gauge,
     pub rejected_frames: Counter,
     pub api_requests: Family<ApiLabels, Counter>,
+    pub lanes: LaneMetrics,
+}
+
+/// What peers did on lanes to this node (`crate::net::lane`).
+#[derive(Clone, Default)]
+pub struct LaneMetrics {
+    /// Lanes whose handshake succeeded.
+    pub opened: Counter,
+    /// Requests that arrived on them.
+    pub requests: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -28,6 +38,7 @@ impl NodeMetrics {
             known_peers: Gauge::default(),
             rejected_frames: Counter::default(),
             api_requests: Family::default(),
+            lanes: LaneMetrics::default(),
         };
         let tern = registry.sub_registry_with_prefix("tern");
         tern.register(
@@ -49,6 +60,16 @@ impl NodeMetrics {
             "api_requests",
             "Control API requests by response status",
             m.api_requests.clone(),
+        );
+        tern.register(
+            "lanes_opened",
+            "Lanes peers opened to this node",
+            m.lanes.opened.clone(),
+        );
+        tern.register(
+            "lane_requests",
+            "Storage requests that arrived on lanes",
+            m.lanes.requests.clone(),
         );
         m
     }

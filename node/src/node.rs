@@ -33,7 +33,7 @@ use crate::{
     events::EventBus,
     keys,
     metrics::NodeMetrics,
-    net::{EventLoop, EventLoopParts, behaviour::build_swarm},
+    net::{EventLoop, EventLoopParts, behaviour::build_swarm, lane::LaneServer},
     secret::{self, SecretService, service::ServiceParts, store::ChatStore},
     store::Store,
 };
@@ -159,6 +159,7 @@ impl Node {
         let (secret_inbound, inbound_rx) =
             tokio::sync::mpsc::channel(secret::service::INBOUND_QUEUE);
         let (store_inbound, store_rx) = tokio::sync::mpsc::channel(cloud::service::INBOUND_QUEUE);
+        let lane_inbound = store_inbound.clone();
         let signing_key = keys::device_signing_key(&identity.device)
             .context("the device key is not an Ed25519 key")?;
         let account_keys = cloud::account_keys::AccountKeys::load(
@@ -213,6 +214,23 @@ impl Node {
             .with_context(|| format!("cannot bind the control API on {}", config.api))?;
         let api_addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let lanes = match config.lane_addr() {
+            Some(addr) => {
+                let (server, task) = LaneServer::bind(
+                    addr,
+                    peer_id,
+                    lane_inbound,
+                    metrics.lanes.clone(),
+                    shutdown_rx.clone(),
+                )
+                .await
+                .with_context(|| format!("cannot listen for lanes on {addr}"))?;
+                tasks.push(task);
+                Some(server)
+            }
+            None => None,
+        };
         let hosting = Hosting::load(
             store.keyspace("hosting")?,
             config.host_open,
@@ -231,6 +249,7 @@ impl Node {
             signing_key,
             certificate: identity.certificate.clone(),
             hidden: store.keyspace("cloud_hidden")?,
+            lanes,
         })?;
         let state = Arc::new(ApiState {
             net,
@@ -250,11 +269,11 @@ impl Node {
         });
 
         let flusher = store.spawn_background_flusher();
-        let mut tasks = vec![
+        tasks.extend([
             tokio::spawn(event_loop.run(shutdown_rx.clone())),
             secret_service.spawn(shutdown_rx.clone()),
             cloud_service.spawn(shutdown_rx.clone()),
-        ];
+        ]);
         let mut api_shutdown = shutdown_rx;
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(listener, api::router(state))

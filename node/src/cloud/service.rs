@@ -24,6 +24,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
     str::FromStr,
     time::{Duration, Instant},
 };
@@ -53,7 +54,11 @@ use crate::{
     events::{Event, EventBus},
     hex::hex,
     keys::{device_of_peer, peer_id_of},
-    net::NetworkHandle,
+    net::{
+        NetworkHandle,
+        event_loop::direct_ip,
+        lane::{Lane, LaneServer},
+    },
     service_thread::{self, MainRuntime},
     store::Keyspace,
 };
@@ -77,6 +82,9 @@ const MAX_IN_FLIGHT: usize = 3;
 /// A round of peers' pushes whose appends reach this many bytes has its
 /// flush run on a blocking thread while the next round is verified.
 const OFFLOAD_MIN_BYTES: usize = 256 * 1024;
+/// How long a peer that refused a lane, or could not be reached on one,
+/// gets its pushes over libp2p before it is asked again.
+const LANE_RETRY: Duration = Duration::from_secs(300);
 /// Most chats one peer may ask this node to pull or notify at once.
 const MAX_LINK_CHATS: usize = 1024;
 /// How often each storage peer of a chat is compared with.
@@ -90,11 +98,19 @@ const MAX_CLEAR: usize = 100_000;
 
 type Reply<T> = oneshot::Sender<Result<T, CloudError>>;
 
-/// A `/tern/store/1` request from a peer, handed over by the event loop.
+/// A `/tern/store/1` request from a peer, handed over by the event loop
+/// (or by a lane, `crate::net::lane`).
 pub struct InboundStore {
     pub peer: PeerId,
     pub request: StoreRequest,
-    pub channel: ResponseChannel<StoreResponse>,
+    pub answer: Answer,
+}
+
+/// Where the answer to a peer's request goes: back over libp2p, or back
+/// on the lane it came on.
+pub enum Answer {
+    Libp2p(ResponseChannel<StoreResponse>),
+    Lane(oneshot::Sender<StoreResponse>),
 }
 
 /// A new chat's members, as their signed account records (this account's
@@ -227,6 +243,20 @@ struct Link {
     /// `None` until the first answer or failure.
     reachable: Option<bool>,
     last_error: Option<String>,
+    lane: LaneState,
+}
+
+/// A lane to a peer (`crate::net::lane`): pushes go on it while it is
+/// open, over libp2p otherwise.
+#[derive(Default)]
+enum LaneState {
+    #[default]
+    Closed,
+    Opening,
+    Open(Lane),
+    /// The peer refused one or could not be reached on it: not asked again
+    /// before then.
+    Refused(Instant),
 }
 
 impl Link {
@@ -272,6 +302,8 @@ pub struct CloudParts {
     /// Messages hidden on this device only (`delete` without
     /// `--for-everyone`).
     pub hidden: Keyspace,
+    /// Where peers open lanes to this node; `None` where lanes are off.
+    pub lanes: Option<LaneServer>,
 }
 
 pub struct CloudService {
@@ -312,13 +344,17 @@ pub struct CloudService {
     /// The previous round's commit, flushing on a blocking thread while
     /// this thread takes the next round's pushes.
     committing: Option<Committing>,
+    lanes: Option<LaneServer>,
+    /// Lanes this node opened to peers, or why not.
+    lane_tx: mpsc::Sender<(PeerId, Result<Lane, String>)>,
+    lane_rx: mpsc::Receiver<(PeerId, Result<Lane, String>)>,
 }
 
 /// A round whose writes are being flushed, and what it holds back until
 /// they are on disk.
 struct Committing {
     flush: tokio::task::JoinHandle<Result<(), String>>,
-    answers: Vec<(PeerId, ResponseChannel<StoreResponse>, StoreResponse)>,
+    answers: Vec<(PeerId, Answer, StoreResponse)>,
     appended: Vec<(ChatId, EntryHash)>,
     replies: Vec<Pending>,
 }
@@ -522,6 +558,7 @@ impl CloudService {
     pub fn new(parts: CloudParts) -> Result<(Self, CloudHandle), CloudError> {
         let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let (done_tx, done_rx) = mpsc::channel(MAX_LINKS * MAX_IN_FLIGHT);
+        let (lane_tx, lane_rx) = mpsc::channel(MAX_LINKS);
         let device = parts.certificate.device;
         let me = peer_id_of(&device).ok_or_else(|| CloudError::Store("bad device key".into()))?;
         let mut member = ChatMember::new(parts.encryption, parts.signing_key, parts.certificate)
@@ -555,6 +592,9 @@ impl CloudService {
             to_notify: BTreeMap::new(),
             peer_ids: Default::default(),
             committing: None,
+            lanes: parts.lanes,
+            lane_tx,
+            lane_rx,
         };
         // What peers acknowledged before the restart still holds; the rest
         // is "sending" until compares find out what is stored.
@@ -612,6 +652,7 @@ impl CloudService {
                 Some(r) = self.inbound.recv() => round.inbound.push(r),
                 Some(c) = self.commands.recv() => round.commands.push(c),
                 Some(d) = self.done_rx.recv() => round.done.push(d),
+                Some((peer, lane)) = self.lane_rx.recv() => self.on_lane(peer, lane),
                 e = events.recv() => match e {
                     Ok(e) => self.on_event(e.event).await,
                     Err(broadcast::error::RecvError::Lagged(_)) => self.schedule_compares(true),
@@ -860,11 +901,11 @@ impl CloudService {
         for InboundStore {
             peer,
             request,
-            channel,
+            answer,
         } in round.inbound
         {
             let response = self.answer(peer, request, &policy);
-            answers.push((peer, channel, response));
+            answers.push((peer, answer, response));
         }
         for done in round.done {
             self.on_done(done, &policy);
@@ -932,11 +973,11 @@ impl CloudService {
     async fn release(
         &mut self,
         committed: Result<(), ReplicaError>,
-        answers: Vec<(PeerId, ResponseChannel<StoreResponse>, StoreResponse)>,
+        answers: Vec<(PeerId, Answer, StoreResponse)>,
         appended: Vec<(ChatId, EntryHash)>,
         replies: Vec<Pending>,
     ) {
-        for (peer, channel, response) in answers {
+        for (peer, answer, response) in answers {
             let response = match (&committed, response) {
                 (Ok(()), r) => r,
                 // Entries served from memory are verified whatever the disk
@@ -945,7 +986,14 @@ impl CloudService {
                 (Err(_), r @ StoreResponse::Synced(_)) => r,
                 (Err(_), _) => StoreResponse::refused("this node cannot store right now"),
             };
-            let _ = self.net.store_respond(peer, channel, response).await;
+            match answer {
+                Answer::Libp2p(channel) => {
+                    let _ = self.net.store_respond(peer, channel, response).await;
+                }
+                Answer::Lane(reply) => {
+                    let _ = reply.send(response);
+                }
+            }
         }
         if committed.is_ok() {
             self.after_commit(appended);
@@ -1066,6 +1114,13 @@ impl CloudService {
                 }
                 StoreResponse::Noted
             }
+            StoreRequest::OpenLane => match self.lanes.as_ref().map(|l| l.offer(peer)) {
+                Some(Some(offer)) => StoreResponse::Lane(offer),
+                Some(None) => {
+                    StoreResponse::refused("too many lanes waiting to open; push over libp2p")
+                }
+                None => StoreResponse::refused("this node does not open lanes"),
+            },
             StoreRequest::ChatsOf => {
                 let Some(Some(account)) = self.connected.get(&peer).copied() else {
                     return StoreResponse::refused("this node does not know your account yet");
@@ -1607,14 +1662,36 @@ impl CloudService {
                 let link = self.links.get_mut(&peer).expect("listed above");
                 link.in_flight += 1;
                 debug!(%peer, in_flight = link.in_flight, "storage request: {}", asked.what());
+                let push = matches!(request, StoreRequest::Push { .. });
+                match &link.lane {
+                    LaneState::Open(lane) if lane.is_closed() => link.lane = LaneState::Closed,
+                    LaneState::Refused(until) if *until <= now => link.lane = LaneState::Closed,
+                    _ => {}
+                }
+                // More than one full push to go: worth a lane.
+                if push
+                    && link.last_push_full
+                    && matches!(link.lane, LaneState::Closed)
+                    && self.lanes.is_some()
+                {
+                    self.open_lane(peer);
+                }
+                let link = self.links.get_mut(&peer).expect("listed above");
+                let lane = match &link.lane {
+                    LaneState::Open(lane) if push => Some(lane.clone()),
+                    _ => None,
+                };
                 let addrs = link.addrs.clone();
                 let net = self.net.clone();
                 let done = self.done_tx.clone();
                 let task = async move {
-                    let result = net
-                        .store_request(peer, addrs, request)
-                        .await
-                        .map_err(|e| e.to_string());
+                    let result = match lane {
+                        Some(lane) => lane.ask(&request).await,
+                        None => net
+                            .store_request(peer, addrs, request)
+                            .await
+                            .map_err(|e| e.to_string()),
+                    };
                     let _ = done
                         .send(Done {
                             peer,
@@ -1626,6 +1703,68 @@ impl CloudService {
                 self.io.spawn(task);
             }
         }
+    }
+
+    /// Asks `peer` for a lane and connects to it, in the background; the
+    /// outcome comes back to [`Self::on_lane`].
+    fn open_lane(&mut self, peer: PeerId) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        link.lane = LaneState::Opening;
+        let (net, addrs, me, opened) = (
+            self.net.clone(),
+            link.addrs.clone(),
+            self.me,
+            self.lane_tx.clone(),
+        );
+        let addrs_ips: Vec<IpAddr> = addrs.iter().filter_map(direct_ip).collect();
+        self.io.spawn(async move {
+            let lane = async {
+                let answer = net
+                    .store_request(peer, addrs, StoreRequest::OpenLane)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match answer {
+                    StoreResponse::Lane(offer) => {
+                        // Where the connection to it comes from, then its
+                        // addresses known here.
+                        let mut ips = net.remote_ips(peer).await.unwrap_or_default();
+                        ips.extend(addrs_ips);
+                        ips.dedup();
+                        let mut why = "no direct address".to_string();
+                        for ip in ips {
+                            match Lane::connect(SocketAddr::new(ip, offer.port), me, peer, &offer)
+                                .await
+                            {
+                                Ok(lane) => return Ok(lane),
+                                Err(e) => why = format!("{ip}: {e}"),
+                            }
+                        }
+                        Err(why)
+                    }
+                    StoreResponse::Refused { reason } => Err(format!("refused: {reason}")),
+                    _ => Err("answered something else".into()),
+                }
+            };
+            let _ = opened.send((peer, lane.await)).await;
+        });
+    }
+
+    fn on_lane(&mut self, peer: PeerId, lane: Result<Lane, String>) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        link.lane = match lane {
+            Ok(lane) => {
+                info!(%peer, "lane open: pushes to this peer go on it");
+                LaneState::Open(lane)
+            }
+            Err(why) => {
+                info!(%peer, "no lane to this peer; pushes go over libp2p: {why}");
+                LaneState::Refused(Instant::now() + LANE_RETRY)
+            }
+        };
     }
 
     /// The link's next request. With one in flight already, only another

@@ -31,6 +31,9 @@ pub enum StoreRequest {
     /// Which chats do you keep that my account (the one the connection
     /// proved) is a member of? A new device finds its chats this way.
     ChatsOf,
+    /// May I send you a long run of pushes on a lane (`crate::net::lane`)?
+    /// Answered with `Lane`, or `Refused` where lanes are off.
+    OpenLane,
 }
 
 /// The fate of one pushed entry, in the order pushed.
@@ -58,6 +61,8 @@ pub enum StoreResponse {
     Summary(Option<ChatSummary>),
     Noted,
     Chats(Vec<ChatId>),
+    /// Where to open the lane asked for, and its one-time key.
+    Lane(crate::net::lane::LaneOffer),
     /// The whole request was refused.
     Refused {
         reason: String,
@@ -115,7 +120,7 @@ impl Record for StoreRequest {
                 Ok(())
             }
             Self::Sync(r) => r.validate(),
-            Self::Summary { .. } | Self::Notify { .. } | Self::ChatsOf => Ok(()),
+            Self::Summary { .. } | Self::Notify { .. } | Self::ChatsOf | Self::OpenLane => Ok(()),
         }
     }
 }

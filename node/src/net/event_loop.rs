@@ -40,7 +40,7 @@ use super::{
 };
 use crate::{
     cloud::{
-        service::InboundStore,
+        service::{Answer, InboundStore},
         wire::{StoreRequest, StoreResponse},
     },
     events::{Event, EventBus, now_ms},
@@ -128,6 +128,10 @@ pub enum Command {
         peer: PeerId,
         reply: oneshot::Sender<Option<KnownDevice>>,
     },
+    RemoteIps {
+        peer: PeerId,
+        reply: oneshot::Sender<Vec<std::net::IpAddr>>,
+    },
     DevicesOf {
         account: AccountId,
         reply: oneshot::Sender<Vec<PeerId>>,
@@ -152,6 +156,24 @@ pub enum Command {
         request: StoreRequest,
         reply: oneshot::Sender<Result<StoreResponse, String>>,
     },
+}
+
+/// The IP address of a direct connection's address (`/ip4|ip6/…/tcp|udp/…`),
+/// not of a relayed one.
+pub fn direct_ip(addr: &Multiaddr) -> Option<std::net::IpAddr> {
+    use libp2p::multiaddr::Protocol;
+    if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+        return None;
+    }
+    let mut parts = addr.iter();
+    let ip = match parts.next()? {
+        Protocol::Ip4(ip) => std::net::IpAddr::V4(ip),
+        Protocol::Ip6(ip) => std::net::IpAddr::V6(ip),
+        _ => return None,
+    };
+    matches!(parts.next()?, Protocol::Tcp(_) | Protocol::Udp(_))
+        .then_some(ip)
+        .filter(|ip| !ip.is_unspecified())
 }
 
 /// A cheap, cloneable handle to the event loop.
@@ -277,6 +299,12 @@ impl NetworkHandle {
     /// What the node knows about `peer`, if it has met it.
     pub async fn device(&self, peer: PeerId) -> Result<Option<KnownDevice>, NetError> {
         self.call(|reply| Command::Device { peer, reply }).await
+    }
+
+    /// The IP addresses `peer` is connected from, direct connections only
+    /// (where its lane listener is found).
+    pub async fn remote_ips(&self, peer: PeerId) -> Result<Vec<std::net::IpAddr>, NetError> {
+        self.call(|reply| Command::RemoteIps { peer, reply }).await
     }
 
     /// The known devices of an account, connected ones first.
@@ -519,6 +547,20 @@ impl EventLoop {
                     .secret
                     .send_response(channel, response);
             }
+            Command::RemoteIps { peer, reply } => {
+                let mut ips: Vec<std::net::IpAddr> = Vec::new();
+                let addrs = self.connected.get(&peer).map(|c| &c.connections[..]);
+                for ip in addrs
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|(_, a)| direct_ip(a))
+                {
+                    if !ips.contains(&ip) {
+                        ips.push(ip);
+                    }
+                }
+                let _ = reply.send(ips);
+            }
             Command::Device { peer, reply } => {
                 let known = self.book.get(&peer).map(|e| KnownDevice {
                     account: e.account,
@@ -678,7 +720,7 @@ impl EventLoop {
                 let inbound = InboundStore {
                     peer,
                     request,
-                    channel,
+                    answer: Answer::Libp2p(channel),
                 };
                 match self.store_inbound.try_send(inbound) {
                     Ok(()) => *waiting += 1,

@@ -4,6 +4,7 @@
 pub mod behaviour;
 pub mod codec;
 pub mod event_loop;
+pub mod lane;
 pub mod peers;
 
 pub use event_loop::{

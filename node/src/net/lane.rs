@@ -1,0 +1,624 @@
+//! Lanes: a direct, encrypted TCP connection between two nodes that carries
+//! a large run of `/tern/store/1` pushes (a new replica catching up, a
+//! replica back after days away) beside their libp2p connection.
+//!
+//! Over libp2p every byte of a push goes through Yamux, which cuts it into
+//! 16 KiB frames, and libp2p's Noise layer, which copies each frame twice
+//! and seals it with ChaCha20-Poly1305: most of a catch-up's CPU on both
+//! ends. A lane carries the same requests and answers, encoded the same
+//! way, in Noise transport messages of up to 64 KiB sealed with AES-GCM
+//! (which this machine class runs in hardware), one `write` per push.
+//!
+//! Opening one (see `docs/architecture.md`, "Lanes"):
+//! 1. The pusher asks over libp2p (`StoreRequest::OpenLane`); the receiver
+//!    answers with a [`LaneOffer`]: a port, a one-time lane id and a fresh
+//!    32-byte key. libp2p authenticated both ends and encrypted the answer,
+//!    so only that peer knows the key.
+//! 2. The pusher connects to the port at the receiver's address and sends
+//!    [`MAGIC`], the lane id and the first message of a
+//!    `Noise_NNpsk0_25519_AESGCM_SHA256` handshake keyed with that key; the
+//!    prologue names both peers. The receiver takes the id out of its table
+//!    (a replayed id finds nothing), and a wrong key or peer fails the
+//!    handshake. Both ends then hold keys no one else has, from a fresh
+//!    Diffie-Hellman exchange.
+//! 3. The pusher sends requests; the receiver hands each to the cloud
+//!    service as if it came over libp2p from that peer (same checks, same
+//!    hosting policy) and writes the answers back in order.
+//!
+//! A message on a lane is its length (4 bytes, big-endian) and its bytes,
+//! cut into Noise transport messages of at most 65,535 bytes, each sent as
+//! a 2-byte length and the sealed bytes. Nonces count up from zero in each
+//! direction; a frame altered, dropped or replayed does not open, and the
+//! lane closes.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use snow::{
+    StatelessTransportState,
+    resolvers::{DefaultResolver, FallbackResolver, RingResolver},
+};
+use tern_protocol::Record;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch},
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    cloud::{
+        service::{Answer, InboundStore},
+        wire::{StoreRequest, StoreResponse},
+    },
+    metrics::LaneMetrics,
+};
+
+/// The Noise protocol of a lane's handshake and transport.
+pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
+/// What a lane connection starts with.
+pub const MAGIC: &[u8; 8] = b"tern-ln1";
+/// Largest Noise message, and the tag each carries.
+const NOISE_MAX: usize = 65_535;
+const TAG: usize = 16;
+/// Plaintext bytes per frame.
+const CHUNK: usize = NOISE_MAX - TAG;
+/// Time to finish the handshake once connected.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An offer not taken up within this is forgotten.
+const OFFER_TTL: Duration = Duration::from_secs(30);
+/// Most offers waiting to be taken up, in all and per peer.
+const MAX_OFFERS: usize = 64;
+const MAX_OFFERS_PER_PEER: usize = 2;
+/// Most lanes a node serves at once.
+const MAX_LANES: usize = 32;
+/// Most requests a lane carries before their answers come back.
+pub const MAX_LANE_IN_FLIGHT: usize = 4;
+/// A lane with no request for this long is closed by the pusher; the
+/// receiver closes one silent for twice as long.
+const IDLE: Duration = Duration::from_secs(30);
+
+/// What a receiver offers a pusher: where to connect and with what key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneOffer {
+    pub port: u16,
+    pub id: [u8; 16],
+    pub key: [u8; 32],
+}
+
+impl std::fmt::Debug for LaneOffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaneOffer")
+            .field("port", &self.port)
+            .field("id", &crate::hex::hex(&self.id))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaneError {
+    #[error("lane I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("lane handshake failed: {0}")]
+    Handshake(String),
+    #[error("a lane message of {0} bytes is over the limit of {1}")]
+    TooLong(usize, usize),
+    #[error("a lane frame does not open (altered, dropped or replayed)")]
+    Decrypt,
+    #[error("a lane frame is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("bad message on a lane: {0}")]
+    Decode(String),
+    #[error("the lane timed out")]
+    Timeout,
+    #[error("the lane is closed")]
+    Closed,
+}
+
+fn handshake_error(e: snow::Error) -> LaneError {
+    LaneError::Handshake(e.to_string())
+}
+
+/// A handshake for a lane keyed with `key`, its prologue naming the lane
+/// and both peers.
+fn handshake_state(
+    key: &[u8; 32],
+    prologue: &[u8],
+    initiator: bool,
+) -> Result<snow::HandshakeState, LaneError> {
+    let params = NOISE_PARAMS.parse().expect("valid Noise parameters");
+    // Ring for AES-GCM and SHA-256 (hardware AES), snow's own X25519.
+    let resolver = FallbackResolver::new(Box::new(RingResolver), Box::new(DefaultResolver));
+    let builder = snow::Builder::with_resolver(params, Box::new(resolver))
+        .psk(0, key)
+        .map_err(handshake_error)?
+        .prologue(prologue)
+        .map_err(handshake_error)?;
+    if initiator {
+        builder.build_initiator()
+    } else {
+        builder.build_responder()
+    }
+    .map_err(handshake_error)
+}
+
+fn prologue(id: &[u8; 16], receiver: &PeerId, pusher: &PeerId) -> Vec<u8> {
+    let mut p = MAGIC.to_vec();
+    p.extend_from_slice(id);
+    for peer in [receiver, pusher] {
+        let bytes = peer.to_bytes();
+        p.push(bytes.len() as u8);
+        p.extend_from_slice(&bytes);
+    }
+    p
+}
+
+// ------------------------------------------------------------------ frames
+
+/// Sends messages on a lane.
+struct Sealer {
+    half: OwnedWriteHalf,
+    noise: Arc<StatelessTransportState>,
+    nonce: u64,
+    first: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Sealer {
+    async fn send(&mut self, msg: &[u8]) -> Result<(), LaneError> {
+        let len = u32::try_from(msg.len())
+            .map_err(|_| LaneError::TooLong(msg.len(), u32::MAX as usize))?;
+        let head = msg.len().min(CHUNK - 4);
+        self.first.clear();
+        self.first.extend_from_slice(&len.to_be_bytes());
+        self.first.extend_from_slice(&msg[..head]);
+        let frames = (4 + msg.len()).div_ceil(CHUNK);
+        self.out.clear();
+        self.out.reserve(4 + msg.len() + frames * (2 + TAG));
+        let first = std::mem::take(&mut self.first);
+        self.seal(&first)?;
+        self.first = first;
+        for chunk in msg[head..].chunks(CHUNK) {
+            self.seal(chunk)?;
+        }
+        self.half.write_all(&self.out).await?;
+        if self.out.capacity() > 4 * 1024 * 1024 {
+            self.out = Vec::new();
+        }
+        Ok(())
+    }
+
+    fn seal(&mut self, plain: &[u8]) -> Result<(), LaneError> {
+        let at = self.out.len();
+        self.out.resize(at + 2 + plain.len() + TAG, 0);
+        let n = self
+            .noise
+            .write_message(self.nonce, plain, &mut self.out[at + 2..])
+            .map_err(|_| LaneError::Malformed("frame too large"))?;
+        self.nonce += 1;
+        self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
+        self.out.truncate(at + 2 + n);
+        Ok(())
+    }
+}
+
+/// Receives messages on a lane.
+struct Opener {
+    half: OwnedReadHalf,
+    noise: Arc<StatelessTransportState>,
+    nonce: u64,
+    frame: Vec<u8>,
+    plain: Vec<u8>,
+}
+
+impl Opener {
+    /// Reads one frame into `self.frame`; `None` if the lane ended before
+    /// it began.
+    async fn read_frame(&mut self) -> Result<Option<usize>, LaneError> {
+        let mut len = [0u8; 2];
+        match self.half.read_exact(&mut len).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let n = u16::from_be_bytes(len) as usize;
+        if n < TAG {
+            return Err(LaneError::Malformed("frame shorter than its tag"));
+        }
+        self.frame.resize(n, 0);
+        self.half.read_exact(&mut self.frame[..n]).await?;
+        Ok(Some(n))
+    }
+
+    /// The next message, if its length is at most `max`; `None` once the
+    /// other end closed between messages.
+    async fn recv(&mut self, max: usize) -> Result<Option<Vec<u8>>, LaneError> {
+        let Some(n) = self.read_frame().await? else {
+            return Ok(None);
+        };
+        self.plain.resize(n, 0);
+        let m = self
+            .noise
+            .read_message(self.nonce, &self.frame[..n], &mut self.plain)
+            .map_err(|_| LaneError::Decrypt)?;
+        self.nonce += 1;
+        if m < 4 {
+            return Err(LaneError::Malformed("first frame without a length"));
+        }
+        let len = u32::from_be_bytes(self.plain[..4].try_into().expect("4 bytes")) as usize;
+        if len > max {
+            return Err(LaneError::TooLong(len, max));
+        }
+        if m - 4 > len {
+            return Err(LaneError::Malformed("frame beyond its message"));
+        }
+        // Room for the last frame's tag, which opens in place.
+        let mut msg = Vec::with_capacity(len + TAG);
+        msg.extend_from_slice(&self.plain[4..m]);
+        while msg.len() < len {
+            let n = self
+                .read_frame()
+                .await?
+                .ok_or(LaneError::Malformed("the lane ended inside a message"))?;
+            let at = msg.len();
+            if at + n - TAG > len {
+                return Err(LaneError::Malformed("frame beyond its message"));
+            }
+            msg.resize(at + n, 0);
+            let m = self
+                .noise
+                .read_message(self.nonce, &self.frame[..n], &mut msg[at..])
+                .map_err(|_| LaneError::Decrypt)?;
+            self.nonce += 1;
+            msg.truncate(at + m);
+        }
+        Ok(Some(msg))
+    }
+}
+
+fn split(stream: TcpStream, noise: StatelessTransportState) -> Result<(Sealer, Opener), LaneError> {
+    stream.set_nodelay(true)?;
+    let (read, write) = stream.into_split();
+    let noise = Arc::new(noise);
+    Ok((
+        Sealer {
+            half: write,
+            noise: noise.clone(),
+            nonce: 0,
+            first: Vec::with_capacity(CHUNK),
+            out: Vec::new(),
+        },
+        Opener {
+            half: read,
+            noise,
+            nonce: 0,
+            frame: Vec::with_capacity(NOISE_MAX),
+            plain: Vec::with_capacity(NOISE_MAX),
+        },
+    ))
+}
+
+async fn read_handshake_message(
+    stream: &mut TcpStream,
+    buf: &mut [u8; 256],
+) -> Result<usize, LaneError> {
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await?;
+    let n = u16::from_be_bytes(len) as usize;
+    if n > buf.len() {
+        return Err(LaneError::Handshake("handshake message too long".into()));
+    }
+    stream.read_exact(&mut buf[..n]).await?;
+    Ok(n)
+}
+
+async fn write_handshake_message(stream: &mut TcpStream, msg: &[u8]) -> Result<(), LaneError> {
+    let mut out = (msg.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(msg);
+    stream.write_all(&out).await?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------ pusher
+
+/// The pusher's end of a lane: requests go in, answers come back in order.
+/// Cheap to clone; the lane closes when every clone is dropped or after
+/// [`IDLE`] without a request.
+#[derive(Clone)]
+pub struct Lane {
+    tx: mpsc::Sender<(Vec<u8>, AnswerTo)>,
+}
+
+/// Where the answer to a request sent on a lane goes.
+type AnswerTo = oneshot::Sender<Result<StoreResponse, String>>;
+
+impl Lane {
+    /// Connects to `addr` with what the receiver `peer` offered over libp2p.
+    pub async fn connect(
+        addr: SocketAddr,
+        me: PeerId,
+        peer: PeerId,
+        offer: &LaneOffer,
+    ) -> Result<Lane, LaneError> {
+        let opening = async {
+            let mut stream = TcpStream::connect(addr).await?;
+            let prologue = prologue(&offer.id, &peer, &me);
+            let mut hs = handshake_state(&offer.key, &prologue, true)?;
+            let mut msg = [0u8; 256];
+            let n = hs.write_message(&[], &mut msg).map_err(handshake_error)?;
+            let mut hello = MAGIC.to_vec();
+            hello.extend_from_slice(&offer.id);
+            stream.write_all(&hello).await?;
+            write_handshake_message(&mut stream, &msg[..n]).await?;
+            let n = read_handshake_message(&mut stream, &mut msg).await?;
+            hs.read_message(&msg[..n], &mut [0u8; 256])
+                .map_err(handshake_error)?;
+            let noise = hs
+                .into_stateless_transport_mode()
+                .map_err(handshake_error)?;
+            Ok::<_, LaneError>((stream, noise))
+        };
+        let (stream, noise) = tokio::time::timeout(HANDSHAKE_TIMEOUT, opening)
+            .await
+            .map_err(|_| LaneError::Timeout)??;
+        let (mut sealer, mut opener) = split(stream, noise)?;
+        let (tx, mut rx) = mpsc::channel::<(Vec<u8>, AnswerTo)>(MAX_LANE_IN_FLIGHT);
+        let (wait_tx, mut wait_rx) = mpsc::channel::<AnswerTo>(MAX_LANE_IN_FLIGHT);
+        tokio::spawn(async move {
+            loop {
+                let Ok(Some((msg, reply))) = tokio::time::timeout(IDLE, rx.recv()).await else {
+                    break;
+                };
+                if wait_tx.send(reply).await.is_err() {
+                    break;
+                }
+                if let Err(e) = sealer.send(&msg).await {
+                    debug!(%peer, "lane closed while sending: {e}");
+                    break;
+                }
+            }
+            let _ = sealer.half.shutdown().await;
+        });
+        tokio::spawn(async move {
+            while let Some(reply) = wait_rx.recv().await {
+                let answer = match opener.recv(StoreResponse::MAX_LEN).await {
+                    Ok(Some(bytes)) => StoreResponse::decode(&bytes)
+                        .map_err(|e| format!("bad answer on a lane: {e}")),
+                    Ok(None) => Err(LaneError::Closed.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let failed = answer.is_err();
+                let _ = reply.send(answer);
+                if failed {
+                    break;
+                }
+            }
+        });
+        Ok(Lane { tx })
+    }
+
+    /// Sends `request` and waits for its answer.
+    pub async fn ask(&self, request: &StoreRequest) -> Result<StoreResponse, String> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send((request.encode(), reply))
+            .await
+            .map_err(|_| LaneError::Closed.to_string())?;
+        answer.await.map_err(|_| LaneError::Closed.to_string())?
+    }
+
+    /// Whether the lane has closed (idle, or the connection failed).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+// ---------------------------------------------------------------- receiver
+
+struct Offered {
+    peer: PeerId,
+    key: [u8; 32],
+    at: Instant,
+}
+
+struct Shared {
+    me: PeerId,
+    port: u16,
+    offers: Mutex<HashMap<[u8; 16], Offered>>,
+    lanes: Arc<Semaphore>,
+    inbound: mpsc::Sender<InboundStore>,
+    metrics: LaneMetrics,
+}
+
+/// The receiving side: a TCP listener and the offers made over libp2p.
+#[derive(Clone)]
+pub struct LaneServer {
+    shared: Arc<Shared>,
+}
+
+impl LaneServer {
+    /// Listens on `addr`; requests that arrive on lanes go to `inbound`,
+    /// like those that arrive over libp2p.
+    pub async fn bind(
+        addr: SocketAddr,
+        me: PeerId,
+        inbound: mpsc::Sender<InboundStore>,
+        metrics: LaneMetrics,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<(LaneServer, tokio::task::JoinHandle<()>)> {
+        let listener = TcpListener::bind(addr).await?;
+        let port = listener.local_addr()?.port();
+        let server = LaneServer {
+            shared: Arc::new(Shared {
+                me,
+                port,
+                offers: Mutex::new(HashMap::new()),
+                lanes: Arc::new(Semaphore::new(MAX_LANES)),
+                inbound,
+                metrics,
+            }),
+        };
+        info!(port, "lanes listening on {}", listener.local_addr()?);
+        let task = tokio::spawn(server.clone().accept(listener, shutdown));
+        Ok((server, task))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.shared.port
+    }
+
+    /// A one-time offer for `peer`, or `None` when too many are waiting.
+    pub fn offer(&self, peer: PeerId) -> Option<LaneOffer> {
+        let mut offers = self.shared.offers.lock().expect("not poisoned");
+        offers.retain(|_, o| o.at.elapsed() < OFFER_TTL);
+        if offers.len() >= MAX_OFFERS
+            || offers.values().filter(|o| o.peer == peer).count() >= MAX_OFFERS_PER_PEER
+        {
+            return None;
+        }
+        let id: [u8; 16] = rand::random();
+        let key: [u8; 32] = rand::random();
+        offers.insert(
+            id,
+            Offered {
+                peer,
+                key,
+                at: Instant::now(),
+            },
+        );
+        Some(LaneOffer {
+            port: self.shared.port,
+            id,
+            key,
+        })
+    }
+
+    fn take_offer(&self, id: &[u8; 16]) -> Option<Offered> {
+        let mut offers = self.shared.offers.lock().expect("not poisoned");
+        offers.remove(id).filter(|o| o.at.elapsed() < OFFER_TTL)
+    }
+
+    async fn accept(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.changed() => return,
+                a = listener.accept() => a,
+            };
+            let (stream, from) = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("lane listener: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.shared.lanes.clone().try_acquire_owned() else {
+                debug!(%from, "too many lanes; closing a new one");
+                continue;
+            };
+            let server = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.serve(stream, permit).await {
+                    warn!(%from, "lane closed: {e}");
+                }
+            });
+        }
+    }
+
+    async fn handshake(
+        &self,
+        stream: &mut TcpStream,
+    ) -> Result<(PeerId, StatelessTransportState), LaneError> {
+        let mut hello = [0u8; 24];
+        stream.read_exact(&mut hello).await?;
+        if &hello[..8] != MAGIC {
+            return Err(LaneError::Handshake("not a Tern lane".into()));
+        }
+        let id: [u8; 16] = hello[8..].try_into().expect("16 bytes");
+        let offered = self.take_offer(&id).ok_or_else(|| {
+            LaneError::Handshake("no such lane offer (unknown, used or expired)".into())
+        })?;
+        let prologue = prologue(&id, &self.shared.me, &offered.peer);
+        let mut hs = handshake_state(&offered.key, &prologue, false)?;
+        let mut msg = [0u8; 256];
+        let n = read_handshake_message(stream, &mut msg).await?;
+        hs.read_message(&msg[..n], &mut [0u8; 256])
+            .map_err(|_| LaneError::Handshake("wrong key or peer".into()))?;
+        let n = hs.write_message(&[], &mut msg).map_err(handshake_error)?;
+        write_handshake_message(stream, &msg[..n]).await?;
+        let noise = hs
+            .into_stateless_transport_mode()
+            .map_err(handshake_error)?;
+        Ok((offered.peer, noise))
+    }
+
+    async fn serve(
+        &self,
+        mut stream: TcpStream,
+        _permit: OwnedSemaphorePermit,
+    ) -> Result<(), LaneError> {
+        let (peer, noise) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
+            .await
+            .map_err(|_| LaneError::Timeout)??;
+        debug!(%peer, "lane open");
+        self.shared.metrics.opened.inc();
+        let (mut sealer, mut opener) = split(stream, noise)?;
+        let (wait_tx, mut wait_rx) =
+            mpsc::channel::<oneshot::Receiver<StoreResponse>>(MAX_LANE_IN_FLIGHT);
+        // Answers go back in the order their requests came.
+        let writer = tokio::spawn(async move {
+            while let Some(answer) = wait_rx.recv().await {
+                let Ok(response) = answer.await else {
+                    return Err(LaneError::Closed);
+                };
+                sealer.send(&response.encode()).await?;
+            }
+            let _ = sealer.half.shutdown().await;
+            Ok(())
+        });
+        let read = async {
+            loop {
+                let msg = match tokio::time::timeout(2 * IDLE, opener.recv(StoreRequest::MAX_LEN))
+                    .await
+                {
+                    Err(_) => return Err(LaneError::Timeout),
+                    Ok(Ok(None)) => return Ok(()),
+                    Ok(Ok(Some(m))) => m,
+                    Ok(Err(e)) => return Err(e),
+                };
+                let request =
+                    StoreRequest::decode(&msg).map_err(|e| LaneError::Decode(e.to_string()))?;
+                self.shared.metrics.requests.inc();
+                let (reply, answer) = oneshot::channel();
+                let inbound = InboundStore {
+                    peer,
+                    request,
+                    answer: Answer::Lane(reply),
+                };
+                if self.shared.inbound.send(inbound).await.is_err() {
+                    return Err(LaneError::Closed);
+                }
+                if wait_tx.send(answer).await.is_err() {
+                    return Err(LaneError::Closed);
+                }
+            }
+        };
+        let read: Result<(), LaneError> = read.await;
+        drop(wait_tx);
+        let written = writer.await.map_err(|_| LaneError::Closed)?;
+        debug!(%peer, "lane closed");
+        read.and(written)
+    }
+}
+
+#[cfg(test)]
+mod tests;

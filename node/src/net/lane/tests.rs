@@ -1,0 +1,326 @@
+use std::net::Ipv4Addr;
+
+use libp2p::identity::Keypair;
+use tern_protocol::cloud::ChatId;
+
+use super::*;
+
+fn peer() -> PeerId {
+    Keypair::generate_ed25519().public().to_peer_id()
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
+}
+
+/// A lane server on loopback whose requests come out of the returned
+/// receiver; the sender of the watch stops it.
+async fn server() -> (
+    LaneServer,
+    mpsc::Receiver<InboundStore>,
+    watch::Sender<bool>,
+    PeerId,
+) {
+    let me = peer();
+    let (tx, rx) = mpsc::channel(16);
+    let (stop, stopped) = watch::channel(false);
+    let (server, _task) = LaneServer::bind(loopback(), me, tx, LaneMetrics::default(), stopped)
+        .await
+        .unwrap();
+    (server, rx, stop, me)
+}
+
+fn addr(server: &LaneServer) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, server.port()))
+}
+
+/// Answers every request from `pusher` with `Summary(None)`, and fails the
+/// test on a request from anyone else; what was asked about is kept in the
+/// returned list.
+fn answer_all(mut rx: mpsc::Receiver<InboundStore>, pusher: PeerId) -> Arc<Mutex<Vec<ChatId>>> {
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let list = asked.clone();
+    tokio::spawn(async move {
+        while let Some(InboundStore {
+            peer,
+            request,
+            answer,
+        }) = rx.recv().await
+        {
+            assert_eq!(
+                peer, pusher,
+                "a lane request must come as from the peer the offer was for"
+            );
+            let StoreRequest::Summary { chat } = request else {
+                panic!("unexpected request {request:?}");
+            };
+            asked.lock().unwrap().push(chat);
+            let Answer::Lane(reply) = answer else {
+                panic!("a lane request must be answered on the lane");
+            };
+            let _ = reply.send(StoreResponse::Summary(None));
+        }
+    });
+    list
+}
+
+#[tokio::test]
+async fn requests_cross_a_lane_and_answers_come_back_in_order() {
+    let (server, rx, _stop, me) = server().await;
+    let pusher = peer();
+    let answered = answer_all(rx, pusher);
+    let offer = server.offer(pusher).unwrap();
+    let lane = Lane::connect(addr(&server), pusher, me, &offer)
+        .await
+        .unwrap();
+    let chats: Vec<ChatId> = (0..20u8).map(|i| ChatId([i; 16])).collect();
+    // Several in flight at once, as the cloud service sends them.
+    let answers = futures::future::join_all(chats.iter().map(|chat| {
+        let lane = lane.clone();
+        let chat = *chat;
+        async move { lane.ask(&StoreRequest::Summary { chat }).await }
+    }))
+    .await;
+    for a in answers {
+        assert_eq!(a.unwrap(), StoreResponse::Summary(None));
+    }
+    let mut sorted = answered.lock().unwrap().clone();
+    sorted.sort();
+    assert_eq!(sorted, chats);
+}
+
+#[tokio::test]
+async fn a_wrong_key_fails_the_handshake_and_the_server_keeps_serving() {
+    let (server, rx, _stop, me) = server().await;
+    let pusher = peer();
+    let _answered = answer_all(rx, pusher);
+    let mut offer = server.offer(pusher).unwrap();
+    offer.key[0] ^= 1;
+    let err = Lane::connect(addr(&server), pusher, me, &offer)
+        .await
+        .err()
+        .expect("a wrong key must not open a lane");
+    assert!(
+        matches!(err, LaneError::Io(_) | LaneError::Handshake(_)),
+        "{err}"
+    );
+    // The same id, now with the right key, is used up.
+    offer.key[0] ^= 1;
+    assert!(
+        Lane::connect(addr(&server), pusher, me, &offer)
+            .await
+            .is_err()
+    );
+    // A fresh offer works.
+    let offer = server.offer(pusher).unwrap();
+    let lane = Lane::connect(addr(&server), pusher, me, &offer)
+        .await
+        .unwrap();
+    let chat = ChatId([7; 16]);
+    assert_eq!(
+        lane.ask(&StoreRequest::Summary { chat }).await.unwrap(),
+        StoreResponse::Summary(None)
+    );
+}
+
+#[tokio::test]
+async fn an_offer_opens_one_lane_for_the_peer_it_was_made_to() {
+    let (server, rx, _stop, me) = server().await;
+    let pusher = peer();
+    let _answered = answer_all(rx, pusher);
+    let offer = server.offer(pusher).unwrap();
+    // Another peer that learnt the offer: the prologue names the peer the
+    // offer was for, so the handshake fails.
+    let thief = peer();
+    assert!(
+        Lane::connect(addr(&server), thief, me, &offer)
+            .await
+            .is_err()
+    );
+    // The offer was taken by that attempt: replaying it finds nothing.
+    assert!(
+        Lane::connect(addr(&server), pusher, me, &offer)
+            .await
+            .is_err()
+    );
+    // A lane that believes it talks to another node fails too.
+    let offer = server.offer(pusher).unwrap();
+    assert!(
+        Lane::connect(addr(&server), pusher, peer(), &offer)
+            .await
+            .is_err()
+    );
+    // A used offer, replayed after a lane opened with it.
+    let offer = server.offer(pusher).unwrap();
+    let _lane = Lane::connect(addr(&server), pusher, me, &offer)
+        .await
+        .unwrap();
+    assert!(
+        Lane::connect(addr(&server), pusher, me, &offer)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn offers_are_bounded_per_peer() {
+    let (server, _rx, _stop, _me) = server().await;
+    let pusher = peer();
+    assert!(server.offer(pusher).is_some());
+    assert!(server.offer(pusher).is_some());
+    assert!(
+        server.offer(pusher).is_none(),
+        "a third waiting offer for one peer"
+    );
+    assert!(
+        server.offer(peer()).is_some(),
+        "another peer still gets one"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_that_is_not_a_lane_is_closed() {
+    let (server, mut rx, _stop, _me) = server().await;
+    let mut s = TcpStream::connect(addr(&server)).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+        .await
+        .expect("the server must close it")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing is answered to a stranger");
+    assert!(rx.try_recv().is_err());
+}
+
+/// Both ends of a lane after a real handshake over loopback TCP.
+async fn pair() -> ((Sealer, Opener), (Sealer, Opener)) {
+    let key = [9u8; 32];
+    let listener = TcpListener::bind(loopback()).await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let responder = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut hs = handshake_state(&key, b"test", false).unwrap();
+        let mut msg = [0u8; 256];
+        let n = read_handshake_message(&mut s, &mut msg).await.unwrap();
+        hs.read_message(&msg[..n], &mut [0u8; 256]).unwrap();
+        let n = hs.write_message(&[], &mut msg).unwrap();
+        write_handshake_message(&mut s, &msg[..n]).await.unwrap();
+        split(s, hs.into_stateless_transport_mode().unwrap()).unwrap()
+    });
+    let mut s = TcpStream::connect(at).await.unwrap();
+    let mut hs = handshake_state(&key, b"test", true).unwrap();
+    let mut msg = [0u8; 256];
+    let n = hs.write_message(&[], &mut msg).unwrap();
+    write_handshake_message(&mut s, &msg[..n]).await.unwrap();
+    let n = read_handshake_message(&mut s, &mut msg).await.unwrap();
+    hs.read_message(&msg[..n], &mut [0u8; 256]).unwrap();
+    let initiator = split(s, hs.into_stateless_transport_mode().unwrap()).unwrap();
+    (initiator, responder.await.unwrap())
+}
+
+#[tokio::test]
+async fn messages_of_every_size_around_the_frame_size_arrive_whole() {
+    let ((mut tx, _), (_, mut rx)) = pair().await;
+    let sizes = [
+        0,
+        1,
+        CHUNK - 5,
+        CHUNK - 4,
+        CHUNK - 3,
+        CHUNK,
+        2 * CHUNK - 4,
+        2 * CHUNK,
+        3 * CHUNK + 7,
+        1 << 20,
+    ];
+    let sent: Vec<Vec<u8>> = sizes
+        .iter()
+        .map(|n| (0..*n).map(|i| (i * 7 + n) as u8).collect())
+        .collect();
+    let sending = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            for m in &sent {
+                tx.send(m).await.unwrap();
+            }
+            tx
+        })
+    };
+    for m in &sent {
+        let got = rx.recv(2 << 20).await.unwrap().expect("a message");
+        assert_eq!(got.len(), m.len());
+        assert!(got == *m, "a message of {} bytes arrived altered", m.len());
+    }
+    let mut tx = sending.await.unwrap();
+    tx.half.shutdown().await.unwrap();
+    assert!(rx.recv(2 << 20).await.unwrap().is_none(), "a clean end");
+}
+
+#[tokio::test]
+async fn a_message_over_the_limit_is_refused_from_its_length() {
+    let ((mut tx, _), (_, mut rx)) = pair().await;
+    tokio::spawn(async move { tx.send(&vec![1u8; 300_000]).await });
+    match rx.recv(200_000).await {
+        Err(LaneError::TooLong(300_000, 200_000)) => {}
+        other => panic!("expected TooLong, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_altered_replayed_or_dropped_frame_does_not_open() {
+    // Each case rewrites the sealed bytes of two messages on their way.
+    type Tamper = fn(&mut Vec<u8>, usize);
+    let cases: [(&str, Tamper); 3] = [
+        ("altered", |b, _| {
+            let i = b.len() - 20;
+            b[i] ^= 0x40;
+        }),
+        // The first message's frames again in place of the second's.
+        ("replayed", |b, first| {
+            let again = b[..first].to_vec();
+            b.truncate(first);
+            b.extend_from_slice(&again);
+        }),
+        // The second message's first frame left out.
+        ("dropped", |b, first| {
+            let n = u16::from_be_bytes([b[first], b[first + 1]]) as usize;
+            b.drain(first..first + 2 + n);
+        }),
+    ];
+    for (what, tamper) in cases {
+        let ((mut tx, _), (_, mut rx)) = pair().await;
+        // Seal two messages without sending, then send them tampered.
+        let one = vec![3u8; 100_000];
+        let two = vec![4u8; 100_000];
+        tx.out.clear();
+        let mut sealed = Vec::new();
+        for m in [&one, &two] {
+            let mut first = (m.len() as u32).to_be_bytes().to_vec();
+            first.extend_from_slice(&m[..CHUNK - 4]);
+            tx.seal(&first).unwrap();
+            for chunk in m[CHUNK - 4..].chunks(CHUNK) {
+                tx.seal(chunk).unwrap();
+            }
+            sealed.push(tx.out.len());
+        }
+        let mut bytes = std::mem::take(&mut tx.out);
+        tamper(&mut bytes, sealed[0]);
+        tokio::spawn(async move {
+            let _ = tx.half.write_all(&bytes).await;
+            let _ = tx.half.shutdown().await;
+        });
+        let first = rx.recv(1 << 20).await;
+        let second = rx.recv(1 << 20).await;
+        let delivered: Vec<Vec<u8>> = [first, second]
+            .into_iter()
+            .filter_map(|r| r.ok().flatten())
+            .collect();
+        assert!(
+            delivered.iter().all(|m| *m == one || *m == two),
+            "{what}: a tampered message was delivered"
+        );
+        assert!(delivered.len() < 2, "{what}: both messages delivered");
+    }
+}
