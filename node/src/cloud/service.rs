@@ -220,6 +220,8 @@ struct Done {
     peer: PeerId,
     asked: Asked,
     result: Result<StoreResponse, String>,
+    /// Sent on a lane rather than over libp2p.
+    on_lane: bool,
 }
 
 /// This node's traffic with one peer.
@@ -1147,6 +1149,7 @@ impl CloudService {
             peer,
             asked,
             result,
+            on_lane,
         } = done;
         let response = match result {
             Ok(StoreResponse::Refused { reason }) => Err(format!("refused: {reason}")),
@@ -1165,6 +1168,16 @@ impl CloudService {
                 link.last_error = None;
                 self.set_reachable(peer, true);
                 r
+            }
+            Err(why) if on_lane && !why.starts_with("refused") => {
+                // The lane failed, not necessarily the peer: what it
+                // carried is compared again and pushed over libp2p.
+                info!(%peer, "lane failed; pushes go over libp2p: {why}");
+                link.lane = LaneState::Refused(Instant::now() + LANE_RETRY);
+                if let Asked::Push { chat, .. } = asked {
+                    link.compare.insert(chat);
+                }
+                return;
             }
             Err(why) => {
                 debug!(%peer, ?asked, "storage request failed: {why}");
@@ -1664,6 +1677,8 @@ impl CloudService {
                 debug!(%peer, in_flight = link.in_flight, "storage request: {}", asked.what());
                 let push = matches!(request, StoreRequest::Push { .. });
                 match &link.lane {
+                    // Closed after 30 s without a push; a failure is
+                    // handled with its request's answer.
                     LaneState::Open(lane) if lane.is_closed() => link.lane = LaneState::Closed,
                     LaneState::Refused(until) if *until <= now => link.lane = LaneState::Closed,
                     _ => {}
@@ -1684,6 +1699,7 @@ impl CloudService {
                 let addrs = link.addrs.clone();
                 let net = self.net.clone();
                 let done = self.done_tx.clone();
+                let on_lane = lane.is_some();
                 let task = async move {
                     let result = match lane {
                         Some(lane) => lane.ask(&request).await,
@@ -1697,6 +1713,7 @@ impl CloudService {
                             peer,
                             asked,
                             result,
+                            on_lane,
                         })
                         .await;
                 };
@@ -1730,8 +1747,11 @@ impl CloudService {
                         // Where the connection to it comes from, then its
                         // addresses known here.
                         let mut ips = net.remote_ips(peer).await.unwrap_or_default();
-                        ips.extend(addrs_ips);
-                        ips.dedup();
+                        for ip in addrs_ips {
+                            if !ips.contains(&ip) {
+                                ips.push(ip);
+                            }
+                        }
                         let mut why = "no direct address".to_string();
                         for ip in ips {
                             match Lane::connect(SocketAddr::new(ip, offer.port), me, peer, &offer)

@@ -61,12 +61,14 @@ pub enum StoreResponse {
     Summary(Option<ChatSummary>),
     Noted,
     Chats(Vec<ChatId>),
-    /// Where to open the lane asked for, and its one-time key.
-    Lane(crate::net::lane::LaneOffer),
     /// The whole request was refused.
     Refused {
         reason: String,
     },
+    /// Where to open the lane asked for, and its one-time key. (Last:
+    /// postcard numbers variants by position, and nodes without lanes must
+    /// still read the others.)
+    Lane(crate::net::lane::LaneOffer),
 }
 
 fn bounded_reason(r: &str) -> String {
@@ -171,5 +173,15 @@ mod tests {
             results: vec![PushResult::refused(&"x".repeat(1000)), PushResult::Stored],
         };
         assert_eq!(StoreResponse::decode(&p.encode()).unwrap(), p);
+    }
+
+    /// Variants are numbered by position on the wire: a refusal must read
+    /// the same on nodes with and without lanes.
+    #[test]
+    fn variants_keep_their_numbers() {
+        let r = StoreResponse::refused("no");
+        assert_eq!(r.encode(), [StoreResponse::VERSION, 5, 2, b'n', b'o']);
+        assert_eq!(StoreRequest::OpenLane.encode(), [StoreRequest::VERSION, 5]);
+        assert_eq!(StoreRequest::ChatsOf.encode(), [StoreRequest::VERSION, 4]);
     }
 }

@@ -64,25 +64,34 @@ use crate::{
 };
 
 /// The Noise protocol of a lane's handshake and transport.
-pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
+const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
 /// What a lane connection starts with.
-pub const MAGIC: &[u8; 8] = b"tern-ln1";
+const MAGIC: &[u8; 8] = b"tern-ln1";
 /// Largest Noise message, and the tag each carries.
 const NOISE_MAX: usize = 65_535;
 const TAG: usize = 16;
 /// Plaintext bytes per frame.
 const CHUNK: usize = NOISE_MAX - TAG;
 /// Time to finish the handshake once connected.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most connections in their handshake at once: strangers cannot hold
+/// the lanes' slots, which are taken only after it.
+const MAX_HANDSHAKES: usize = 8;
+/// Longest wait for an answer, or for the other end to take a message: as
+/// over libp2p, after this the request fails (and the lane closes).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// An offer not taken up within this is forgotten.
 const OFFER_TTL: Duration = Duration::from_secs(30);
 /// Most offers waiting to be taken up, in all and per peer.
 const MAX_OFFERS: usize = 64;
 const MAX_OFFERS_PER_PEER: usize = 2;
-/// Most lanes a node serves at once.
+/// Most lanes a node serves at once, and to one peer (offers waiting
+/// included).
 const MAX_LANES: usize = 32;
-/// Most requests a lane carries before their answers come back.
-pub const MAX_LANE_IN_FLIGHT: usize = 4;
+const MAX_LANES_PER_PEER: usize = 2;
+/// Most requests a lane carries before their answers come back (the
+/// pusher sends at most three).
+const MAX_LANE_IN_FLIGHT: usize = 4;
 /// A lane with no request for this long is closed by the pusher; the
 /// receiver closes one silent for twice as long.
 const IDLE: Duration = Duration::from_secs(30);
@@ -203,7 +212,7 @@ impl Sealer {
         let n = self
             .noise
             .write_message(self.nonce, plain, &mut self.out[at + 2..])
-            .map_err(|_| LaneError::Malformed("frame too large"))?;
+            .map_err(|e| LaneError::Handshake(format!("cannot seal a frame: {e}")))?;
         self.nonce += 1;
         self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
         self.out.truncate(at + 2 + n);
@@ -270,7 +279,7 @@ impl Opener {
                 .await?
                 .ok_or(LaneError::Malformed("the lane ended inside a message"))?;
             let at = msg.len();
-            if at + n - TAG > len {
+            if n == TAG || at + n - TAG > len {
                 return Err(LaneError::Malformed("frame beyond its message"));
             }
             msg.resize(at + n, 0);
@@ -336,6 +345,8 @@ async fn write_handshake_message(stream: &mut TcpStream, msg: &[u8]) -> Result<(
 #[derive(Clone)]
 pub struct Lane {
     tx: mpsc::Sender<(Vec<u8>, AnswerTo)>,
+    /// Set by either half when the lane fails or ends.
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Where the answer to a request sent on a lane goes.
@@ -373,6 +384,11 @@ impl Lane {
         let (mut sealer, mut opener) = split(stream, noise)?;
         let (tx, mut rx) = mpsc::channel::<(Vec<u8>, AnswerTo)>(MAX_LANE_IN_FLIGHT);
         let (wait_tx, mut wait_rx) = mpsc::channel::<AnswerTo>(MAX_LANE_IN_FLIGHT);
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let close = |flag: &std::sync::atomic::AtomicBool| {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed)
+        };
+        let flag = closed.clone();
         tokio::spawn(async move {
             loop {
                 let Ok(Some((msg, reply))) = tokio::time::timeout(IDLE, rx.recv()).await else {
@@ -381,33 +397,52 @@ impl Lane {
                 if wait_tx.send(reply).await.is_err() {
                     break;
                 }
-                if let Err(e) = sealer.send(&msg).await {
-                    debug!(%peer, "lane closed while sending: {e}");
-                    break;
+                match tokio::time::timeout(ANSWER_TIMEOUT, sealer.send(&msg)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        debug!(%peer, "lane closed while sending: {e}");
+                        break;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "lane closed: the peer took nothing for {ANSWER_TIMEOUT:?}");
+                        break;
+                    }
                 }
             }
+            close(&flag);
             let _ = sealer.half.shutdown().await;
         });
+        let flag = closed.clone();
         tokio::spawn(async move {
+            // On a failure the answers still waiting are dropped with
+            // `wait_rx`: their requests fail as "lane closed".
             while let Some(reply) = wait_rx.recv().await {
-                let answer = match opener.recv(StoreResponse::MAX_LEN).await {
-                    Ok(Some(bytes)) => StoreResponse::decode(&bytes)
-                        .map_err(|e| format!("bad answer on a lane: {e}")),
-                    Ok(None) => Err(LaneError::Closed.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
+                let answer =
+                    match tokio::time::timeout(ANSWER_TIMEOUT, opener.recv(StoreResponse::MAX_LEN))
+                        .await
+                    {
+                        Ok(Ok(Some(bytes))) => StoreResponse::decode(&bytes)
+                            .map_err(|e| format!("bad answer on a lane: {e}")),
+                        Ok(Ok(None)) => Err(LaneError::Closed.to_string()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(LaneError::Timeout.to_string()),
+                    };
                 let failed = answer.is_err();
                 let _ = reply.send(answer);
                 if failed {
                     break;
                 }
             }
+            close(&flag);
         });
-        Ok(Lane { tx })
+        Ok(Lane { tx, closed })
     }
 
     /// Sends `request` and waits for its answer.
     pub async fn ask(&self, request: &StoreRequest) -> Result<StoreResponse, String> {
+        if self.is_closed() {
+            return Err(LaneError::Closed.to_string());
+        }
         let (reply, answer) = oneshot::channel();
         self.tx
             .send((request.encode(), reply))
@@ -418,7 +453,7 @@ impl Lane {
 
     /// Whether the lane has closed (idle, or the connection failed).
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.tx.is_closed() || self.closed.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -434,6 +469,9 @@ struct Shared {
     me: PeerId,
     port: u16,
     offers: Mutex<HashMap<[u8; 16], Offered>>,
+    /// Lanes open, per peer.
+    open: Mutex<HashMap<PeerId, usize>>,
+    handshakes: Arc<Semaphore>,
     lanes: Arc<Semaphore>,
     inbound: mpsc::Sender<InboundStore>,
     metrics: LaneMetrics,
@@ -462,6 +500,8 @@ impl LaneServer {
                 me,
                 port,
                 offers: Mutex::new(HashMap::new()),
+                open: Mutex::new(HashMap::new()),
+                handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
                 lanes: Arc::new(Semaphore::new(MAX_LANES)),
                 inbound,
                 metrics,
@@ -480,8 +520,18 @@ impl LaneServer {
     pub fn offer(&self, peer: PeerId) -> Option<LaneOffer> {
         let mut offers = self.shared.offers.lock().expect("not poisoned");
         offers.retain(|_, o| o.at.elapsed() < OFFER_TTL);
+        let open = self
+            .shared
+            .open
+            .lock()
+            .expect("not poisoned")
+            .get(&peer)
+            .copied()
+            .unwrap_or(0);
+        let waiting = offers.values().filter(|o| o.peer == peer).count();
         if offers.len() >= MAX_OFFERS
-            || offers.values().filter(|o| o.peer == peer).count() >= MAX_OFFERS_PER_PEER
+            || waiting >= MAX_OFFERS_PER_PEER
+            || open + waiting >= MAX_LANES_PER_PEER
         {
             return None;
         }
@@ -521,14 +571,19 @@ impl LaneServer {
                     continue;
                 }
             };
-            let Ok(permit) = self.shared.lanes.clone().try_acquire_owned() else {
-                debug!(%from, "too many lanes; closing a new one");
+            let Ok(permit) = self.shared.handshakes.clone().try_acquire_owned() else {
+                debug!(%from, "too many lane handshakes at once; closing a new one");
                 continue;
             };
             let server = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = server.serve(stream, permit).await {
-                    warn!(%from, "lane closed: {e}");
+                match server.serve(stream, permit).await {
+                    Ok(()) => {}
+                    // Strangers and port scans end here.
+                    Err(e @ (LaneError::Handshake(_) | LaneError::Timeout)) => {
+                        debug!(%from, "lane refused: {e}")
+                    }
+                    Err(e) => warn!(%from, "lane closed: {e}"),
                 }
             });
         }
@@ -564,23 +619,30 @@ impl LaneServer {
     async fn serve(
         &self,
         mut stream: TcpStream,
-        _permit: OwnedSemaphorePermit,
+        handshake: OwnedSemaphorePermit,
     ) -> Result<(), LaneError> {
         let (peer, noise) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
             .await
             .map_err(|_| LaneError::Timeout)??;
+        drop(handshake);
+        let Ok(_lane) = self.shared.lanes.clone().try_acquire_owned() else {
+            return Err(LaneError::Handshake("too many lanes open".into()));
+        };
+        let _open = OpenLane::new(&self.shared, peer);
         debug!(%peer, "lane open");
         self.shared.metrics.opened.inc();
         let (mut sealer, mut opener) = split(stream, noise)?;
         let (wait_tx, mut wait_rx) =
             mpsc::channel::<oneshot::Receiver<StoreResponse>>(MAX_LANE_IN_FLIGHT);
         // Answers go back in the order their requests came.
-        let writer = tokio::spawn(async move {
+        let mut writer = tokio::spawn(async move {
             while let Some(answer) = wait_rx.recv().await {
                 let Ok(response) = answer.await else {
                     return Err(LaneError::Closed);
                 };
-                sealer.send(&response.encode()).await?;
+                tokio::time::timeout(ANSWER_TIMEOUT, sealer.send(&response.encode()))
+                    .await
+                    .map_err(|_| LaneError::Timeout)??;
             }
             let _ = sealer.half.shutdown().await;
             Ok(())
@@ -597,6 +659,9 @@ impl LaneServer {
                 };
                 let request =
                     StoreRequest::decode(&msg).map_err(|e| LaneError::Decode(e.to_string()))?;
+                if !matches!(request, StoreRequest::Push { .. }) {
+                    return Err(LaneError::Decode("only pushes go on lanes".into()));
+                }
                 self.shared.metrics.requests.inc();
                 let (reply, answer) = oneshot::channel();
                 let inbound = InboundStore {
@@ -604,19 +669,61 @@ impl LaneServer {
                     request,
                     answer: Answer::Lane(reply),
                 };
-                if self.shared.inbound.send(inbound).await.is_err() {
-                    return Err(LaneError::Closed);
-                }
-                if wait_tx.send(answer).await.is_err() {
-                    return Err(LaneError::Closed);
+                let handed = async {
+                    self.shared.inbound.send(inbound).await.ok()?;
+                    wait_tx.send(answer).await.ok()
+                };
+                match tokio::time::timeout(ANSWER_TIMEOUT, handed).await {
+                    Ok(Some(())) => {}
+                    Ok(None) => return Err(LaneError::Closed),
+                    Err(_) => return Err(LaneError::Timeout),
                 }
             }
         };
         let read: Result<(), LaneError> = read.await;
         drop(wait_tx);
-        let written = writer.await.map_err(|_| LaneError::Closed)?;
+        let written = match read {
+            // The other end finished: its last answers go out.
+            Ok(()) => tokio::time::timeout(ANSWER_TIMEOUT, &mut writer)
+                .await
+                .map_err(|_| LaneError::Timeout)
+                .and_then(|w| w.map_err(|_| LaneError::Closed))
+                .and_then(|w| w),
+            Err(_) => Ok(()),
+        };
+        writer.abort();
         debug!(%peer, "lane closed");
         read.and(written)
+    }
+}
+
+/// Counts a peer's open lane while it lives.
+struct OpenLane<'a> {
+    shared: &'a Shared,
+    peer: PeerId,
+}
+
+impl<'a> OpenLane<'a> {
+    fn new(shared: &'a Shared, peer: PeerId) -> Self {
+        *shared
+            .open
+            .lock()
+            .expect("not poisoned")
+            .entry(peer)
+            .or_default() += 1;
+        Self { shared, peer }
+    }
+}
+
+impl Drop for OpenLane<'_> {
+    fn drop(&mut self) {
+        let mut open = self.shared.open.lock().expect("not poisoned");
+        if let Some(n) = open.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.peer);
+            }
+        }
     }
 }
 

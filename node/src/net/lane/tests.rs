@@ -1,9 +1,52 @@
 use std::net::Ipv4Addr;
 
+use ed25519_dalek::SigningKey;
 use libp2p::identity::Keypair;
-use tern_protocol::cloud::ChatId;
+use tern_protocol::{
+    AccountKeypair, DevicePublicKey,
+    cloud::{ChatId, ChatLog, ChatMember, Draft, Entry},
+};
 
 use super::*;
+use crate::cloud::wire::PushResult;
+
+fn member(seed: u8) -> ChatMember {
+    let account = AccountKeypair::from_secret_bytes(&[seed; 32]);
+    let key = SigningKey::from_bytes(&[seed.wrapping_add(50); 32]);
+    let public = DevicePublicKey::from_bytes(key.verifying_key().to_bytes()).unwrap();
+    let cert = account.certify(public, "phone", 1).unwrap();
+    ChatMember::for_account(&account, key, cert).unwrap()
+}
+
+/// A real chat's first `n` entries (genesis, then messages).
+fn entries(n: usize) -> Vec<Entry> {
+    let mut alice = member(1);
+    let bob = member(2);
+    let bob_id = AccountKeypair::from_secret_bytes(&[2; 32]).id();
+    let chat = ChatId([9; 16]);
+    let mut log = ChatLog::new(chat);
+    let genesis = alice
+        .create(
+            chat,
+            &[(bob_id, bob.encryption_key())],
+            vec![],
+            None,
+            [3; 32],
+        )
+        .unwrap();
+    log.insert(genesis.clone()).unwrap();
+    let mut out = vec![genesis.into_entry()];
+    for i in 1..n {
+        let draft = Draft::Text {
+            text: format!("message {i}"),
+            reply_to: None,
+        };
+        let e = alice.compose(&log, draft, [i as u8; 32]).unwrap();
+        log.insert(e.clone()).unwrap();
+        out.push(e.into_entry());
+    }
+    out
+}
 
 fn peer() -> PeerId {
     Keypair::generate_ed25519().public().to_peer_id()
@@ -30,14 +73,27 @@ async fn server() -> (
     (server, rx, stop, me)
 }
 
+fn pushed(n: usize) -> StoreResponse {
+    let mut results = vec![PushResult::Stored];
+    results.resize(n, PushResult::Duplicate);
+    StoreResponse::Pushed { results }
+}
+
+fn push(entries: &[Entry]) -> StoreRequest {
+    StoreRequest::Push {
+        entries: entries.to_vec(),
+    }
+}
+
 fn addr(server: &LaneServer) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, server.port()))
 }
 
-/// Answers every request from `pusher` with `Summary(None)`, and fails the
-/// test on a request from anyone else; what was asked about is kept in the
-/// returned list.
-fn answer_all(mut rx: mpsc::Receiver<InboundStore>, pusher: PeerId) -> Arc<Mutex<Vec<ChatId>>> {
+/// Answers every push from `pusher` with one result per entry, `Stored`
+/// and then `Duplicate`s (so an answer shows which push it is for), and
+/// fails the test on a request from anyone else; the pushes' sizes are
+/// kept in the returned list.
+fn answer_all(mut rx: mpsc::Receiver<InboundStore>, pusher: PeerId) -> Arc<Mutex<Vec<usize>>> {
     let asked = Arc::new(Mutex::new(Vec::new()));
     let list = asked.clone();
     tokio::spawn(async move {
@@ -51,14 +107,14 @@ fn answer_all(mut rx: mpsc::Receiver<InboundStore>, pusher: PeerId) -> Arc<Mutex
                 peer, pusher,
                 "a lane request must come as from the peer the offer was for"
             );
-            let StoreRequest::Summary { chat } = request else {
+            let StoreRequest::Push { entries } = request else {
                 panic!("unexpected request {request:?}");
             };
-            asked.lock().unwrap().push(chat);
+            asked.lock().unwrap().push(entries.len());
             let Answer::Lane(reply) = answer else {
                 panic!("a lane request must be answered on the lane");
             };
-            let _ = reply.send(StoreResponse::Summary(None));
+            let _ = reply.send(pushed(entries.len()));
         }
     });
     list
@@ -73,20 +129,45 @@ async fn requests_cross_a_lane_and_answers_come_back_in_order() {
     let lane = Lane::connect(addr(&server), pusher, me, &offer)
         .await
         .unwrap();
-    let chats: Vec<ChatId> = (0..20u8).map(|i| ChatId([i; 16])).collect();
-    // Several in flight at once, as the cloud service sends them.
-    let answers = futures::future::join_all(chats.iter().map(|chat| {
+    let all = entries(20);
+    // Pushes of 1 to 20 entries, several in flight at once as the cloud
+    // service sends them; each answer must be its own push's.
+    let answers = futures::future::join_all((1..=20).map(|n| {
         let lane = lane.clone();
-        let chat = *chat;
-        async move { lane.ask(&StoreRequest::Summary { chat }).await }
+        let request = push(&all[..n]);
+        async move { (n, lane.ask(&request).await) }
     }))
     .await;
-    for a in answers {
-        assert_eq!(a.unwrap(), StoreResponse::Summary(None));
+    for (n, a) in answers {
+        assert_eq!(a.unwrap(), pushed(n), "the answer to the push of {n}");
     }
-    let mut sorted = answered.lock().unwrap().clone();
-    sorted.sort();
-    assert_eq!(sorted, chats);
+    let mut sizes = answered.lock().unwrap().clone();
+    sizes.sort();
+    assert_eq!(sizes, (1..=20).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_lane_carries_pushes_only() {
+    let (server, rx, _stop, me) = server().await;
+    let pusher = peer();
+    let answered = answer_all(rx, pusher);
+    let offer = server.offer(pusher).unwrap();
+    let lane = Lane::connect(addr(&server), pusher, me, &offer)
+        .await
+        .unwrap();
+    let chat = ChatId([7; 16]);
+    assert!(lane.ask(&StoreRequest::Summary { chat }).await.is_err());
+    assert!(answered.lock().unwrap().is_empty());
+    poll_until("the lane to close", || lane.is_closed()).await;
+    assert!(lane.ask(&push(&entries(1))).await.is_err());
+}
+
+async fn poll_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -116,11 +197,7 @@ async fn a_wrong_key_fails_the_handshake_and_the_server_keeps_serving() {
     let lane = Lane::connect(addr(&server), pusher, me, &offer)
         .await
         .unwrap();
-    let chat = ChatId([7; 16]);
-    assert_eq!(
-        lane.ask(&StoreRequest::Summary { chat }).await.unwrap(),
-        StoreResponse::Summary(None)
-    );
+    assert_eq!(lane.ask(&push(&entries(1))).await.unwrap(), pushed(1));
 }
 
 #[tokio::test]
@@ -176,6 +253,29 @@ async fn offers_are_bounded_per_peer() {
         server.offer(peer()).is_some(),
         "another peer still gets one"
     );
+}
+
+#[tokio::test]
+async fn open_lanes_count_against_a_peers_offers() {
+    let (server, _rx, _stop, me) = server().await;
+    let pusher = peer();
+    let mut lanes = Vec::new();
+    for _ in 0..2 {
+        let offer = server.offer(pusher).unwrap();
+        lanes.push(
+            Lane::connect(addr(&server), pusher, me, &offer)
+                .await
+                .unwrap(),
+        );
+    }
+    poll_until("both lanes counted", || server.offer(pusher).is_none()).await;
+    drop(lanes);
+    // A dropped lane closes after its writer notices; the server's end
+    // then frees the slot.
+    poll_until("closed lanes to free their slots", || {
+        server.offer(pusher).is_some()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -311,16 +411,12 @@ async fn an_altered_replayed_or_dropped_frame_does_not_open() {
             let _ = tx.half.write_all(&bytes).await;
             let _ = tx.half.shutdown().await;
         });
-        let first = rx.recv(1 << 20).await;
-        let second = rx.recv(1 << 20).await;
-        let delivered: Vec<Vec<u8>> = [first, second]
-            .into_iter()
-            .filter_map(|r| r.ok().flatten())
-            .collect();
-        assert!(
-            delivered.iter().all(|m| *m == one || *m == two),
-            "{what}: a tampered message was delivered"
-        );
-        assert!(delivered.len() < 2, "{what}: both messages delivered");
+        // The first message was left alone; the second does not open.
+        let first = rx.recv(1 << 20).await.unwrap().expect("the first message");
+        assert!(first == one, "{what}: the first message arrived altered");
+        match rx.recv(1 << 20).await {
+            Err(LaneError::Decrypt | LaneError::Malformed(_)) => {}
+            other => panic!("{what}: expected the second message refused, got {other:?}"),
+        }
     }
 }
