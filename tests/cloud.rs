@@ -150,6 +150,28 @@ impl Three {
     }
 
     /// Polls until node `k` reports every storage peer reachable and in sync.
+    /// Node `k` sets the chat's storage to all three nodes, quorum 2.
+    fn store_on_all_three(&self, k: usize, chat: &str) {
+        let peers: Vec<String> = (0..3).map(|k| self.node(k).peer_id()).collect();
+        let out = tern(
+            self.dir(k),
+            &[
+                "chat",
+                "storage",
+                chat,
+                "--set",
+                &peers.join(","),
+                "--quorum",
+                "2",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn wait_all_in_sync(&self, k: usize, chat: &str) -> Vec<Value> {
         poll(
             &format!("all replicas in sync, seen from node {}", k + 1),
@@ -674,24 +696,7 @@ fn a_new_storage_peer_catches_up_and_clear_for_everyone_empties_every_copy() {
 
     // Node 3 joins the storage set: it gets the whole log without anyone
     // pushing it by hand.
-    let peers: Vec<String> = (0..3).map(|k| t.node(k).peer_id()).collect();
-    let out = tern(
-        t.dir(1),
-        &[
-            "chat",
-            "storage",
-            &chat,
-            "--set",
-            &peers.join(","),
-            "--quorum",
-            "2",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    t.store_on_all_three(1, &chat);
     let seen = t.wait_all_in_sync(0, &chat);
     assert_eq!(seen.len(), 3);
     // genesis, two storage entries, 200 messages.
@@ -748,24 +753,7 @@ fn a_new_storage_peer_catches_up_a_long_log_on_a_lane_or_over_libp2p() {
         };
         let chat = t.chat_on(&[0, 1], 2);
         send_many(t.dir(0).to_owned(), chat.clone(), long, 1200);
-        let peers: Vec<String> = (0..3).map(|k| t.node(k).peer_id()).collect();
-        let out = tern(
-            t.dir(1),
-            &[
-                "chat",
-                "storage",
-                &chat,
-                "--set",
-                &peers.join(","),
-                "--quorum",
-                "2",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        t.store_on_all_three(1, &chat);
         let seen = t.wait_all_in_sync(0, &chat);
         // genesis, two storage entries, 1,200 messages.
         assert!(seen.iter().all(|v| v["entries"] == 1203), "{seen:?}");

@@ -134,14 +134,9 @@ impl Config {
         let ip = self
             .listen
             .iter()
-            .find_map(|a| {
-                let mut parts = a.iter();
-                let ip = match parts.next()? {
-                    Protocol::Ip4(ip) => std::net::IpAddr::V4(ip),
-                    Protocol::Ip6(ip) => std::net::IpAddr::V6(ip),
-                    _ => return None,
-                };
-                matches!(parts.next()?, Protocol::Tcp(_)).then_some(ip)
+            .find_map(|a| match crate::net::event_loop::leading_ip(a)? {
+                (ip, Protocol::Tcp(_)) => Some(ip),
+                _ => None,
             })
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         Some(SocketAddr::new(ip, self.lane_port))
@@ -185,6 +180,23 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lanes_listen_on_the_first_tcp_listen_address() {
+        let mut c = Config {
+            listen: vec![
+                "/ip4/127.0.0.2/udp/9/quic-v1".parse().unwrap(),
+                "/ip4/127.0.0.3/tcp/9".parse().unwrap(),
+            ],
+            lane_port: 4002,
+            ..Config::default()
+        };
+        assert_eq!(c.lane_addr(), Some("127.0.0.3:4002".parse().unwrap()));
+        c.listen.truncate(1);
+        assert_eq!(c.lane_addr(), Some("0.0.0.0:4002".parse().unwrap()));
+        c.lanes = false;
+        assert_eq!(c.lane_addr(), None);
+    }
 
     #[test]
     fn default_config_round_trips_through_the_file() {

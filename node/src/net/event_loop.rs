@@ -165,15 +165,22 @@ pub fn direct_ip(addr: &Multiaddr) -> Option<std::net::IpAddr> {
     if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
         return None;
     }
+    let (ip, next) = leading_ip(addr)?;
+    matches!(next, Protocol::Tcp(_) | Protocol::Udp(_))
+        .then_some(ip)
+        .filter(|ip| !ip.is_unspecified())
+}
+
+/// The IP address a multiaddr starts with, and the protocol after it.
+pub fn leading_ip(addr: &Multiaddr) -> Option<(std::net::IpAddr, libp2p::multiaddr::Protocol<'_>)> {
+    use libp2p::multiaddr::Protocol;
     let mut parts = addr.iter();
     let ip = match parts.next()? {
         Protocol::Ip4(ip) => std::net::IpAddr::V4(ip),
         Protocol::Ip6(ip) => std::net::IpAddr::V6(ip),
         _ => return None,
     };
-    matches!(parts.next()?, Protocol::Tcp(_) | Protocol::Udp(_))
-        .then_some(ip)
-        .filter(|ip| !ip.is_unspecified())
+    Some((ip, parts.next()?))
 }
 
 /// A cheap, cloneable handle to the event loop.

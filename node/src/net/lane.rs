@@ -212,7 +212,7 @@ impl Sealer {
         let n = self
             .noise
             .write_message(self.nonce, plain, &mut self.out[at + 2..])
-            .map_err(|e| LaneError::Handshake(format!("cannot seal a frame: {e}")))?;
+            .map_err(|_| LaneError::Malformed("a frame that cannot be sealed"))?;
         self.nonce += 1;
         self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
         self.out.truncate(at + 2 + n);

@@ -85,8 +85,21 @@ fn push(entries: &[Entry]) -> StoreRequest {
     }
 }
 
-fn addr(server: &LaneServer) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, server.port()))
+/// Connects to `server`'s lane port as `pusher`, with `offer`.
+async fn connect(
+    server: &LaneServer,
+    pusher: PeerId,
+    me: PeerId,
+    offer: &LaneOffer,
+) -> Result<Lane, LaneError> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, server.port()));
+    Lane::connect(addr, pusher, me, offer).await
+}
+
+/// A lane from `pusher`, on a fresh offer.
+async fn open(server: &LaneServer, pusher: PeerId, me: PeerId) -> Lane {
+    let offer = server.offer(pusher).unwrap();
+    connect(server, pusher, me, &offer).await.unwrap()
 }
 
 /// Answers every push from `pusher` with one result per entry, `Stored`
@@ -125,10 +138,7 @@ async fn requests_cross_a_lane_and_answers_come_back_in_order() {
     let (server, rx, _stop, me) = server().await;
     let pusher = peer();
     let answered = answer_all(rx, pusher);
-    let offer = server.offer(pusher).unwrap();
-    let lane = Lane::connect(addr(&server), pusher, me, &offer)
-        .await
-        .unwrap();
+    let lane = open(&server, pusher, me).await;
     let all = entries(20);
     // Pushes of 1 to 20 entries, several in flight at once as the cloud
     // service sends them; each answer must be its own push's.
@@ -151,10 +161,7 @@ async fn a_lane_carries_pushes_only() {
     let (server, rx, _stop, me) = server().await;
     let pusher = peer();
     let answered = answer_all(rx, pusher);
-    let offer = server.offer(pusher).unwrap();
-    let lane = Lane::connect(addr(&server), pusher, me, &offer)
-        .await
-        .unwrap();
+    let lane = open(&server, pusher, me).await;
     let chat = ChatId([7; 16]);
     assert!(lane.ask(&StoreRequest::Summary { chat }).await.is_err());
     assert!(answered.lock().unwrap().is_empty());
@@ -177,7 +184,7 @@ async fn a_wrong_key_fails_the_handshake_and_the_server_keeps_serving() {
     let _answered = answer_all(rx, pusher);
     let mut offer = server.offer(pusher).unwrap();
     offer.key[0] ^= 1;
-    let err = Lane::connect(addr(&server), pusher, me, &offer)
+    let err = connect(&server, pusher, me, &offer)
         .await
         .err()
         .expect("a wrong key must not open a lane");
@@ -187,16 +194,9 @@ async fn a_wrong_key_fails_the_handshake_and_the_server_keeps_serving() {
     );
     // The same id, now with the right key, is used up.
     offer.key[0] ^= 1;
-    assert!(
-        Lane::connect(addr(&server), pusher, me, &offer)
-            .await
-            .is_err()
-    );
+    assert!(connect(&server, pusher, me, &offer).await.is_err());
     // A fresh offer works.
-    let offer = server.offer(pusher).unwrap();
-    let lane = Lane::connect(addr(&server), pusher, me, &offer)
-        .await
-        .unwrap();
+    let lane = open(&server, pusher, me).await;
     assert_eq!(lane.ask(&push(&entries(1))).await.unwrap(), pushed(1));
 }
 
@@ -209,34 +209,16 @@ async fn an_offer_opens_one_lane_for_the_peer_it_was_made_to() {
     // Another peer that learnt the offer: the prologue names the peer the
     // offer was for, so the handshake fails.
     let thief = peer();
-    assert!(
-        Lane::connect(addr(&server), thief, me, &offer)
-            .await
-            .is_err()
-    );
+    assert!(connect(&server, thief, me, &offer).await.is_err());
     // The offer was taken by that attempt: replaying it finds nothing.
-    assert!(
-        Lane::connect(addr(&server), pusher, me, &offer)
-            .await
-            .is_err()
-    );
+    assert!(connect(&server, pusher, me, &offer).await.is_err());
     // A lane that believes it talks to another node fails too.
     let offer = server.offer(pusher).unwrap();
-    assert!(
-        Lane::connect(addr(&server), pusher, peer(), &offer)
-            .await
-            .is_err()
-    );
+    assert!(connect(&server, pusher, peer(), &offer).await.is_err());
     // A used offer, replayed after a lane opened with it.
     let offer = server.offer(pusher).unwrap();
-    let _lane = Lane::connect(addr(&server), pusher, me, &offer)
-        .await
-        .unwrap();
-    assert!(
-        Lane::connect(addr(&server), pusher, me, &offer)
-            .await
-            .is_err()
-    );
+    let _lane = connect(&server, pusher, me, &offer).await.unwrap();
+    assert!(connect(&server, pusher, me, &offer).await.is_err());
 }
 
 #[tokio::test]
@@ -261,12 +243,7 @@ async fn open_lanes_count_against_a_peers_offers() {
     let pusher = peer();
     let mut lanes = Vec::new();
     for _ in 0..2 {
-        let offer = server.offer(pusher).unwrap();
-        lanes.push(
-            Lane::connect(addr(&server), pusher, me, &offer)
-                .await
-                .unwrap(),
-        );
+        lanes.push(open(&server, pusher, me).await);
     }
     poll_until("both lanes counted", || server.offer(pusher).is_none()).await;
     drop(lanes);
@@ -281,7 +258,9 @@ async fn open_lanes_count_against_a_peers_offers() {
 #[tokio::test]
 async fn a_connection_that_is_not_a_lane_is_closed() {
     let (server, mut rx, _stop, _me) = server().await;
-    let mut s = TcpStream::connect(addr(&server)).await.unwrap();
+    let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, server.port()))
+        .await
+        .unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
