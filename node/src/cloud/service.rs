@@ -852,20 +852,27 @@ impl CloudService {
         let at = Instant::now();
         let chats: Vec<ChatId> = self.replicas.chats().copied().collect();
         for chat in chats {
-            for peer in self.compare_peers(&chat) {
-                let due = now
-                    || self
-                        .views
-                        .get(&(chat, peer))
-                        .and_then(|v| v.compared)
-                        .is_none_or(|t| at.duration_since(t) >= COMPARE_EVERY);
-                if due {
-                    self.remember_addrs(&chat, peer);
-                    if let Some(link) = self.link(peer) {
-                        link.compare.insert(chat);
-                    }
-                    self.views.entry((chat, peer)).or_default().compared = Some(at);
+            self.schedule_chat_compares(chat, at, |compared| {
+                now || compared.is_none_or(|t| at.duration_since(t) >= COMPARE_EVERY)
+            });
+        }
+    }
+
+    /// Compares `chat` with each of its peers for which `due` holds, given
+    /// when they were last compared.
+    fn schedule_chat_compares(
+        &mut self,
+        chat: ChatId,
+        at: Instant,
+        due: impl Fn(Option<Instant>) -> bool,
+    ) {
+        for peer in self.compare_peers(&chat) {
+            if due(self.views.get(&(chat, peer)).and_then(|v| v.compared)) {
+                self.remember_addrs(&chat, peer);
+                if let Some(link) = self.link(peer) {
+                    link.compare.insert(chat);
                 }
+                self.views.entry((chat, peer)).or_default().compared = Some(at);
             }
         }
     }
@@ -1502,8 +1509,13 @@ impl CloudService {
             chats.insert(chat);
             self.announce(chat, hash, sent_texts.remove(&hash));
         }
+        // A peer the chat was never compared with (a storage peer that
+        // just joined its set) is compared at once, not at the next tick:
+        // its catch-up starts without waiting up to half a second.
+        let at = Instant::now();
         for chat in chats {
             self.check_stored(chat);
+            self.schedule_chat_compares(chat, at, |compared| compared.is_none());
         }
         let to_notify = std::mem::take(&mut self.to_notify);
         for (chat, skip) in to_notify {

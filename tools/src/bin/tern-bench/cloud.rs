@@ -988,7 +988,9 @@ pub fn cloud_catchup(
                     at.as_secs_f64()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Polled often: the end is seen within a few milliseconds of
+            // the last entry's arrival, a fraction of a percent of a run.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let (a, b) = (source.summary(chat).await?, watch.summary(chat).await?);
         ensure!(

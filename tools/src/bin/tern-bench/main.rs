@@ -7,7 +7,7 @@
 //! Results and the machine they came from go in BENCHMARKS.md.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -31,6 +31,13 @@ struct Args {
     /// Repetitions for timing benchmarks.
     #[arg(long, default_value_t = 30)]
     runs: usize,
+    /// Keep each node's log as DIR/node-PID.log (by default nodes log at
+    /// `info` and the lines are dropped).
+    #[arg(long, value_name = "DIR")]
+    node_logs: Option<PathBuf>,
+    /// The nodes' `RUST_LOG` filter, e.g. `info,tern_node::cloud=debug`.
+    #[arg(long, default_value = "info")]
+    node_log_filter: String,
     #[command(subcommand)]
     bench: Bench,
 }
@@ -150,7 +157,7 @@ fn start_node_with(tern: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<(N
         .arg("node")
         .args(LOOPBACK)
         .args(extra)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", &node_logs().filter)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -164,13 +171,46 @@ fn start_node_with(tern: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<(N
         }
     };
     // Keep draining stderr so the node never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let kept = match &node_logs().dir {
+        Some(dir) => {
+            let path = dir.join(format!("node-{}.log", child.id()));
+            Some(
+                std::fs::File::create(&path)
+                    .with_context(|| format!("cannot create {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    std::thread::spawn(move || {
+        let mut kept = kept.map(std::io::BufWriter::new);
+        for line in lines.map_while(Result::ok) {
+            if let Some(f) = kept.as_mut() {
+                // A full disk loses log lines, not the run.
+                let _ = writeln!(f, "{line}");
+            }
+        }
+    });
     let node = Node {
         child,
         dir: DataDir::new(dir),
     };
     wait_api(&node)?;
     Ok((node, listening))
+}
+
+/// Where nodes' logs go ([`Args::node_logs`], [`Args::node_log_filter`]).
+struct NodeLogs {
+    dir: Option<PathBuf>,
+    filter: String,
+}
+
+static NODE_LOGS: std::sync::OnceLock<NodeLogs> = std::sync::OnceLock::new();
+
+fn node_logs() -> &'static NodeLogs {
+    NODE_LOGS.get_or_init(|| NodeLogs {
+        dir: None,
+        filter: "info".into(),
+    })
 }
 
 fn wait_api(node: &Node) -> anyhow::Result<()> {
@@ -627,6 +667,10 @@ struct PeerBehaviour {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let _ = NODE_LOGS.set(NodeLogs {
+        dir: args.node_logs.clone(),
+        filter: args.node_log_filter.clone(),
+    });
     let tern = match args.tern {
         Some(t) => t,
         None => std::env::current_exe()?
