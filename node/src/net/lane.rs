@@ -33,17 +33,16 @@
 
 use std::{
     collections::HashMap,
+    io::IoSlice,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use libp2p::PeerId;
+use ring::aead;
 use serde::{Deserialize, Serialize};
-use snow::{
-    StatelessTransportState,
-    resolvers::{DefaultResolver, FallbackResolver, RingResolver},
-};
+use snow::resolvers::{DefaultResolver, FallbackResolver, RingResolver};
 use tern_protocol::Record;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -54,6 +53,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch},
 };
 use tracing::{debug, info, warn};
+use zeroize::Zeroize;
 
 use crate::{
     cloud::{
@@ -173,49 +173,150 @@ fn prologue(id: &[u8; 16], receiver: &PeerId, pusher: &PeerId) -> Vec<u8> {
 
 // ------------------------------------------------------------------ frames
 
+/// One direction's transport key after the handshake: AES-256-GCM exactly
+/// as Noise's transport messages use it (nonce: four zero bytes and the
+/// counter, big-endian; no associated data). Sealed and opened in the
+/// message's own buffer: snow's transport copies every frame into another
+/// buffer first, two of a catch-up's passes over its bytes.
+struct Direction {
+    key: aead::LessSafeKey,
+    nonce: u64,
+}
+
+impl Direction {
+    fn new(mut key: [u8; 32]) -> Self {
+        let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, &key).expect("a 32-byte key");
+        key.zeroize();
+        Self {
+            key: aead::LessSafeKey::new(unbound),
+            nonce: 0,
+        }
+    }
+
+    fn next_nonce(&mut self) -> aead::Nonce {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&self.nonce.to_be_bytes());
+        // 2^64 frames of 64 KiB are never sent on one lane.
+        self.nonce += 1;
+        aead::Nonce::assume_unique_for_key(n)
+    }
+
+    fn seal(&mut self, plain: &mut [u8]) -> aead::Tag {
+        let nonce = self.next_nonce();
+        self.key
+            .seal_in_place_separate_tag(nonce, aead::Aad::empty(), plain)
+            .expect("a frame is far below AES-GCM's limit")
+    }
+
+    /// Opens `frame` (its sealed bytes and tag) in place; the plaintext is
+    /// its first `frame.len() - TAG` bytes.
+    fn open(&mut self, frame: &mut [u8]) -> Result<usize, LaneError> {
+        let nonce = self.next_nonce();
+        self.key
+            .open_in_place(nonce, aead::Aad::empty(), frame)
+            .map(|plain| plain.len())
+            .map_err(|_| LaneError::Decrypt)
+    }
+}
+
+/// The keys of both directions from a finished handshake.
+fn directions(hs: &mut snow::HandshakeState) -> Result<(Direction, Direction), LaneError> {
+    if !hs.is_handshake_finished() {
+        return Err(LaneError::Handshake("the handshake did not finish".into()));
+    }
+    let (initiator_sends, responder_sends) = hs.dangerously_get_raw_split();
+    let (send, receive) = if hs.is_initiator() {
+        (initiator_sends, responder_sends)
+    } else {
+        (responder_sends, initiator_sends)
+    };
+    Ok((Direction::new(send), Direction::new(receive)))
+}
+
+/// A message ready to go on a lane: its length (4 bytes, big-endian) and
+/// its bytes, in the one buffer that is sealed in place.
+pub(super) struct Outgoing(Vec<u8>);
+
+impl Outgoing {
+    /// `record`'s encoding, written once, straight after its length.
+    pub fn record<R: Record>(record: &R) -> Self {
+        let mut buf = Vec::with_capacity(4 + record.encoded_len());
+        buf.extend_from_slice(&[0; 4]);
+        record.encode_into(&mut buf);
+        Self::with_length(buf)
+    }
+
+    #[cfg(test)]
+    fn bytes(msg: &[u8]) -> Self {
+        let mut buf = Vec::with_capacity(4 + msg.len());
+        buf.extend_from_slice(&[0; 4]);
+        buf.extend_from_slice(msg);
+        Self::with_length(buf)
+    }
+
+    fn with_length(mut buf: Vec<u8>) -> Self {
+        // Longer messages are refused by any receiver long before.
+        let len = u32::try_from(buf.len() - 4).unwrap_or(u32::MAX);
+        buf[..4].copy_from_slice(&len.to_be_bytes());
+        Self(buf)
+    }
+}
+
 /// Sends messages on a lane.
 struct Sealer {
     half: OwnedWriteHalf,
-    noise: Arc<StatelessTransportState>,
-    nonce: u64,
-    first: Vec<u8>,
-    out: Vec<u8>,
+    key: Direction,
+}
+
+/// A message's frames once sealed: each is its 2-byte length, its chunk
+/// of the message (sealed in place) and its tag.
+struct Sealed {
+    msg: Vec<u8>,
+    heads: Vec<[u8; 2]>,
+    tags: Vec<aead::Tag>,
+}
+
+impl Sealed {
+    fn slices(&self) -> Vec<IoSlice<'_>> {
+        let mut slices = Vec::with_capacity(3 * self.heads.len());
+        for ((head, chunk), tag) in self
+            .heads
+            .iter()
+            .zip(self.msg.chunks(CHUNK))
+            .zip(&self.tags)
+        {
+            slices.push(IoSlice::new(head));
+            slices.push(IoSlice::new(chunk));
+            slices.push(IoSlice::new(tag.as_ref()));
+        }
+        slices
+    }
 }
 
 impl Sealer {
-    async fn send(&mut self, msg: &[u8]) -> Result<(), LaneError> {
-        let len = u32::try_from(msg.len())
-            .map_err(|_| LaneError::TooLong(msg.len(), u32::MAX as usize))?;
-        let head = msg.len().min(CHUNK - 4);
-        self.first.clear();
-        self.first.extend_from_slice(&len.to_be_bytes());
-        self.first.extend_from_slice(&msg[..head]);
-        let frames = (4 + msg.len()).div_ceil(CHUNK);
-        self.out.clear();
-        self.out.reserve(4 + msg.len() + frames * (2 + TAG));
-        let first = std::mem::take(&mut self.first);
-        self.seal(&first)?;
-        self.first = first;
-        for chunk in msg[head..].chunks(CHUNK) {
-            self.seal(chunk)?;
+    fn seal(&mut self, msg: Outgoing) -> Sealed {
+        let mut msg = msg.0;
+        let frames = msg.len().div_ceil(CHUNK);
+        let (mut heads, mut tags) = (Vec::with_capacity(frames), Vec::with_capacity(frames));
+        for chunk in msg.chunks_mut(CHUNK) {
+            heads.push(((chunk.len() + TAG) as u16).to_be_bytes());
+            tags.push(self.key.seal(chunk));
         }
-        self.half.write_all(&self.out).await?;
-        if self.out.capacity() > 4 * 1024 * 1024 {
-            self.out = Vec::new();
-        }
-        Ok(())
+        Sealed { msg, heads, tags }
     }
 
-    fn seal(&mut self, plain: &[u8]) -> Result<(), LaneError> {
-        let at = self.out.len();
-        self.out.resize(at + 2 + plain.len() + TAG, 0);
-        let n = self
-            .noise
-            .write_message(self.nonce, plain, &mut self.out[at + 2..])
-            .map_err(|_| LaneError::Malformed("a frame that cannot be sealed"))?;
-        self.nonce += 1;
-        self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
-        self.out.truncate(at + 2 + n);
+    /// Seals `msg` and hands all of its frames to the socket at once.
+    async fn send(&mut self, msg: Outgoing) -> Result<(), LaneError> {
+        let sealed = self.seal(msg);
+        let mut slices = sealed.slices();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = self.half.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
         Ok(())
     }
 }
@@ -223,16 +324,14 @@ impl Sealer {
 /// Receives messages on a lane.
 struct Opener {
     half: OwnedReadHalf,
-    noise: Arc<StatelessTransportState>,
-    nonce: u64,
-    frame: Vec<u8>,
-    plain: Vec<u8>,
+    key: Direction,
+    /// A message's first frame, which carries its length.
+    first: Box<[u8]>,
 }
 
 impl Opener {
-    /// Reads one frame into `self.frame`; `None` if the lane ended before
-    /// it began.
-    async fn read_frame(&mut self) -> Result<Option<usize>, LaneError> {
+    /// The next frame's length; `None` if the lane ended before it began.
+    async fn frame_len(&mut self) -> Result<Option<usize>, LaneError> {
         let mut len = [0u8; 2];
         match self.half.read_exact(&mut len).await {
             Ok(_) => {}
@@ -243,27 +342,21 @@ impl Opener {
         if n < TAG {
             return Err(LaneError::Malformed("frame shorter than its tag"));
         }
-        self.frame.resize(n, 0);
-        self.half.read_exact(&mut self.frame[..n]).await?;
         Ok(Some(n))
     }
 
     /// The next message, if its length is at most `max`; `None` once the
     /// other end closed between messages.
     async fn recv(&mut self, max: usize) -> Result<Option<Vec<u8>>, LaneError> {
-        let Some(n) = self.read_frame().await? else {
+        let Some(n) = self.frame_len().await? else {
             return Ok(None);
         };
-        self.plain.resize(n, 0);
-        let m = self
-            .noise
-            .read_message(self.nonce, &self.frame[..n], &mut self.plain)
-            .map_err(|_| LaneError::Decrypt)?;
-        self.nonce += 1;
+        self.half.read_exact(&mut self.first[..n]).await?;
+        let m = self.key.open(&mut self.first[..n])?;
         if m < 4 {
             return Err(LaneError::Malformed("first frame without a length"));
         }
-        let len = u32::from_be_bytes(self.plain[..4].try_into().expect("4 bytes")) as usize;
+        let len = u32::from_be_bytes(self.first[..4].try_into().expect("4 bytes")) as usize;
         if len > max {
             return Err(LaneError::TooLong(len, max));
         }
@@ -272,46 +365,44 @@ impl Opener {
         }
         // Room for the last frame's tag, which opens in place.
         let mut msg = Vec::with_capacity(len + TAG);
-        msg.extend_from_slice(&self.plain[4..m]);
+        msg.extend_from_slice(&self.first[4..m]);
         while msg.len() < len {
             let n = self
-                .read_frame()
+                .frame_len()
                 .await?
                 .ok_or(LaneError::Malformed("the lane ended inside a message"))?;
             let at = msg.len();
             if n == TAG || at + n - TAG > len {
                 return Err(LaneError::Malformed("frame beyond its message"));
             }
-            msg.resize(at + n, 0);
-            let m = self
-                .noise
-                .read_message(self.nonce, &self.frame[..n], &mut msg[at..])
-                .map_err(|_| LaneError::Decrypt)?;
-            self.nonce += 1;
+            // Read into the message's spare room: nothing zeroed first.
+            while msg.len() < at + n {
+                let want = (at + n - msg.len()) as u64;
+                if (&mut self.half).take(want).read_buf(&mut msg).await? == 0 {
+                    return Err(LaneError::Malformed("the lane ended inside a message"));
+                }
+            }
+            let m = self.key.open(&mut msg[at..])?;
             msg.truncate(at + m);
         }
         Ok(Some(msg))
     }
 }
 
-fn split(stream: TcpStream, noise: StatelessTransportState) -> Result<(Sealer, Opener), LaneError> {
+/// Both halves of a lane from its connection and finished handshake.
+fn split(stream: TcpStream, hs: &mut snow::HandshakeState) -> Result<(Sealer, Opener), LaneError> {
+    let (send, receive) = directions(hs)?;
     stream.set_nodelay(true)?;
     let (read, write) = stream.into_split();
-    let noise = Arc::new(noise);
     Ok((
         Sealer {
             half: write,
-            noise: noise.clone(),
-            nonce: 0,
-            first: Vec::with_capacity(CHUNK),
-            out: Vec::new(),
+            key: send,
         },
         Opener {
             half: read,
-            noise,
-            nonce: 0,
-            frame: Vec::with_capacity(NOISE_MAX),
-            plain: Vec::with_capacity(NOISE_MAX),
+            key: receive,
+            first: vec![0; NOISE_MAX].into_boxed_slice(),
         },
     ))
 }
@@ -344,7 +435,7 @@ async fn write_handshake_message(stream: &mut TcpStream, msg: &[u8]) -> Result<(
 /// [`IDLE`] without a request.
 #[derive(Clone)]
 pub struct Lane {
-    tx: mpsc::Sender<(Vec<u8>, AnswerTo)>,
+    tx: mpsc::Sender<(Outgoing, AnswerTo)>,
     /// Set by either half when the lane fails or ends.
     closed: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -373,16 +464,14 @@ impl Lane {
             let n = read_handshake_message(&mut stream, &mut msg).await?;
             hs.read_message(&msg[..n], &mut [0u8; 256])
                 .map_err(handshake_error)?;
-            let noise = hs
-                .into_stateless_transport_mode()
-                .map_err(handshake_error)?;
-            Ok::<_, LaneError>((stream, noise))
+            Ok::<_, LaneError>((stream, hs))
         };
-        let (stream, noise) = tokio::time::timeout(HANDSHAKE_TIMEOUT, opening)
+        let (stream, mut hs) = tokio::time::timeout(HANDSHAKE_TIMEOUT, opening)
             .await
             .map_err(|_| LaneError::Timeout)??;
-        let (mut sealer, mut opener) = split(stream, noise)?;
-        let (tx, mut rx) = mpsc::channel::<(Vec<u8>, AnswerTo)>(MAX_LANE_IN_FLIGHT);
+        let (mut sealer, mut opener) = split(stream, &mut hs)?;
+        drop(hs);
+        let (tx, mut rx) = mpsc::channel::<(Outgoing, AnswerTo)>(MAX_LANE_IN_FLIGHT);
         let (wait_tx, mut wait_rx) = mpsc::channel::<AnswerTo>(MAX_LANE_IN_FLIGHT);
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let close = |flag: &std::sync::atomic::AtomicBool| {
@@ -397,7 +486,7 @@ impl Lane {
                 if wait_tx.send(reply).await.is_err() {
                     break;
                 }
-                match tokio::time::timeout(ANSWER_TIMEOUT, sealer.send(&msg)).await {
+                match tokio::time::timeout(ANSWER_TIMEOUT, sealer.send(msg)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         debug!(%peer, "lane closed while sending: {e}");
@@ -445,7 +534,7 @@ impl Lane {
         }
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send((request.encode(), reply))
+            .send((Outgoing::record(request), reply))
             .await
             .map_err(|_| LaneError::Closed.to_string())?;
         answer.await.map_err(|_| LaneError::Closed.to_string())?
@@ -592,7 +681,7 @@ impl LaneServer {
     async fn handshake(
         &self,
         stream: &mut TcpStream,
-    ) -> Result<(PeerId, StatelessTransportState), LaneError> {
+    ) -> Result<(PeerId, snow::HandshakeState), LaneError> {
         let mut hello = [0u8; 24];
         stream.read_exact(&mut hello).await?;
         if &hello[..8] != MAGIC {
@@ -610,10 +699,7 @@ impl LaneServer {
             .map_err(|_| LaneError::Handshake("wrong key or peer".into()))?;
         let n = hs.write_message(&[], &mut msg).map_err(handshake_error)?;
         write_handshake_message(stream, &msg[..n]).await?;
-        let noise = hs
-            .into_stateless_transport_mode()
-            .map_err(handshake_error)?;
-        Ok((offered.peer, noise))
+        Ok((offered.peer, hs))
     }
 
     async fn serve(
@@ -621,7 +707,7 @@ impl LaneServer {
         mut stream: TcpStream,
         handshake: OwnedSemaphorePermit,
     ) -> Result<(), LaneError> {
-        let (peer, noise) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
+        let (peer, mut hs) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
             .await
             .map_err(|_| LaneError::Timeout)??;
         drop(handshake);
@@ -631,7 +717,8 @@ impl LaneServer {
         let _open = OpenLane::new(&self.shared, peer);
         debug!(%peer, "lane open");
         self.shared.metrics.opened.inc();
-        let (mut sealer, mut opener) = split(stream, noise)?;
+        let (mut sealer, mut opener) = split(stream, &mut hs)?;
+        drop(hs);
         let (wait_tx, mut wait_rx) =
             mpsc::channel::<oneshot::Receiver<StoreResponse>>(MAX_LANE_IN_FLIGHT);
         // Answers go back in the order their requests came.
@@ -640,7 +727,7 @@ impl LaneServer {
                 let Ok(response) = answer.await else {
                     return Err(LaneError::Closed);
                 };
-                tokio::time::timeout(ANSWER_TIMEOUT, sealer.send(&response.encode()))
+                tokio::time::timeout(ANSWER_TIMEOUT, sealer.send(Outgoing::record(&response)))
                     .await
                     .map_err(|_| LaneError::Timeout)??;
             }

@@ -286,7 +286,7 @@ async fn pair() -> ((Sealer, Opener), (Sealer, Opener)) {
         hs.read_message(&msg[..n], &mut [0u8; 256]).unwrap();
         let n = hs.write_message(&[], &mut msg).unwrap();
         write_handshake_message(&mut s, &msg[..n]).await.unwrap();
-        split(s, hs.into_stateless_transport_mode().unwrap()).unwrap()
+        split(s, &mut hs).unwrap()
     });
     let mut s = TcpStream::connect(at).await.unwrap();
     let mut hs = handshake_state(&key, b"test", true).unwrap();
@@ -295,7 +295,7 @@ async fn pair() -> ((Sealer, Opener), (Sealer, Opener)) {
     write_handshake_message(&mut s, &msg[..n]).await.unwrap();
     let n = read_handshake_message(&mut s, &mut msg).await.unwrap();
     hs.read_message(&msg[..n], &mut [0u8; 256]).unwrap();
-    let initiator = split(s, hs.into_stateless_transport_mode().unwrap()).unwrap();
+    let initiator = split(s, &mut hs).unwrap();
     (initiator, responder.await.unwrap())
 }
 
@@ -322,7 +322,7 @@ async fn messages_of_every_size_around_the_frame_size_arrive_whole() {
         let sent = sent.clone();
         tokio::spawn(async move {
             for m in &sent {
-                tx.send(m).await.unwrap();
+                tx.send(Outgoing::bytes(m)).await.unwrap();
             }
             tx
         })
@@ -340,7 +340,7 @@ async fn messages_of_every_size_around_the_frame_size_arrive_whole() {
 #[tokio::test]
 async fn a_message_over_the_limit_is_refused_from_its_length() {
     let ((mut tx, _), (_, mut rx)) = pair().await;
-    tokio::spawn(async move { tx.send(&vec![1u8; 300_000]).await });
+    tokio::spawn(async move { tx.send(Outgoing::bytes(&vec![1u8; 300_000])).await });
     match rx.recv(200_000).await {
         Err(LaneError::TooLong(300_000, 200_000)) => {}
         other => panic!("expected TooLong, got {other:?}"),
@@ -373,18 +373,14 @@ async fn an_altered_replayed_or_dropped_frame_does_not_open() {
         // Seal two messages without sending, then send them tampered.
         let one = vec![3u8; 100_000];
         let two = vec![4u8; 100_000];
-        tx.out.clear();
+        let mut bytes = Vec::new();
         let mut sealed = Vec::new();
         for m in [&one, &two] {
-            let mut first = (m.len() as u32).to_be_bytes().to_vec();
-            first.extend_from_slice(&m[..CHUNK - 4]);
-            tx.seal(&first).unwrap();
-            for chunk in m[CHUNK - 4..].chunks(CHUNK) {
-                tx.seal(chunk).unwrap();
+            for slice in tx.seal(Outgoing::bytes(m)).slices() {
+                bytes.extend_from_slice(&slice);
             }
-            sealed.push(tx.out.len());
+            sealed.push(bytes.len());
         }
-        let mut bytes = std::mem::take(&mut tx.out);
         tamper(&mut bytes, sealed[0]);
         tokio::spawn(async move {
             let _ = tx.half.write_all(&bytes).await;
@@ -398,4 +394,44 @@ async fn an_altered_replayed_or_dropped_frame_does_not_open() {
             other => panic!("{what}: expected the second message refused, got {other:?}"),
         }
     }
+}
+
+/// Lane frames are Noise transport messages: what one end seals in place
+/// opens with snow's own transport state of the other end, and the other
+/// way round, frame after frame (the nonce counts as Noise counts).
+#[test]
+fn frames_are_the_noise_transport_messages_of_the_handshake() {
+    let key = [5u8; 32];
+    let mut initiator = handshake_state(&key, b"test", true).unwrap();
+    let mut responder = handshake_state(&key, b"test", false).unwrap();
+    let mut msg = [0u8; 256];
+    let n = initiator.write_message(&[], &mut msg).unwrap();
+    responder.read_message(&msg[..n], &mut [0u8; 256]).unwrap();
+    let n = responder.write_message(&[], &mut msg).unwrap();
+    initiator.read_message(&msg[..n], &mut [0u8; 256]).unwrap();
+    let (mut send, mut receive) = directions(&mut initiator).unwrap();
+    let snow = responder.into_stateless_transport_mode().unwrap();
+    for nonce in 0..3u64 {
+        let plain: Vec<u8> = (0..1000 + nonce as usize).map(|i| i as u8).collect();
+        // Sealed here, opened by snow.
+        let mut frame = plain.clone();
+        let tag = send.seal(&mut frame);
+        frame.extend_from_slice(tag.as_ref());
+        let mut out = vec![0u8; frame.len()];
+        let m = snow.read_message(nonce, &frame, &mut out).unwrap();
+        assert_eq!(out[..m], plain[..]);
+        // Sealed by snow, opened here.
+        let mut frame = vec![0u8; plain.len() + TAG];
+        let n = snow.write_message(nonce, &plain, &mut frame).unwrap();
+        frame.truncate(n);
+        let m = receive.open(&mut frame).unwrap();
+        assert_eq!(frame[..m], plain[..]);
+    }
+    // A frame out of turn does not open.
+    let mut frame = vec![0u8; 10 + TAG];
+    let n = snow.write_message(7, &[1; 10], &mut frame).unwrap();
+    assert!(matches!(
+        receive.open(&mut frame[..n]),
+        Err(LaneError::Decrypt)
+    ));
 }
