@@ -163,31 +163,36 @@ fn start_node_with(tern: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<(N
         .spawn()?;
     let stderr = child.stderr.take().context("stderr")?;
     let mut lines = BufReader::new(stderr).lines();
+    let mut kept = match &node_logs().dir {
+        Some(dir) => {
+            let path = dir.join(format!("node-{}.log", child.id()));
+            let file = std::fs::File::create(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            Some(std::io::BufWriter::new(file))
+        }
+        None => None,
+    };
+    let mut keep = move |line: &str| {
+        if let Some(f) = kept.as_mut() {
+            // A full disk loses log lines, not the run.
+            let _ = writeln!(f, "{line}");
+        }
+    };
     let listening = loop {
         match lines.next() {
-            Some(Ok(l)) if l.contains("listening on") => break t0.elapsed(),
-            Some(Ok(_)) => {}
+            Some(Ok(l)) => {
+                keep(&l);
+                if l.contains("listening on") {
+                    break t0.elapsed();
+                }
+            }
             _ => bail!("node exited before listening"),
         }
     };
     // Keep draining stderr so the node never blocks on a full pipe.
-    let kept = match &node_logs().dir {
-        Some(dir) => {
-            let path = dir.join(format!("node-{}.log", child.id()));
-            Some(
-                std::fs::File::create(&path)
-                    .with_context(|| format!("cannot create {}", path.display()))?,
-            )
-        }
-        None => None,
-    };
     std::thread::spawn(move || {
-        let mut kept = kept.map(std::io::BufWriter::new);
         for line in lines.map_while(Result::ok) {
-            if let Some(f) = kept.as_mut() {
-                // A full disk loses log lines, not the run.
-                let _ = writeln!(f, "{line}");
-            }
+            keep(&line);
         }
     });
     let node = Node {
