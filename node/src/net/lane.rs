@@ -184,9 +184,8 @@ struct Direction {
 }
 
 impl Direction {
-    fn new(mut key: [u8; 32]) -> Self {
-        let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, &key).expect("a 32-byte key");
-        key.zeroize();
+    fn new(key: &[u8; 32]) -> Self {
+        let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, key).expect("a 32-byte key");
         Self {
             key: aead::LessSafeKey::new(unbound),
             nonce: 0,
@@ -224,13 +223,17 @@ fn directions(hs: &mut snow::HandshakeState) -> Result<(Direction, Direction), L
     if !hs.is_handshake_finished() {
         return Err(LaneError::Handshake("the handshake did not finish".into()));
     }
-    let (initiator_sends, responder_sends) = hs.dangerously_get_raw_split();
+    let (mut initiator_sends, mut responder_sends) = hs.dangerously_get_raw_split();
     let (send, receive) = if hs.is_initiator() {
-        (initiator_sends, responder_sends)
+        (&initiator_sends, &responder_sends)
     } else {
-        (responder_sends, initiator_sends)
+        (&responder_sends, &initiator_sends)
     };
-    Ok((Direction::new(send), Direction::new(receive)))
+    let directions = (Direction::new(send), Direction::new(receive));
+    // ring keeps its own copy of each key.
+    initiator_sends.zeroize();
+    responder_sends.zeroize();
+    Ok(directions)
 }
 
 /// A message ready to go on a lane: its length (4 bytes, big-endian) and
@@ -255,7 +258,8 @@ impl Outgoing {
     }
 
     fn with_length(mut buf: Vec<u8>) -> Self {
-        // Longer messages are refused by any receiver long before.
+        // Requests and answers are a few MiB at most; were one 4 GiB, the
+        // receiver would refuse it from this length.
         let len = u32::try_from(buf.len() - 4).unwrap_or(u32::MAX);
         buf[..4].copy_from_slice(&len.to_be_bytes());
         Self(buf)
