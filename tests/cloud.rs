@@ -149,7 +149,6 @@ impl Three {
             .clone()
     }
 
-    /// Polls until node `k` reports every storage peer reachable and in sync.
     /// Node `k` sets the chat's storage to all three nodes, quorum 2.
     fn store_on_all_three(&self, k: usize, chat: &str) {
         let peers: Vec<String> = (0..3).map(|k| self.node(k).peer_id()).collect();
@@ -172,6 +171,7 @@ impl Three {
         );
     }
 
+    /// Polls until node `k` reports every storage peer reachable and in sync.
     fn wait_all_in_sync(&self, k: usize, chat: &str) -> Vec<Value> {
         poll(
             &format!("all replicas in sync, seen from node {}", k + 1),

@@ -411,6 +411,28 @@ fn split(stream: TcpStream, hs: &mut snow::HandshakeState) -> Result<(Sealer, Op
     ))
 }
 
+/// The pusher's half of the handshake's two messages.
+async fn initiate(stream: &mut TcpStream, hs: &mut snow::HandshakeState) -> Result<(), LaneError> {
+    let mut msg = [0u8; 256];
+    let n = hs.write_message(&[], &mut msg).map_err(handshake_error)?;
+    write_handshake_message(stream, &msg[..n]).await?;
+    let n = read_handshake_message(stream, &mut msg).await?;
+    hs.read_message(&msg[..n], &mut [0u8; 256])
+        .map_err(handshake_error)?;
+    Ok(())
+}
+
+/// The receiver's half: a wrong key or peer fails on the first message.
+async fn respond(stream: &mut TcpStream, hs: &mut snow::HandshakeState) -> Result<(), LaneError> {
+    let mut msg = [0u8; 256];
+    let n = read_handshake_message(stream, &mut msg).await?;
+    hs.read_message(&msg[..n], &mut [0u8; 256])
+        .map_err(|_| LaneError::Handshake("wrong key or peer".into()))?;
+    let n = hs.write_message(&[], &mut msg).map_err(handshake_error)?;
+    write_handshake_message(stream, &msg[..n]).await?;
+    Ok(())
+}
+
 async fn read_handshake_message(
     stream: &mut TcpStream,
     buf: &mut [u8; 256],
@@ -459,15 +481,10 @@ impl Lane {
             let mut stream = TcpStream::connect(addr).await?;
             let prologue = prologue(&offer.id, &peer, &me);
             let mut hs = handshake_state(&offer.key, &prologue, true)?;
-            let mut msg = [0u8; 256];
-            let n = hs.write_message(&[], &mut msg).map_err(handshake_error)?;
             let mut hello = MAGIC.to_vec();
             hello.extend_from_slice(&offer.id);
             stream.write_all(&hello).await?;
-            write_handshake_message(&mut stream, &msg[..n]).await?;
-            let n = read_handshake_message(&mut stream, &mut msg).await?;
-            hs.read_message(&msg[..n], &mut [0u8; 256])
-                .map_err(handshake_error)?;
+            initiate(&mut stream, &mut hs).await?;
             Ok::<_, LaneError>((stream, hs))
         };
         let (stream, mut hs) = tokio::time::timeout(HANDSHAKE_TIMEOUT, opening)
@@ -697,12 +714,7 @@ impl LaneServer {
         })?;
         let prologue = prologue(&id, &self.shared.me, &offered.peer);
         let mut hs = handshake_state(&offered.key, &prologue, false)?;
-        let mut msg = [0u8; 256];
-        let n = read_handshake_message(stream, &mut msg).await?;
-        hs.read_message(&msg[..n], &mut [0u8; 256])
-            .map_err(|_| LaneError::Handshake("wrong key or peer".into()))?;
-        let n = hs.write_message(&[], &mut msg).map_err(handshake_error)?;
-        write_handshake_message(stream, &msg[..n]).await?;
+        respond(stream, &mut hs).await?;
         Ok((offered.peer, hs))
     }
 

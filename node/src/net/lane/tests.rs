@@ -281,20 +281,12 @@ async fn pair() -> ((Sealer, Opener), (Sealer, Opener)) {
     let responder = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
         let mut hs = handshake_state(&key, b"test", false).unwrap();
-        let mut msg = [0u8; 256];
-        let n = read_handshake_message(&mut s, &mut msg).await.unwrap();
-        hs.read_message(&msg[..n], &mut [0u8; 256]).unwrap();
-        let n = hs.write_message(&[], &mut msg).unwrap();
-        write_handshake_message(&mut s, &msg[..n]).await.unwrap();
+        respond(&mut s, &mut hs).await.unwrap();
         split(s, &mut hs).unwrap()
     });
     let mut s = TcpStream::connect(at).await.unwrap();
     let mut hs = handshake_state(&key, b"test", true).unwrap();
-    let mut msg = [0u8; 256];
-    let n = hs.write_message(&[], &mut msg).unwrap();
-    write_handshake_message(&mut s, &msg[..n]).await.unwrap();
-    let n = read_handshake_message(&mut s, &mut msg).await.unwrap();
-    hs.read_message(&msg[..n], &mut [0u8; 256]).unwrap();
+    initiate(&mut s, &mut hs).await.unwrap();
     let initiator = split(s, &mut hs).unwrap();
     (initiator, responder.await.unwrap())
 }
