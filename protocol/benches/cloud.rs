@@ -92,7 +92,7 @@ fn insert_all(entries: Vec<Entry>) -> ChatLog {
 fn check_in_batches(mut entries: Vec<Entry>, size: usize) {
     while !entries.is_empty() {
         let rest = entries.split_off(entries.len().min(size));
-        assert!(Entry::check_signatures(entries).iter().all(Result::is_ok));
+        assert!(Entry::precheck_many(entries).iter().all(Result::is_ok));
         entries = rest;
     }
 }
@@ -118,27 +118,27 @@ fn bench(c: &mut Criterion) {
         "ChatLog::insert × 1000 (signature, chain, membership, body hash)",
         |b| b.iter_batched(|| entries.clone(), insert_all, BatchSize::LargeInput),
     );
-    g.bench_function("Entry::check_signature × 1000, one by one", |b| {
+    g.bench_function("Entry::precheck × 1000, one by one", |b| {
         b.iter_batched(
             || entries[1..].to_vec(),
             |entries| {
                 for e in entries {
-                    assert!(e.check_signature().is_ok());
+                    assert!(e.precheck().is_ok());
                 }
             },
             BatchSize::LargeInput,
         )
     });
-    g.bench_function("Entry::check_signatures, 1000 in one batch", |b| {
+    g.bench_function("Entry::precheck_many, 1000 in one batch", |b| {
         b.iter_batched(
             || entries[1..].to_vec(),
             |entries| {
-                assert!(Entry::check_signatures(entries).iter().all(Result::is_ok));
+                assert!(Entry::precheck_many(entries).iter().all(Result::is_ok));
             },
             BatchSize::LargeInput,
         )
     });
-    g.bench_function("Entry::check_signatures, 1000 in batches of 16", |b| {
+    g.bench_function("Entry::precheck_many, 1000 in batches of 16", |b| {
         b.iter_batched(
             || entries[1..].to_vec(),
             |entries| check_in_batches(entries, 16),
@@ -163,7 +163,7 @@ fn bench(c: &mut Criterion) {
             |b| b.iter_batched(|| entries.clone(), insert_all, BatchSize::LargeInput),
         );
         g.bench_function(
-            format!("storage peer: check_signatures in batches of 64, {name}"),
+            format!("storage peer: precheck_many in batches of 64, {name}"),
             |b| {
                 b.iter_batched(
                     || entries[1..].to_vec(),

@@ -22,8 +22,7 @@ use tern_protocol::{
     AccountId, DevicePublicKey, Record,
     cloud::{
         BatchLimits, ChatId, ChatLog, ChatMember, ChatSummary, Composed, Entry, EntryError,
-        EntryHash, EntryKind, LogError, LogOutput, SignatureChecked, SyncRequest, SyncResponse,
-        sync,
+        EntryHash, EntryKind, LogError, LogOutput, Prechecked, SyncRequest, SyncResponse, sync,
     },
 };
 
@@ -70,7 +69,7 @@ enum Offered {
     /// Composed and signed by this device.
     Composed(Composed),
     /// Its signature checked already (the rest is checked on insert).
-    Checked(SignatureChecked),
+    Checked(Prechecked),
 }
 
 /// Batches at least this large have their signatures checked in parallel
@@ -199,11 +198,11 @@ fn chat_dir(root: &Path, chat: &ChatId) -> PathBuf {
     root.join(crate::hex::hex(&chat.0))
 }
 
-/// [`Entry::check_signatures`], on every core for a large batch (a
+/// [`Entry::precheck_many`], on every core for a large batch (a
 /// catch-up's; a streaming writer's pushes are smaller, and on a busy
 /// machine starting threads for them costs more than it saves).
 #[allow(clippy::result_large_err)]
-fn check_batch(entries: Vec<Entry>) -> Vec<Result<SignatureChecked, (Entry, EntryError)>> {
+fn check_batch(entries: Vec<Entry>) -> Vec<Result<Prechecked, (Entry, EntryError)>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(MAX_CHECK_THREADS);
@@ -214,7 +213,7 @@ fn check_batch(entries: Vec<Entry>) -> Vec<Result<SignatureChecked, (Entry, Entr
         .sum();
     let large = entries.len() >= PARALLEL_CHECK_MIN || bytes >= PARALLEL_CHECK_BYTES;
     if !large || entries.len() < 2 || threads < 2 {
-        return Entry::check_signatures(entries);
+        return Entry::precheck_many(entries);
     }
     let chunk = entries.len().div_ceil(threads);
     let mut chunks = Vec::with_capacity(threads);
@@ -229,9 +228,9 @@ fn check_batch(entries: Vec<Entry>) -> Vec<Result<SignatureChecked, (Entry, Entr
         let mut chunks = chunks.into_iter();
         let first = chunks.next().unwrap_or_default();
         let others: Vec<_> = chunks
-            .map(|c| scope.spawn(|| Entry::check_signatures(c)))
+            .map(|c| scope.spawn(|| Entry::precheck_many(c)))
             .collect();
-        let mut checked = Entry::check_signatures(first);
+        let mut checked = Entry::precheck_many(first);
         for other in others {
             // A checking thread panics only as the same check on this
             // thread would (a bug in the signature library): the panic
@@ -459,7 +458,7 @@ impl Replicas {
         self.check()?;
         let mut outcomes = Vec::with_capacity(entries.len());
         let mut staged = Vec::new();
-        for offered in self.check_signatures(entries) {
+        for offered in self.precheck(entries) {
             let at = outcomes.len();
             let (outcome, go_on) = self.accept_one(policy, offered, Some((&mut staged, at)))?;
             outcomes.push(outcome);
@@ -519,14 +518,15 @@ impl Replicas {
         Ok(())
     }
 
-    /// A batch's signatures, checked together before the entries go into
-    /// their logs one by one (a batch check costs a fraction of single
-    /// ones, and a new replica's catch-up is mostly signature checks).
+    /// A batch's signatures and bodies, checked together before the
+    /// entries go into their logs one by one (a batch check costs a
+    /// fraction of single ones, a new replica's catch-up is mostly these
+    /// checks, and [`check_batch`] runs them on every core).
     /// Entries whose place (device and seq) is taken already are not
     /// checked here; they, and any that fail, are offered as received, so
     /// the log checks them in full (a replay is a duplicate, another entry
     /// at that place a fork) and gives the reason.
-    fn check_signatures(&self, entries: Vec<Entry>) -> Vec<Offered> {
+    fn precheck(&self, entries: Vec<Entry>) -> Vec<Offered> {
         if entries.len() < 2 {
             return entries.into_iter().map(Offered::Received).collect();
         }
@@ -1286,29 +1286,39 @@ mod tests {
                 batch.push(say(&mut alice, &format!("message {n}"), n as u8));
             }
             // Two entries Alice never sent, with forged signatures: one in
-            // each half of the batch. A forged copy of a kept entry names
-            // that entry (the hash is the header's) and changes nothing;
-            // and a replay.
+            // each half of the batch; one whose payload was altered on the
+            // way (its header and signature intact). A forged copy of a
+            // kept entry names that entry (the hash is the header's) and
+            // changes nothing; and a replay.
             let sent = ChatSummary::of(&alice.log);
             let mut forged = say(&mut alice, "never sent", 200);
             forged.header.signature[5] ^= 1;
             let mut late_forged = say(&mut alice, "never sent either", 201);
             late_forged.header.signature[9] ^= 1;
+            let mut altered = say(&mut alice, "altered on the way", 202);
+            if let Some(body) = altered.body.as_mut() {
+                body.ciphertext[0] ^= 1;
+            }
             let mut forged_copy = batch[4].clone();
             forged_copy.header.signature[7] ^= 1;
             let replayed = batch[3].clone();
             batch.insert(11, forged);
             batch.push(late_forged);
+            batch.push(altered);
             batch.push(forged_copy);
             batch.push(replayed);
 
             let mut replicas = Replicas::open(tmp.path()).unwrap();
             let out = replicas.accept(Some(&open_policy()), batch).unwrap();
-            assert_eq!(out.len(), messages + 5);
+            assert_eq!(out.len(), messages + 6);
             let rejected: Vec<usize> = (0..out.len())
                 .filter(|i| matches!(&out[*i], Outcome::Rejected(why) if why.contains("signature")))
                 .collect();
-            assert_eq!(rejected, vec![11, out.len() - 3], "{out:?}");
+            assert_eq!(rejected, vec![11, out.len() - 4], "{out:?}");
+            assert!(
+                matches!(&out[out.len() - 3], Outcome::Rejected(why) if why.contains("altered body")),
+                "{out:?}"
+            );
             assert_eq!(out[out.len() - 2], Outcome::Duplicate);
             assert_eq!(out[out.len() - 1], Outcome::Duplicate);
             let stored = out.iter().filter(|o| **o == Outcome::Stored).count();

@@ -727,17 +727,19 @@ impl From<Composed> for Entry {
     }
 }
 
-/// An entry whose device signature over its header verified (see
-/// [`Entry::check_signature`]). A holder checks a large batch's signatures
-/// on several threads this way, then inserts them in order with
-/// [`crate::cloud::ChatLog::insert_checked`], which checks everything else.
+/// An entry whose device signature over its header, and whose body
+/// against the hash its header names, verified (see [`Entry::precheck`]):
+/// the costly checks of an entry that need nothing but the entry. A holder
+/// runs them for a large batch on several threads, then inserts the
+/// entries in order with [`crate::cloud::ChatLog::insert_checked`], which
+/// checks everything else.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SignatureChecked {
+pub struct Prechecked {
     entry: Entry,
     hash: EntryHash,
 }
 
-impl SignatureChecked {
+impl Prechecked {
     pub fn entry(&self) -> &Entry {
         &self.entry
     }
@@ -757,32 +759,37 @@ impl SignatureChecked {
 }
 
 impl Entry {
-    /// Verifies the author device's signature over the header, and only
-    /// that (the certificate, the body and the entry's place in its chat
-    /// are for the log). On failure the entry comes back with the reason.
+    /// Verifies the author device's signature over the header and the body
+    /// against its hash, and only those (the certificate and the entry's
+    /// place in its chat are for the log). On failure the entry comes back
+    /// with the reason.
     #[allow(clippy::result_large_err)]
-    pub fn check_signature(self) -> Result<SignatureChecked, (Entry, EntryError)> {
+    pub fn precheck(self) -> Result<Prechecked, (Entry, EntryError)> {
         let hash = self.hash();
-        match self.header.verify_signature_of(&hash) {
-            Ok(()) => Ok(SignatureChecked { entry: self, hash }),
+        match self
+            .check_body()
+            .and_then(|()| self.header.verify_signature_of(&hash))
+        {
+            Ok(()) => Ok(Prechecked { entry: self, hash }),
             Err(e) => Err((self, e)),
         }
     }
 
-    /// [`Self::check_signature`] for many entries at once: one check per
-    /// distinct signature (the entries of one run share theirs), and those
-    /// in one batch check (several times cheaper per signature than one by
-    /// one). The verdicts are those each entry gets alone, in the entries'
-    /// order.
+    /// [`Self::precheck`] for many entries at once: each body, then one
+    /// check per distinct signature (the entries of one run share theirs),
+    /// and those in one batch check (several times cheaper per signature
+    /// than one by one). The verdicts are those each entry gets alone, in
+    /// the entries' order.
     #[allow(clippy::result_large_err)]
-    pub fn check_signatures(
-        entries: Vec<Entry>,
-    ) -> Vec<Result<SignatureChecked, (Entry, EntryError)>> {
+    pub fn precheck_many(entries: Vec<Entry>) -> Vec<Result<Prechecked, (Entry, EntryError)>> {
         let hashes: Vec<EntryHash> = entries.iter().map(Entry::hash).collect();
         let prepared: Vec<Result<(VerifyingKey, RunMessage), EntryError>> = entries
             .iter()
             .zip(&hashes)
-            .map(|(e, hash)| Ok((e.header.device_key()?, e.header.signed_message(hash)?)))
+            .map(|(e, hash)| {
+                e.check_body()?;
+                Ok((e.header.device_key()?, e.header.signed_message(hash)?))
+            })
             .collect();
         // Each entry's place among the distinct signatures, and their verdicts.
         let (slots, passed) = {
@@ -817,7 +824,7 @@ impl Entry {
             .zip(slots)
             .map(|(((entry, hash), prepared), slot)| match (prepared, slot) {
                 (Err(why), _) => Err((entry, why)),
-                (Ok(_), Some(i)) if passed[i] => Ok(SignatureChecked { entry, hash }),
+                (Ok(_), Some(i)) if passed[i] => Ok(Prechecked { entry, hash }),
                 (Ok(_), _) => Err((entry, EntryError::BadSignature)),
             })
             .collect()
@@ -1036,16 +1043,24 @@ mod tests {
         entries.extend(run_of(3));
         entries[5].header.header.lamport += 100; // altered inside the run
         entries[41].header.signature[3] ^= 1; // a forged run signature
-        let alone: Vec<bool> = entries.iter().map(|e| e.verify_alone().is_ok()).collect();
-        let together: Vec<bool> = Entry::check_signatures(entries)
+        if let Some(body) = entries[20].body.as_mut() {
+            body.ciphertext[0] ^= 1; // an altered payload, its header intact
+        }
+        let alone: Vec<Result<(), EntryError>> = entries
             .iter()
-            .map(Result::is_ok)
+            .map(|e| e.clone().precheck().map(drop).map_err(|(_, why)| why))
+            .collect();
+        let together: Vec<Result<(), EntryError>> = Entry::precheck_many(entries)
+            .into_iter()
+            .map(|r| r.map(drop).map_err(|(_, why)| why))
             .collect();
         assert_eq!(together, alone);
-        // Only the two bad ones: the forged signature is the one copy's,
+        // Only the three bad ones: the forged signature is the one copy's,
         // the rest of its run carries the good one.
-        assert_eq!(together.iter().filter(|ok| !**ok).count(), 2);
-        assert!(!together[5] && !together[41]);
+        assert_eq!(together.iter().filter(|r| r.is_err()).count(), 3);
+        assert_eq!(together[5], Err(EntryError::BadSignature));
+        assert_eq!(together[41], Err(EntryError::BadSignature));
+        assert_eq!(together[20], Err(EntryError::BodyMismatch));
     }
 
     #[test]
@@ -1096,7 +1111,7 @@ mod tests {
             .iter()
             .map(|e| e.header.verify_signature())
             .collect();
-        let together: Vec<(u64, Result<(), EntryError>)> = Entry::check_signatures(entries)
+        let together: Vec<(u64, Result<(), EntryError>)> = Entry::precheck_many(entries)
             .into_iter()
             .map(|r| match r {
                 Ok(checked) => (checked.entry().header.header.seq, Ok(())),

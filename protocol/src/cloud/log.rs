@@ -25,7 +25,7 @@ use super::{
     account::StoragePeer,
     entry::{
         BodyHash, ChatId, Composed, Entry, EntryBody, EntryError, EntryHash, EntryKind,
-        MAX_HEADER_LEN, RunMessage, RunPath, SignatureChecked, SignedHeader,
+        MAX_HEADER_LEN, Prechecked, RunMessage, RunPath, SignedHeader,
     },
     membership::{Membership, MembershipError},
 };
@@ -226,7 +226,7 @@ enum Checks {
     /// entry this process signed, or a parked one that passed them when it
     /// arrived.
     SkipSignature,
-    /// All but the signature: a [`SignatureChecked`] entry.
+    /// All but the signature and the body: a [`Prechecked`] entry.
     Certificate,
 }
 
@@ -323,7 +323,7 @@ impl ChatLog {
 
     /// Adds an entry whose signature was checked already (on another
     /// thread, say): everything else is checked here.
-    pub fn insert_checked(&mut self, entry: SignatureChecked) -> Result<Vec<LogOutput>, LogError> {
+    pub fn insert_checked(&mut self, entry: Prechecked) -> Result<Vec<LogOutput>, LogError> {
         let (entry, hash) = entry.into_parts();
         self.insert_with(entry, hash, Checks::Certificate)
     }
@@ -363,11 +363,11 @@ impl ChatLog {
             Checks::All => {
                 self.verify_certificate(&entry)?;
                 self.verify_signature(&entry, &hash)?;
+                entry.check_body()?;
             }
             Checks::Certificate => self.verify_certificate(&entry)?,
-            Checks::SkipSignature => {}
+            Checks::SkipSignature => entry.check_body()?,
         }
-        entry.check_body()?;
         self.check_fork(hash, &entry)?;
 
         let unknown: Vec<EntryHash> = header

@@ -81,7 +81,7 @@ pub mod sync;
 pub use content::Content;
 pub use entry::{
     AccountKeyChange, BodyHash, ChatId, Composed, DeviceKeyGrant, Entry, EntryBody, EntryError,
-    EntryHash, EntryHeader, EntryKind, KeyGrant, MAX_RUN, MemberGrant, RunPath, SignatureChecked,
+    EntryHash, EntryHeader, EntryKind, KeyGrant, MAX_RUN, MemberGrant, Prechecked, RunPath,
     SignedHeader, check_storage_set, sign_run,
 };
 pub use keys::{
