@@ -48,6 +48,24 @@ impl postcard::ser_flavors::Flavor for ExtendVec<'_> {
     }
 }
 
+/// Appends `value`'s postcard encoding, without a version byte, to `out`:
+/// how a record is written inside another, whose version covers it (an
+/// entry in a push is its kept record less the record's first byte).
+pub fn encode_nested<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    // postcard serialisation only fails for types serde cannot describe
+    // (e.g. maps with non-string keys in some formats) or a flavor that
+    // runs out of room; our record types are plain structs and a Vec
+    // grows, so this is an invariant, not input handling.
+    postcard::serialize_with_flavor(value, ExtendVec(out))
+        .expect("record types are always serialisable");
+}
+
+/// The length of [`encode_nested`]'s output, found without building it.
+pub fn nested_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    postcard::serialize_with_flavor::<_, _, usize>(value, postcard::ser_flavors::Size::default())
+        .expect("record types are always serialisable")
+}
+
 /// A record type with a fixed format version and a size bound.
 pub trait Record: Serialize + DeserializeOwned {
     /// The format version written in front of every encoding.
@@ -71,21 +89,12 @@ pub trait Record: Serialize + DeserializeOwned {
     fn encode_into(&self, out: &mut Vec<u8>) {
         out.reserve(self.encoded_len());
         out.push(Self::VERSION);
-        // postcard serialisation only fails for types serde cannot describe
-        // (e.g. maps with non-string keys in some formats) or a flavor that
-        // runs out of room; our record types are plain structs and a Vec
-        // grows, so this is an invariant, not input handling.
-        postcard::serialize_with_flavor(self, ExtendVec(out))
-            .expect("record types are always serialisable");
+        encode_nested(self, out);
     }
 
     /// The length of [`Record::encode`]'s output, found without building it.
     fn encoded_len(&self) -> usize {
-        1 + postcard::serialize_with_flavor::<_, _, usize>(
-            self,
-            postcard::ser_flavors::Size::default(),
-        )
-        .expect("record types are always serialisable")
+        1 + nested_len(self)
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {

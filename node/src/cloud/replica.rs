@@ -24,12 +24,13 @@ use tern_protocol::{
         BatchLimits, ChatId, ChatLog, ChatMember, ChatSummary, Composed, Entry, EntryError,
         EntryHash, EntryKind, LogError, LogOutput, Prechecked, SyncRequest, SyncResponse, sync,
     },
+    codec::encode_nested,
 };
 
 use super::hosting::{HostPolicy, Refusal};
 use crate::{
     data_dir::create_private_dir,
-    segments::{Key, SegmentError, SegmentLog},
+    segments::{Key, SegmentError, SegmentLog, Value},
 };
 
 /// What happened to one pushed entry.
@@ -167,7 +168,56 @@ pub enum ReplicaError {
     Failed(String),
 }
 
+/// An entry as a push carries it: its encoding without the version byte.
+pub enum PushPiece {
+    /// The record kept on disk, as it is (its first byte, the version,
+    /// is left out).
+    Kept(Value),
+    /// Encoded from the entry in memory.
+    Encoded(Vec<u8>),
+}
+
+impl AsRef<[u8]> for PushPiece {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            // Checked to start with the version when read.
+            Self::Kept(record) => &record[1..],
+            Self::Encoded(bytes) => bytes,
+        }
+    }
+}
+
 impl Replica {
+    /// The entry's encoding as a push carries it. A released body is not
+    /// decoded: the record goes as it is kept, once the header it starts
+    /// with is found to be the one verified (the segment's checks found no
+    /// damage, and whoever receives it checks the body, as any pushed one).
+    fn piece_for_peer(&self, hash: &EntryHash, entry: &Entry) -> Result<PushPiece, ReplicaError> {
+        if !self.log.body_released(hash) {
+            let mut bytes = Vec::with_capacity(entry.encoded_len());
+            encode_nested(entry, &mut bytes);
+            return Ok(PushPiece::Encoded(bytes));
+        }
+        let damaged = |why: &str| ReplicaError::Damaged {
+            chat: format!("{:?}", self.log.chat()),
+            why: why.into(),
+        };
+        let record = self
+            .store
+            .get(&hash.0)?
+            .ok_or_else(|| damaged("a kept entry is missing from disk"))?;
+        let mut header = Vec::with_capacity(512);
+        encode_nested(&entry.header, &mut header);
+        // The version, the header, then the body's `Some`.
+        let body = record
+            .strip_prefix(&[Entry::VERSION])
+            .and_then(|r| r.strip_prefix(header.as_slice()));
+        if body.and_then(|b| b.first()) != Some(&1) {
+            return Err(damaged("an entry on disk differs from the one verified"));
+        }
+        Ok(PushPiece::Kept(record))
+    }
+
     /// Puts back the body the log released, read from this chat's segments.
     fn put_body_back(&self, hash: &EntryHash, entry: &mut Entry) -> Result<(), ReplicaError> {
         if !self.log.body_released(hash) {
@@ -906,25 +956,27 @@ impl Replicas {
         Ok(response)
     }
 
-    /// An entry of a kept chat as it goes to a peer: with its body, read
-    /// from disk if the log released it.
-    pub fn entry_for_peer(
+    /// An entry of a kept chat as a push to a peer carries it: with its
+    /// body, read from disk if the log released it. A body found damaged
+    /// is fetched again after [`Self::forget_lost_bodies`].
+    pub fn piece_for_peer(
         &self,
         chat: &ChatId,
         hash: &EntryHash,
-    ) -> Result<Option<Entry>, ReplicaError> {
+    ) -> Result<Option<PushPiece>, ReplicaError> {
         let Some(r) = self.chats.get(chat) else {
             return Ok(None);
         };
         let Some(entry) = r.log.get(hash) else {
             return Ok(None);
         };
-        let mut entry = entry.clone();
-        if let Err(e) = r.put_body_back(hash, &mut entry) {
-            self.lost.borrow_mut().push((*chat, *hash));
-            return Err(e);
+        match r.piece_for_peer(hash, entry) {
+            Ok(piece) => Ok(Some(piece)),
+            Err(e) => {
+                self.lost.borrow_mut().push((*chat, *hash));
+                Err(e)
+            }
         }
-        Ok(Some(entry))
     }
 
     /// Marks the bodies found damaged since the last call as missing, so
@@ -1069,6 +1121,47 @@ mod tests {
         }
     }
 
+    /// A hosted entry goes to peers as its record is kept, but only while
+    /// that record is the entry verified: another entry's record under its
+    /// key (sound to the segment's checks) is not sent, and the body is
+    /// fetched again.
+    #[test]
+    fn a_kept_record_goes_out_only_if_it_is_the_verified_entrys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut alice, bob, carol) = (person(1), person(2), person(3));
+        let genesis = create_with(&mut alice, &bob);
+        let said: Vec<Entry> = (0..3)
+            .map(|i| say(&mut alice, &format!("m{i}"), 10 + i))
+            .collect();
+        let mut replicas = Replicas::open_as(tmp.path(), Some(carol.account.id())).unwrap();
+        let mut all = vec![genesis];
+        all.extend(said.iter().cloned());
+        let out = replicas.accept(Some(&open_policy()), all).unwrap();
+        assert!(out.iter().all(|o| *o == Outcome::Stored), "{out:?}");
+        replicas.commit().unwrap();
+        let (swapped, other) = (said[1].hash(), said[2].encode());
+        replicas
+            .chats
+            .get_mut(&CHAT)
+            .unwrap()
+            .store
+            .append(&[(swapped.0, &other)])
+            .unwrap();
+
+        let refused = replicas.piece_for_peer(&CHAT, &swapped);
+        assert!(
+            matches!(&refused, Err(ReplicaError::Damaged { why, .. }) if why.contains("differs")),
+            "{:?}",
+            refused.map(|p| p.map(|p| p.as_ref().len()))
+        );
+        let piece = replicas.piece_for_peer(&CHAT, &said[0].hash()).unwrap();
+        let sent = Entry::decode(&[&[Entry::VERSION], piece.unwrap().as_ref()].concat());
+        assert_eq!(sent.unwrap(), said[0]);
+        assert!(replicas.forget_lost_bodies());
+        let wanted = SyncRequest::for_log(replicas.log(&CHAT).unwrap()).want_bodies;
+        assert_eq!(wanted, vec![swapped]);
+    }
+
     /// A node that is no member of a chat holds its bodies on disk only,
     /// serves them whole (from memory's headers and disk's bodies), erases
     /// them for real on a purge, and keeps them in memory again once its
@@ -1115,8 +1208,12 @@ mod tests {
         assert_eq!(fresh.missing_bodies().count(), 0);
         for e in &all {
             assert_eq!(fresh.get(&e.hash()), Some(e));
-            let pushed = replicas.entry_for_peer(&CHAT, &e.hash()).unwrap();
-            assert_eq!(pushed.as_ref(), Some(e));
+            // Pushed as kept (a body's), without decoding: the same entry
+            // arrives.
+            let piece = replicas.piece_for_peer(&CHAT, &e.hash()).unwrap().unwrap();
+            assert_eq!(matches!(piece, PushPiece::Kept(_)), e.body.is_some());
+            let pushed = Entry::decode(&[&[Entry::VERSION], piece.as_ref()].concat()).unwrap();
+            assert_eq!(&pushed, e);
         }
         // After a restart, the same.
         drop(replicas);
@@ -1143,7 +1240,7 @@ mod tests {
             fresh.missing_bodies().copied().collect::<Vec<_>>(),
             vec![damaged.hash()]
         );
-        assert!(replicas.entry_for_peer(&CHAT, &damaged.hash()).is_err());
+        assert!(replicas.piece_for_peer(&CHAT, &damaged.hash()).is_err());
         // This node wants it again, and takes it from whoever has it.
         assert!(replicas.forget_lost_bodies());
         let log = replicas.log(&CHAT).unwrap();

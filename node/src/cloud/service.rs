@@ -48,7 +48,10 @@ use super::{
     account_keys::AccountKeys,
     hosting::Hosting,
     replica::{Outcome, ReplicaError, Replicas},
-    wire::{MAX_CHAT_LIST, MAX_PUSH, MAX_PUSH_BYTES, PushResult, StoreRequest, StoreResponse},
+    wire::{
+        EncodedPush, MAX_CHAT_LIST, MAX_PUSH, MAX_PUSH_BYTES, PushResult, StoreRequest,
+        StoreResponse,
+    },
 };
 use crate::{
     events::{Event, EventBus},
@@ -1147,6 +1150,8 @@ impl CloudService {
                     .collect();
                 StoreResponse::Chats(chats)
             }
+            // Sent as a `Push`, and so decoded as one.
+            StoreRequest::EncodedPush(_) => StoreResponse::refused("not a request"),
         }
     }
 
@@ -1687,7 +1692,10 @@ impl CloudService {
                 let link = self.links.get_mut(&peer).expect("listed above");
                 link.in_flight += 1;
                 debug!(%peer, in_flight = link.in_flight, "storage request: {}", asked.what());
-                let push = matches!(request, StoreRequest::Push { .. });
+                let push = matches!(
+                    request,
+                    StoreRequest::Push { .. } | StoreRequest::EncodedPush(_)
+                );
                 match &link.lane {
                     // Closed after 30 s without a push; a failure is
                     // handled with its request's answer.
@@ -1714,7 +1722,7 @@ impl CloudService {
                 let on_lane = lane.is_some();
                 let task = async move {
                     let result = match lane {
-                        Some(lane) => lane.ask(&request).await,
+                        Some(lane) => lane.ask(request).await,
                         None => net
                             .store_request(peer, addrs, request)
                             .await
@@ -1837,7 +1845,7 @@ impl CloudService {
                     link.last_push_full = true;
                     break;
                 }
-                let e = match self.replicas.entry_for_peer(&chat, &hash) {
+                let e = match self.replicas.piece_for_peer(&chat, &hash) {
                     Ok(Some(e)) => e,
                     Ok(None) => continue,
                     Err(e) => {
@@ -1862,7 +1870,7 @@ impl CloudService {
                     hashes,
                     then_compare,
                 },
-                StoreRequest::Push { entries: batch },
+                StoreRequest::EncodedPush(EncodedPush::new(&batch)),
             ));
         }
         if pushes_only {

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use tern_protocol::{
     DecodeError, Record,
     cloud::{ChatId, ChatSummary, Entry, SyncRequest, SyncResponse},
+    codec::{encode_nested, nested_len},
 };
 
 /// Most entries in one push.
@@ -34,6 +35,58 @@ pub enum StoreRequest {
     /// May I send you a long run of pushes on a lane (`crate::net::lane`)?
     /// Answered with `Lane`, or `Refused` where lanes are off.
     OpenLane,
+    /// A `Push` of kept entries, built from their records as they are kept
+    /// (see [`EncodedPush`]). It is only ever sent, and its bytes are those
+    /// of a `Push`: a receiver decodes it as one. (Last, and not numbered
+    /// on the wire: the others keep their numbers.)
+    #[serde(skip)]
+    EncodedPush(EncodedPush),
+}
+
+/// The encoding of a `StoreRequest::Push`, written from the entries'
+/// encodings as a storage peer keeps them (a kept record less its version
+/// byte) instead of from decoded entries: sending what it holds to another
+/// replica costs a storage peer no decoding and no copy of each body into
+/// an entry and out again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedPush {
+    /// [`Self::HEADROOM`] bytes for a transport's length prefix, then the
+    /// request's encoding, version byte included.
+    buf: Vec<u8>,
+}
+
+impl EncodedPush {
+    /// Room left in front of the encoding, so a lane writes its length
+    /// there instead of copying the push behind one.
+    pub const HEADROOM: usize = 4;
+
+    /// The push of these entries (1 to [`MAX_PUSH`]), each given as its
+    /// encoding without the version byte, in order.
+    pub fn new<E: AsRef<[u8]>>(entries: &[E]) -> Self {
+        debug_assert!((1..=MAX_PUSH).contains(&entries.len()));
+        let len: usize = entries.iter().map(|e| e.as_ref().len()).sum();
+        let mut buf = Vec::with_capacity(Self::HEADROOM + 1 + 1 + 2 + len);
+        buf.extend_from_slice(&[0; Self::HEADROOM]);
+        buf.push(StoreRequest::VERSION);
+        // What serde writes for `Push { entries }`: the variant's number,
+        // then the sequence's length, then each entry.
+        encode_nested(&0u32, &mut buf);
+        encode_nested(&entries.len(), &mut buf);
+        for e in entries {
+            buf.extend_from_slice(e.as_ref());
+        }
+        Self { buf }
+    }
+
+    /// The request's encoding, version byte included.
+    pub fn encoding(&self) -> &[u8] {
+        &self.buf[Self::HEADROOM..]
+    }
+
+    /// The buffer: [`Self::HEADROOM`] bytes free, then the encoding.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
 }
 
 /// The fate of one pushed entry, in the order pushed.
@@ -105,6 +158,24 @@ impl Record for StoreRequest {
     const VERSION: u8 = 2;
     const MAX_LEN: usize = MAX_PUSH_BYTES + Entry::MAX_LEN;
 
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        match self {
+            Self::EncodedPush(push) => out.extend_from_slice(push.encoding()),
+            request => {
+                out.reserve(request.encoded_len());
+                out.push(Self::VERSION);
+                encode_nested(request, out);
+            }
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        match self {
+            Self::EncodedPush(push) => push.encoding().len(),
+            request => 1 + nested_len(request),
+        }
+    }
+
     fn validate(&self) -> Result<(), DecodeError> {
         match self {
             Self::Push { entries } if entries.is_empty() || entries.len() > MAX_PUSH => Err(
@@ -122,7 +193,11 @@ impl Record for StoreRequest {
                 Ok(())
             }
             Self::Sync(r) => r.validate(),
-            Self::Summary { .. } | Self::Notify { .. } | Self::ChatsOf | Self::OpenLane => Ok(()),
+            Self::Summary { .. }
+            | Self::Notify { .. }
+            | Self::ChatsOf
+            | Self::OpenLane
+            | Self::EncodedPush(_) => Ok(()),
         }
     }
 }
@@ -173,6 +248,22 @@ mod tests {
             results: vec![PushResult::refused(&"x".repeat(1000)), PushResult::Stored],
         };
         assert_eq!(StoreResponse::decode(&p.encode()).unwrap(), p);
+    }
+
+    /// A push built from kept records is, byte for byte, the push of those
+    /// entries (around the sizes where the count takes a second byte).
+    #[test]
+    fn an_encoded_push_is_the_push_of_its_entries() {
+        let entries = crate::test_util::chat_entries(300);
+        for n in [1, 127, 128, 300] {
+            let entries = entries[..n].to_vec();
+            let pieces: Vec<Vec<u8>> = entries.iter().map(|e| e.encode()[1..].to_vec()).collect();
+            let encoded = StoreRequest::EncodedPush(EncodedPush::new(&pieces));
+            let push = StoreRequest::Push { entries };
+            assert_eq!(encoded.encode(), push.encode(), "{n} entries");
+            assert_eq!(encoded.encoded_len(), push.encoded_len());
+            assert_eq!(StoreRequest::decode(&encoded.encode()).unwrap(), push);
+        }
     }
 
     /// Variants are numbered by position on the wire: a refusal must read

@@ -58,7 +58,7 @@ use zeroize::Zeroize;
 use crate::{
     cloud::{
         service::{Answer, InboundStore},
-        wire::{StoreRequest, StoreResponse},
+        wire::{EncodedPush, StoreRequest, StoreResponse},
     },
     metrics::LaneMetrics,
 };
@@ -247,6 +247,18 @@ impl Outgoing {
         buf.extend_from_slice(&[0; 4]);
         record.encode_into(&mut buf);
         Self::with_length(buf)
+    }
+
+    /// A request; a push built from kept records is sent from its own
+    /// buffer, its length written in the room left for it.
+    pub fn request(request: StoreRequest) -> Self {
+        match request {
+            StoreRequest::EncodedPush(push) => {
+                const { assert!(EncodedPush::HEADROOM == 4) };
+                Self::with_length(push.into_buffer())
+            }
+            request => Self::record(&request),
+        }
     }
 
     #[cfg(test)]
@@ -549,13 +561,13 @@ impl Lane {
     }
 
     /// Sends `request` and waits for its answer.
-    pub async fn ask(&self, request: &StoreRequest) -> Result<StoreResponse, String> {
+    pub async fn ask(&self, request: StoreRequest) -> Result<StoreResponse, String> {
         if self.is_closed() {
             return Err(LaneError::Closed.to_string());
         }
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send((Outgoing::record(request), reply))
+            .send((Outgoing::request(request), reply))
             .await
             .map_err(|_| LaneError::Closed.to_string())?;
         answer.await.map_err(|_| LaneError::Closed.to_string())?

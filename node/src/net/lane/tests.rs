@@ -1,52 +1,10 @@
 use std::net::Ipv4Addr;
 
-use ed25519_dalek::SigningKey;
 use libp2p::identity::Keypair;
-use tern_protocol::{
-    AccountKeypair, DevicePublicKey,
-    cloud::{ChatId, ChatLog, ChatMember, Draft, Entry},
-};
+use tern_protocol::cloud::{ChatId, Entry};
 
 use super::*;
-use crate::cloud::wire::PushResult;
-
-fn member(seed: u8) -> ChatMember {
-    let account = AccountKeypair::from_secret_bytes(&[seed; 32]);
-    let key = SigningKey::from_bytes(&[seed.wrapping_add(50); 32]);
-    let public = DevicePublicKey::from_bytes(key.verifying_key().to_bytes()).unwrap();
-    let cert = account.certify(public, "phone", 1).unwrap();
-    ChatMember::for_account(&account, key, cert).unwrap()
-}
-
-/// A real chat's first `n` entries (genesis, then messages).
-fn entries(n: usize) -> Vec<Entry> {
-    let mut alice = member(1);
-    let bob = member(2);
-    let bob_id = AccountKeypair::from_secret_bytes(&[2; 32]).id();
-    let chat = ChatId([9; 16]);
-    let mut log = ChatLog::new(chat);
-    let genesis = alice
-        .create(
-            chat,
-            &[(bob_id, bob.encryption_key())],
-            vec![],
-            None,
-            [3; 32],
-        )
-        .unwrap();
-    log.insert(genesis.clone()).unwrap();
-    let mut out = vec![genesis.into_entry()];
-    for i in 1..n {
-        let draft = Draft::Text {
-            text: format!("message {i}"),
-            reply_to: None,
-        };
-        let e = alice.compose(&log, draft, [i as u8; 32]).unwrap();
-        log.insert(e.clone()).unwrap();
-        out.push(e.into_entry());
-    }
-    out
-}
+use crate::{cloud::wire::PushResult, test_util::chat_entries as entries};
 
 fn peer() -> PeerId {
     Keypair::generate_ed25519().public().to_peer_id()
@@ -145,7 +103,7 @@ async fn requests_cross_a_lane_and_answers_come_back_in_order() {
     let answers = futures::future::join_all((1..=20).map(|n| {
         let lane = lane.clone();
         let request = push(&all[..n]);
-        async move { (n, lane.ask(&request).await) }
+        async move { (n, lane.ask(request).await) }
     }))
     .await;
     for (n, a) in answers {
@@ -156,6 +114,26 @@ async fn requests_cross_a_lane_and_answers_come_back_in_order() {
     assert_eq!(sizes, (1..=20).collect::<Vec<_>>());
 }
 
+/// A push built from kept records goes from its own buffer (the length in
+/// its headroom) and the receiver reads the push of those entries.
+#[tokio::test]
+async fn a_push_built_from_kept_records_arrives_as_the_push_of_its_entries() {
+    let (server, mut rx, _stop, me) = server().await;
+    let pusher = peer();
+    let lane = open(&server, pusher, me).await;
+    let all = entries(40);
+    let pieces: Vec<Vec<u8>> = all.iter().map(|e| e.encode()[1..].to_vec()).collect();
+    let request = StoreRequest::EncodedPush(EncodedPush::new(&pieces));
+    let asked = tokio::spawn(async move { lane.ask(request).await });
+    let inbound = rx.recv().await.expect("the push reaches the service");
+    assert_eq!(inbound.request, push(&all));
+    let Answer::Lane(reply) = inbound.answer else {
+        panic!("a lane request must be answered on the lane");
+    };
+    reply.send(pushed(all.len())).unwrap();
+    assert_eq!(asked.await.unwrap().unwrap(), pushed(all.len()));
+}
+
 #[tokio::test]
 async fn a_lane_carries_pushes_only() {
     let (server, rx, _stop, me) = server().await;
@@ -163,10 +141,10 @@ async fn a_lane_carries_pushes_only() {
     let answered = answer_all(rx, pusher);
     let lane = open(&server, pusher, me).await;
     let chat = ChatId([7; 16]);
-    assert!(lane.ask(&StoreRequest::Summary { chat }).await.is_err());
+    assert!(lane.ask(StoreRequest::Summary { chat }).await.is_err());
     assert!(answered.lock().unwrap().is_empty());
     poll_until("the lane to close", || lane.is_closed()).await;
-    assert!(lane.ask(&push(&entries(1))).await.is_err());
+    assert!(lane.ask(push(&entries(1))).await.is_err());
 }
 
 async fn poll_until(what: &str, mut done: impl FnMut() -> bool) {
@@ -197,7 +175,7 @@ async fn a_wrong_key_fails_the_handshake_and_the_server_keeps_serving() {
     assert!(connect(&server, pusher, me, &offer).await.is_err());
     // A fresh offer works.
     let lane = open(&server, pusher, me).await;
-    assert_eq!(lane.ask(&push(&entries(1))).await.unwrap(), pushed(1));
+    assert_eq!(lane.ask(push(&entries(1))).await.unwrap(), pushed(1));
 }
 
 #[tokio::test]
