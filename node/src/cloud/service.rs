@@ -79,9 +79,10 @@ const MAX_LINKS: usize = 1024;
 const MAX_LINK_QUEUE: usize = 20_000;
 /// Most requests in flight on one link. Beyond the first, only pushes go,
 /// and only while they go out full: a new peer catching up gets the next
-/// push while it verifies and commits the last one, and a streaming
+/// pushes while it verifies and commits the last ones (two arriving during
+/// a flush are committed by the next one together), and a streaming
 /// writer's small pushes are not split into more requests and commits.
-const MAX_IN_FLIGHT: usize = 3;
+const MAX_IN_FLIGHT: usize = 4;
 /// A round of peers' pushes whose appends reach this many bytes has its
 /// flush run on a blocking thread while the next round is verified.
 const OFFLOAD_MIN_BYTES: usize = 256 * 1024;

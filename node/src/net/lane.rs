@@ -90,7 +90,7 @@ const MAX_OFFERS_PER_PEER: usize = 2;
 const MAX_LANES: usize = 32;
 const MAX_LANES_PER_PEER: usize = 2;
 /// Most requests a lane carries before their answers come back (the
-/// pusher sends at most three).
+/// pusher sends at most four).
 const MAX_LANE_IN_FLIGHT: usize = 4;
 /// A lane with no request for this long is closed by the pusher; the
 /// receiver closes one silent for twice as long.
