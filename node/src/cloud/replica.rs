@@ -69,7 +69,8 @@ enum Offered {
     Received(Entry),
     /// Composed and signed by this device.
     Composed(Composed),
-    /// Its signature checked already (the rest is checked on insert).
+    /// Its signature and body checked already (the rest is checked on
+    /// insert).
     Checked(Prechecked),
 }
 
