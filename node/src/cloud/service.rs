@@ -228,6 +228,23 @@ struct Done {
     on_lane: bool,
 }
 
+/// Why a request to a peer came back with nothing to act on.
+enum Failed {
+    /// The peer answered, refusing (its reason): it is reachable.
+    Refused(String),
+    /// No answer: the peer, the connection or the lane failed.
+    Unanswered(String),
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused(reason) => write!(f, "refused: {reason}"),
+            Self::Unanswered(why) => f.write_str(why),
+        }
+    }
+}
+
 /// This node's traffic with one peer.
 #[derive(Default)]
 struct Link {
@@ -1165,9 +1182,9 @@ impl CloudService {
             on_lane,
         } = done;
         let response = match result {
-            Ok(StoreResponse::Refused { reason }) => Err(format!("refused: {reason}")),
+            Ok(StoreResponse::Refused { reason }) => Err(Failed::Refused(reason)),
             Ok(r) => Ok(r),
-            Err(e) => Err(e),
+            Err(e) => Err(Failed::Unanswered(e)),
         };
         let Some(link) = self.links.get_mut(&peer) else {
             return;
@@ -1182,7 +1199,7 @@ impl CloudService {
                 self.set_reachable(peer, true);
                 r
             }
-            Err(why) if on_lane && !why.starts_with("refused") => {
+            Err(Failed::Unanswered(why)) if on_lane => {
                 // The lane failed, not necessarily the peer: what it
                 // carried is compared again and pushed over libp2p.
                 info!(%peer, "lane failed; pushes go over libp2p: {why}");
@@ -1192,9 +1209,10 @@ impl CloudService {
                 }
                 return;
             }
-            Err(why) => {
+            Err(failed) => {
+                let unreachable = matches!(failed, Failed::Unanswered(_));
+                let why = failed.to_string();
                 debug!(%peer, ?asked, "storage request failed: {why}");
-                let unreachable = !why.starts_with("refused");
                 link.backoff = (link.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
                 link.retry_at = Some(Instant::now() + link.backoff);
                 link.last_error = Some(why.clone());

@@ -104,6 +104,12 @@ pub struct LaneOffer {
     pub key: [u8; 32],
 }
 
+impl Drop for LaneOffer {
+    fn drop(&mut self) {
+        self.key.zeroize();
+    }
+}
+
 impl std::fmt::Debug for LaneOffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LaneOffer")
@@ -587,6 +593,12 @@ struct Offered {
     at: Instant,
 }
 
+impl Drop for Offered {
+    fn drop(&mut self) {
+        self.key.zeroize();
+    }
+}
+
 struct Shared {
     me: PeerId,
     port: u16,
@@ -658,7 +670,7 @@ impl LaneServer {
             return None;
         }
         let id: [u8; 16] = rand::random();
-        let key: [u8; 32] = rand::random();
+        let mut key: [u8; 32] = rand::random();
         offers.insert(
             id,
             Offered {
@@ -667,11 +679,13 @@ impl LaneServer {
                 at: Instant::now(),
             },
         );
-        Some(LaneOffer {
+        let offer = LaneOffer {
             port: self.shared.port,
             id,
             key,
-        })
+        };
+        key.zeroize();
+        Some(offer)
     }
 
     fn take_offer(&self, id: &[u8; 16]) -> Option<Offered> {
