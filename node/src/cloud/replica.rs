@@ -199,22 +199,9 @@ impl Replica {
             encode_nested(entry, &mut bytes);
             return Ok(PushPiece::Encoded(bytes));
         }
-        let damaged = |why: &str| ReplicaError::Damaged {
-            chat: format!("{:?}", self.log.chat()),
-            why: why.into(),
-        };
-        let record = self
-            .store
-            .get(&hash.0)?
-            .ok_or_else(|| damaged("a kept entry is missing from disk"))?;
-        let mut header = Vec::with_capacity(512);
-        encode_nested(&entry.header, &mut header);
-        // The version, the header, then the body's `Some`.
-        let body = record
-            .strip_prefix(&[Entry::VERSION])
-            .and_then(|r| r.strip_prefix(header.as_slice()));
-        if body.and_then(|b| b.first()) != Some(&1) {
-            return Err(damaged("an entry on disk differs from the one verified"));
+        let record = self.kept_record(hash)?;
+        if !entry.header.heads_record_with_body(&record) {
+            return Err(self.differs());
         }
         Ok(PushPiece::Kept(record))
     }
@@ -224,24 +211,33 @@ impl Replica {
         if !self.log.body_released(hash) {
             return Ok(());
         }
-        let damaged = |why: String| ReplicaError::Damaged {
-            chat: format!("{:?}", self.log.chat()),
-            why,
-        };
-        let bytes = self
-            .store
-            .get(&hash.0)?
-            .ok_or_else(|| damaged("a kept entry is missing from disk".into()))?;
-        let stored = Entry::decode(&bytes).map_err(|e| damaged(e.to_string()))?;
+        let record = self.kept_record(hash)?;
+        let stored = Entry::decode(&record).map_err(|e| self.damaged(e.to_string()))?;
         // The segment's checks found no damage; the record must still be
         // this entry's (its body is checked by whoever receives it).
         if stored.header != entry.header {
-            return Err(damaged(
-                "an entry on disk differs from the one verified".into(),
-            ));
+            return Err(self.differs());
         }
         entry.body = stored.body;
         Ok(())
+    }
+
+    /// The record kept for `hash`, which must be there.
+    fn kept_record(&self, hash: &EntryHash) -> Result<Value, ReplicaError> {
+        self.store
+            .get(&hash.0)?
+            .ok_or_else(|| self.damaged("a kept entry is missing from disk".into()))
+    }
+
+    fn differs(&self) -> ReplicaError {
+        self.damaged("an entry on disk differs from the one verified".into())
+    }
+
+    fn damaged(&self, why: String) -> ReplicaError {
+        ReplicaError::Damaged {
+            chat: format!("{:?}", self.log.chat()),
+            why,
+        }
     }
 }
 

@@ -412,8 +412,9 @@ impl Opener {
 }
 
 /// Both halves of a lane from its connection and finished handshake.
-fn split(stream: TcpStream, hs: &mut snow::HandshakeState) -> Result<(Sealer, Opener), LaneError> {
-    let (send, receive) = directions(hs)?;
+fn split(stream: TcpStream, mut hs: snow::HandshakeState) -> Result<(Sealer, Opener), LaneError> {
+    let (send, receive) = directions(&mut hs)?;
+    drop(hs);
     stream.set_nodelay(true)?;
     let (read, write) = stream.into_split();
     Ok((
@@ -505,11 +506,10 @@ impl Lane {
             initiate(&mut stream, &mut hs).await?;
             Ok::<_, LaneError>((stream, hs))
         };
-        let (stream, mut hs) = tokio::time::timeout(HANDSHAKE_TIMEOUT, opening)
+        let (stream, hs) = tokio::time::timeout(HANDSHAKE_TIMEOUT, opening)
             .await
             .map_err(|_| LaneError::Timeout)??;
-        let (mut sealer, mut opener) = split(stream, &mut hs)?;
-        drop(hs);
+        let (mut sealer, mut opener) = split(stream, hs)?;
         let (tx, mut rx) = mpsc::channel::<(Outgoing, AnswerTo)>(MAX_LANE_IN_FLIGHT);
         let (wait_tx, mut wait_rx) = mpsc::channel::<AnswerTo>(MAX_LANE_IN_FLIGHT);
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -749,7 +749,7 @@ impl LaneServer {
         mut stream: TcpStream,
         handshake: OwnedSemaphorePermit,
     ) -> Result<(), LaneError> {
-        let (peer, mut hs) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
+        let (peer, hs) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
             .await
             .map_err(|_| LaneError::Timeout)??;
         drop(handshake);
@@ -759,8 +759,7 @@ impl LaneServer {
         let _open = OpenLane::new(&self.shared, peer);
         debug!(%peer, "lane open");
         self.shared.metrics.opened.inc();
-        let (mut sealer, mut opener) = split(stream, &mut hs)?;
-        drop(hs);
+        let (mut sealer, mut opener) = split(stream, hs)?;
         let (wait_tx, mut wait_rx) =
             mpsc::channel::<oneshot::Receiver<StoreResponse>>(MAX_LANE_IN_FLIGHT);
         // Answers go back in the order their requests came.

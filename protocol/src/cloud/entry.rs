@@ -538,6 +538,21 @@ pub struct SignedHeader {
 }
 
 impl SignedHeader {
+    /// Whether `record` (an [`Entry`]'s encoding, version byte included,
+    /// as kept on disk) is the entry of this header with a body, found by
+    /// comparing bytes: a holder can send such a record on without decoding
+    /// the body (whoever receives it checks the body).
+    pub fn heads_record_with_body(&self, record: &[u8]) -> bool {
+        let mut header = Vec::with_capacity(TYPICAL_HEADER_LEN);
+        crate::codec::encode_nested(self, &mut header);
+        // The version, the header, then the body's `Some`.
+        record
+            .strip_prefix(&[Entry::VERSION])
+            .and_then(|r| r.strip_prefix(header.as_slice()))
+            .and_then(|body| body.first())
+            == Some(&1)
+    }
+
     /// The entry's name: the header's hash ([`EntryHeader::hash`]). The
     /// signature is not part of it: only the device can sign, and a
     /// header with a forged signature names the same entry and is refused.
@@ -1061,6 +1076,33 @@ mod tests {
         assert_eq!(together[5], Err(EntryError::BadSignature));
         assert_eq!(together[41], Err(EntryError::BadSignature));
         assert_eq!(together[20], Err(EntryError::BodyMismatch));
+    }
+
+    /// A kept record is recognised as an entry's by its bytes alone: its
+    /// own header's, with a body; not another header's, nor a record
+    /// without a body, nor one of another version.
+    #[test]
+    fn a_record_is_known_as_its_headers_by_its_bytes() {
+        let entry = message_entry();
+        let record = entry.encode();
+        assert!(entry.header.heads_record_with_body(&record));
+        let mut other = entry.clone();
+        other.header.header.lamport += 1;
+        assert!(!other.header.heads_record_with_body(&record));
+        assert!(
+            !entry
+                .header
+                .heads_record_with_body(&entry.without_body().encode())
+        );
+        let mut old = record.clone();
+        old[0] = Entry::VERSION - 1;
+        assert!(!entry.header.heads_record_with_body(&old));
+        assert!(
+            !entry
+                .header
+                .heads_record_with_body(&record[..record.len() / 4])
+        );
+        assert!(!entry.header.heads_record_with_body(&[]));
     }
 
     #[test]

@@ -260,12 +260,12 @@ async fn pair() -> ((Sealer, Opener), (Sealer, Opener)) {
         let (mut s, _) = listener.accept().await.unwrap();
         let mut hs = handshake_state(&key, b"test", false).unwrap();
         respond(&mut s, &mut hs).await.unwrap();
-        split(s, &mut hs).unwrap()
+        split(s, hs).unwrap()
     });
     let mut s = TcpStream::connect(at).await.unwrap();
     let mut hs = handshake_state(&key, b"test", true).unwrap();
     initiate(&mut s, &mut hs).await.unwrap();
-    let initiator = split(s, &mut hs).unwrap();
+    let initiator = split(s, hs).unwrap();
     (initiator, responder.await.unwrap())
 }
 

@@ -36,7 +36,7 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     node_logs: Option<PathBuf>,
     /// The nodes' `RUST_LOG` filter, e.g. `info,tern_node::cloud=debug`.
-    #[arg(long, default_value = "info")]
+    #[arg(long, default_value = DEFAULT_NODE_LOG_FILTER)]
     node_log_filter: String,
     #[command(subcommand)]
     bench: Bench,
@@ -203,6 +203,8 @@ fn start_node_with(tern: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<(N
     Ok((node, listening))
 }
 
+const DEFAULT_NODE_LOG_FILTER: &str = "info";
+
 /// Where nodes' logs go ([`Args::node_logs`], [`Args::node_log_filter`]).
 struct NodeLogs {
     dir: Option<PathBuf>,
@@ -214,7 +216,7 @@ static NODE_LOGS: std::sync::OnceLock<NodeLogs> = std::sync::OnceLock::new();
 fn node_logs() -> &'static NodeLogs {
     NODE_LOGS.get_or_init(|| NodeLogs {
         dir: None,
-        filter: "info".into(),
+        filter: DEFAULT_NODE_LOG_FILTER.into(),
     })
 }
 
